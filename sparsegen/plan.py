@@ -1,0 +1,84 @@
+"""From a validated Spec to the kernels the variant needs.
+
+Each KernelPlan names one kernel kind with its static (compile-time) parameters, the
+backends that may implement it with each one's tunable space and heuristic default, and
+the shape buckets it is tuned for.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .codegen.backend import decode_backend
+from .codegen.decode_api import DecodeStatic
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class ShapeBucket:
+    batch: int
+    seq_len: int
+
+    @property
+    def key(self) -> str:
+        return f"b{self.batch}_s{self.seq_len}"
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    name: str
+    static: DecodeStatic
+    num_q_heads: int
+    num_kv_heads: int
+    backends: tuple[str, ...]
+    shapes: tuple[ShapeBucket, ...]
+    selected_fraction: float  # share of blocks selected in tuning inputs (unbudgeted rules)
+    budget_blocks: int | None = None  # blocks a budgeted rule selects, whatever the length
+    head_major: bool = False
+
+    def space(self, backend: str) -> dict[str, list]:
+        return decode_backend(backend).tunable_space(self.static)
+
+    def default_config(self, backend: str) -> dict:
+        return decode_backend(backend).default_config(self.static)
+
+    def selected_blocks(self, seq_len: int) -> int:
+        """Blocks a sequence of seq_len tokens selects in tuning and benchmark inputs."""
+        num_blocks = math.ceil(seq_len / self.static.block_size)
+        want = self.budget_blocks or round(self.selected_fraction * num_blocks)
+        return max(1, min(num_blocks, want))
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: Spec
+    kernels: tuple[KernelPlan, ...]
+
+    def describe(self) -> dict:
+        out = []
+        for k in self.kernels:
+            out.append({
+                "kernel": k.name,
+                "static": k.static.as_dict(),
+                "heads": {"q": k.num_q_heads, "kv": k.num_kv_heads},
+                "shapes": [s.key for s in k.shapes],
+                "selected_blocks": {s.key: k.selected_blocks(s.seq_len) for s in k.shapes},
+                "backends": {b: {"tunables": k.space(b), "default": k.default_config(b)}
+                             for b in k.backends},
+            })
+        return {"spec": self.spec.name, "kernels": out}
+
+
+def make_plan(spec: Spec) -> Plan:
+    m, c, s = spec.model, spec.cache, spec.selection
+    static = DecodeStatic(block_size=s.block_size, head_dim=m.head_dim,
+                          group_size=m.group_size, dtype=m.dtype, layout=c.layout,
+                          page_size=c.page_size or 0)
+    shapes = tuple(ShapeBucket(b, n) for b in spec.tuning.batch for n in spec.tuning.seq_len)
+    decode = KernelPlan(
+        name="sparse_decode", static=static, num_q_heads=m.num_q_heads,
+        num_kv_heads=m.num_kv_heads, backends=spec.backends, shapes=shapes,
+        selected_fraction=1.0 - spec.tuning.sparsity,
+        budget_blocks=None if s.budget_tokens is None else s.budget_tokens // s.block_size,
+        head_major=c.head_major)
+    return Plan(spec=spec, kernels=(decode,))
