@@ -1,0 +1,86 @@
+"""GPU timing shared by the bench scripts: medians of CUDA events, plain and graph-replayed,
+rotating over several input sets so repeated runs never measure the L2 cache."""
+from __future__ import annotations
+
+import datetime
+import platform
+import re
+import sys
+
+import torch
+
+
+def _rotating(fns):
+    state = {"i": 0}
+
+    def call():
+        fn = fns[state["i"] % len(fns)]
+        state["i"] += 1
+        return fn()
+    return call
+
+
+def time_plain(fns, warmup_ms=50, rep_ms=300) -> float:
+    """Median ms of plain calls (Python launch overhead included), rotating over fns."""
+    from triton.testing import do_bench
+
+    return do_bench(_rotating(fns), warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def capture(fn):
+    """A CUDA graph of one call of fn (warmed on a side stream first)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def time_graph(fns, warmup_ms=50, rep_ms=300) -> float:
+    """Median ms of CUDA-graph replays (the GPU time a server sees), rotating over fns."""
+    from triton.testing import do_bench
+
+    graphs = [capture(fn) for fn in fns]
+    return do_bench(_rotating([g.replay for g in graphs]), warmup=warmup_ms, rep=rep_ms,
+                    return_mode="median")
+
+
+def copy_bandwidth(nbytes=4 << 30) -> float:
+    """Device-to-device copy in TB/s, counting bytes read plus written."""
+    from triton.testing import do_bench
+
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * (nbytes // 2) / ms / 1e9
+
+
+def gpu_slug(name: str) -> str:
+    m = re.search(r"(H100|H200|H20|A100|L40S?|B200|GH200)", name)
+    return m.group(1) if m else re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+def gpu_facts() -> dict:
+    import triton
+
+    try:
+        import tilelang
+        tl_version = tilelang.__version__
+    except Exception:  # the bench still runs the Triton rows without TileLang
+        tl_version = "absent"
+    name = torch.cuda.get_device_name(0)
+    props = torch.cuda.get_device_properties(0)
+    return {"gpu": name, "gpu_slug": gpu_slug(name),
+            "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+            "sms": props.multi_processor_count,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "versions": f"torch {torch.__version__}, triton {triton.__version__}, "
+                        f"tilelang {tl_version}, python {platform.python_version()}, "
+                        f"CUDA {torch.version.cuda}"}
