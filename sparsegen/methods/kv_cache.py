@@ -1,0 +1,141 @@
+"""The KV cache the emitted module owns: contiguous or paged, with per-sequence lengths.
+
+Contiguous: k, v [B, capacity, Hkv, D]. Paged: k, v [num_pages, page_size, Hkv, D] and a
+block table [B, max_logical_pages] int32 mapping each sequence's logical page to a physical
+one. Pages come from a free list kept on the host (lengths are known on the host, so
+allocation never syncs with the GPU), and can be released and reused: a rule that evicts
+(RaaS milestone) frees a page and the next append takes it.
+
+Selection rules keep their own metadata beside this cache; they see appends through the
+`on_block_full` hook the rule registers (block = `block_size` tokens).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class CacheFullError(RuntimeError):
+    """The cache has no room for the tokens being appended."""
+
+
+class KVCache:
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype=torch.bfloat16, device="cpu", layout: str = "contiguous",
+                 page_size: int = 0, num_pages: int | None = None):
+        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.layout, self.page_size, self.capacity = layout, page_size, capacity
+        self.lengths = [0] * batch  # host mirror of seq_lens
+        self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        if layout == "contiguous":
+            self.k = torch.zeros(batch, capacity, kv_heads, head_dim, dtype=dtype, device=device)
+            self.v = torch.zeros_like(self.k)
+            self.block_table = None
+        elif layout == "paged":
+            if page_size <= 0:
+                raise ValueError("paged cache needs page_size > 0")
+            logical = math.ceil(capacity / page_size)
+            num_pages = batch * logical if num_pages is None else num_pages
+            self.k = torch.zeros(num_pages, page_size, kv_heads, head_dim, dtype=dtype,
+                                 device=device)
+            self.v = torch.zeros_like(self.k)
+            # -1 marks a logical page with no physical page (never written, or evicted)
+            self.block_table = torch.full((batch, logical), -1, dtype=torch.int32, device=device)
+            self._table_host = [[-1] * logical for _ in range(batch)]
+            self.free_pages = list(range(num_pages - 1, -1, -1))  # pop() gives page 0 first
+        else:
+            raise ValueError(f"layout must be contiguous or paged, not {layout!r}")
+
+    @property
+    def device(self):
+        return self.k.device
+
+    # --- paging ------------------------------------------------------------------------
+    def _ensure_pages(self, b: int, start: int, stop: int) -> None:
+        """Give sequence b physical pages for the logical pages tokens [start, stop) touch.
+        Pages below `start` are left alone: an evicted page stays evicted."""
+        if self.block_table is None:
+            if stop > self.capacity:
+                raise CacheFullError(f"sequence {b} would hold {stop} tokens; the contiguous "
+                                     f"cache was made for {self.capacity}")
+            return
+        last = math.ceil(stop / self.page_size)
+        if last > len(self._table_host[b]):
+            raise CacheFullError(f"sequence {b} would hold {stop} tokens; the block table "
+                                 f"was made for {self.capacity}")
+        for p in range(start // self.page_size, last):
+            if self._table_host[b][p] < 0:
+                if not self.free_pages:
+                    raise CacheFullError("no free page left: raise num_pages or evict")
+                page = self.free_pages.pop()
+                self._table_host[b][p] = page
+                self.block_table[b, p] = page
+
+    def release_page(self, b: int, logical_page: int) -> int:
+        """Free sequence b's logical page (its tokens are gone for good); returns the
+        physical page, which the next allocation reuses."""
+        page = self._table_host[b][logical_page]
+        if page < 0:
+            raise ValueError(f"logical page {logical_page} of sequence {b} holds no page")
+        self._table_host[b][logical_page] = -1
+        self.block_table[b, logical_page] = -1
+        self.free_pages.append(page)
+        return page
+
+    def physical_page(self, b: int, logical_page: int) -> int:
+        return self._table_host[b][logical_page]
+
+    def pages_in_use(self) -> int:
+        return self.k.shape[0] - len(self.free_pages) if self.block_table is not None else 0
+
+    # --- writes ------------------------------------------------------------------------
+    def _slots(self, b: int, start: int, stop: int):
+        """Index tensors addressing tokens [start, stop) of sequence b in self.k."""
+        pos = torch.arange(start, stop, device=self.device)
+        if self.block_table is None:
+            return (b, pos)
+        pages = self.block_table[b].long()[pos // self.page_size]
+        return (pages, pos % self.page_size)
+
+    def extend(self, b: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+        """Append k, v [n, Hkv, D] to sequence b; returns the token range written."""
+        start = self.lengths[b]
+        stop = start + k.shape[0]
+        self._ensure_pages(b, start, stop)
+        idx = self._slots(b, start, stop)
+        self.k[idx] = k.to(self.k.dtype)
+        self.v[idx] = v.to(self.v.dtype)
+        self.lengths[b] = stop
+        self.seq_lens[b] = stop
+        return start, stop
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append one token to every sequence: k, v [B, Hkv, D]."""
+        if k.shape != (self.batch, self.kv_heads, self.head_dim):
+            raise ValueError(f"append expects k of shape {(self.batch, self.kv_heads, self.head_dim)}, "
+                             f"got {tuple(k.shape)}")
+        if self.block_table is None and len(set(self.lengths)) == 1:
+            n = self.lengths[0]  # common case: one strided write, no per-sequence loop
+            self._ensure_pages(0, n, n + 1)
+            self.k[:, n] = k.to(self.k.dtype)
+            self.v[:, n] = v.to(self.v.dtype)
+            self.lengths = [n + 1] * self.batch
+            self.seq_lens += 1
+            return
+        for b in range(self.batch):
+            self.extend(b, k[b:b + 1], v[b:b + 1])
+
+    # --- reads -------------------------------------------------------------------------
+    def tokens(self, b: int, start: int = 0, stop: int | None = None):
+        """K, V [n, Hkv, D] of sequence b (a copy for paged caches)."""
+        stop = self.lengths[b] if stop is None else stop
+        if self.block_table is None:
+            return self.k[b, start:stop], self.v[b, start:stop]
+        idx = self._slots(b, start, stop)
+        return self.k[idx], self.v[idx]
+
+    def attention_args(self) -> dict:
+        """Keyword arguments of the sparse decode kernels and reference for this cache."""
+        return {"k": self.k, "v": self.v, "seq_lens": self.seq_lens,
+                "block_table": self.block_table}
