@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
@@ -58,21 +59,46 @@ def make_cache(batch, seq_len, dtype, layout, gen):
     return kp, vp, table
 
 
+FLEX_MAX_ELEMENTS = 2**31  # flex's decode template fails to compile at 2^31 elements (int32 indexing)
+
+
 def flex_decode_fn(q, k, v, idx, counts, seq_len):
-    """FlexAttention with the group folded into the query length: q [B, Hkv, G, D]."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    """FlexAttention with the group folded into the query length: q [B, Hkv, G, D].
+
+    Where a KV tensor reaches 2^31 elements flex cannot compile; the batch is then run in
+    the fewest chunks that fit (each chunk its own call), which is flex at its best here.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
 
     B = q.shape[0]
     G = HQ // HKV
-    qf = q.view(B, HKV, G, D)
-    kf, vf = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, S, D] views
-    zeros = torch.zeros(B, HKV, 1, dtype=torch.int32, device="cuda")
-    mask = BlockMask.from_kv_blocks(zeros, torch.zeros_like(idx[:, :, None, :]),
-                                    full_kv_num_blocks=counts[:, :, None].contiguous(),
-                                    full_kv_indices=idx[:, :, None, :].contiguous(),
-                                    BLOCK_SIZE=(128, BLOCK), seq_lengths=(G, seq_len))
+    per_seq = seq_len * HKV * D
+    chunk = max(1, min(B, (FLEX_MAX_ELEMENTS - 1) // per_seq))
     compiled = flex_decode_fn.compiled
-    return lambda: compiled(qf, kf, vf, block_mask=mask).view(B, HQ, D)
+    num_blocks = math.ceil(seq_len / BLOCK)
+    parts = []
+    for s in range(0, B, chunk):
+        e = min(B, s + chunk)
+        n = e - s
+        # flex wants index rows as wide as the number of KV blocks
+        full = torch.zeros(n, HKV, 1, num_blocks, dtype=torch.int32, device="cuda")
+        full[..., : idx.shape[-1]] = idx[s:e, :, None, :]
+        zeros = torch.zeros(n, HKV, 1, dtype=torch.int32, device="cuda")
+        mask = BlockMask.from_kv_blocks(zeros, torch.zeros_like(full),
+                                        full_kv_num_blocks=counts[s:e, :, None].contiguous(),
+                                        full_kv_indices=full, BLOCK_SIZE=(128, BLOCK),
+                                        seq_lengths=(G, seq_len))
+        parts.append((q[s:e].view(n, HKV, G, D), k[s:e].transpose(1, 2),
+                      v[s:e].transpose(1, 2), mask))
+    out = torch.empty(B, HQ, D, dtype=q.dtype, device="cuda")
+
+    def run():
+        for i, (qf, kf, vf, mask) in enumerate(parts):
+            out[i * chunk:i * chunk + qf.shape[0]] = compiled(qf, kf, vf, block_mask=mask).view(
+                qf.shape[0], HQ, D)
+        return out
+    run.chunks = len(parts)
+    return run
 
 
 def sdpa_fn(q, k, v):
@@ -141,6 +167,8 @@ def bench_case(dtype_name, layout, batch, seq_len, sparsity, backends, gen, rows
         if check_flex:
             try:
                 calls = [flex_decode_fn(q, k, v, i, counts, seq_len) for q, i in sets]
+                if calls[0].chunks > 1:
+                    row["flex_chunks"] = calls[0].chunks
                 row["flex_err"] = rel_err(calls[0](), ref)
                 row["flex_ms"] = time_plain(calls)
                 try:
