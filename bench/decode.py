@@ -211,7 +211,9 @@ def write_markdown(rows, facts, args, path):
             if f"{name}_ms" not in r:
                 return r.get(f"{name}_note", "-")
             g = r.get(f"{name}_graph_ms")
-            return f"{r[f'{name}_ms']:.4f} ({g:.4f})" if g else f"{r[f'{name}_ms']:.4f}"
+            text = f"{r[f'{name}_ms']:.4f} ({g:.4f})" if g else f"{r[f'{name}_ms']:.4f}"
+            chunks = r.get(f"{name}_chunks")
+            return f"{text} in {chunks} batch chunks" if chunks else text
         errs = ", ".join(f"{b} {r[f'{b}_err']:.1e}" for b in ("triton", "tilelang", "flex")
                          if f"{b}_err" in r)
         sp = f"{base / best:.2f}x" if base and best else "-"
