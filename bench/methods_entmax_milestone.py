@@ -1,0 +1,421 @@
+"""H100 benchmark of the entmax (DashAttention) and milestone (RaaS) rules (issue 6).
+
+    python bench/methods_entmax_milestone.py                    # every part (~6-8 min)
+    python bench/methods_entmax_milestone.py --parts decode     # one part: decode, prefill,
+                                                                # milestone
+    python bench/methods_entmax_milestone.py --quick            # one shape per figure
+
+Every figure checks its outputs against the torch reference before timing (medians of CUDA
+events, plain calls and CUDA-graph replays, several input sets rotated):
+- entmax decode step (tau kernels + decode kernel with the prior) vs dense cuDNN SDPA at
+  batch 8/16, 32K/128K, at the sparsity the scale gives (scale found for 75 % and 90 %);
+  speedup against the ideal 1/(1-s) (target >= 80 %), and the tau solve's share (<= 10 %);
+- entmax prefill forward + backward at 75 % sparsity, 32K tokens, vs dense SDPA (flash and
+  cuDNN) forward + backward (target >= 2x);
+- milestone: KV memory over a 32K-token decode with a 2K budget (flat within one page per
+  sequence, while dense grows), then the decode step at 64K of context vs dense (>= 8x).
+Hq 32, Hkv 8, D 128, bf16. Writes bench/results/<GPU>-entmax-milestone.{md,json} (and to $OUT).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.timing import gpu_facts, time_graph, time_plain  # noqa: E402
+from sparsegen.codegen.backend import decode_backend  # noqa: E402
+from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
+from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxPrefillTriton,  # noqa: E402
+                                              EntmaxStatic, EntmaxTauTriton)
+from sparsegen.codegen.milestone_kernels import MilestoneScoreTriton, MilestoneStatic  # noqa: E402
+from sparsegen.methods.entmax import (EntmaxRule, block_summaries,  # noqa: E402
+                                      entmax_decode_reference, entmax_prefill,
+                                      prefill_selection, select_blocks)
+from sparsegen.methods.kv_cache import KVCache  # noqa: E402
+from sparsegen.methods.milestone import MilestoneDecoder, MilestoneRule  # noqa: E402
+from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
+
+HQ, HKV, D, BLOCK = 32, 8, 128, 64
+G = HQ // HKV
+DT = torch.bfloat16
+ROTATE = 4
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def sdpa_decode(q, k, v):
+    """Dense GQA decode through cuDNN: the group folded into the query length."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B = q.shape[0]
+    qf = q.view(B, HKV, G, D)
+    kf, vf = k.transpose(1, 2), v.transpose(1, 2)
+
+    def run():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(qf, kf, vf).view(B, HQ, D)
+    return run
+
+
+def note(row, key, e):
+    row[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    traceback.print_exc()
+
+
+# ---------------------------------------------------------------------------------------
+# entmax decode
+# ---------------------------------------------------------------------------------------
+def scale_for_sparsity(q, summ, seq, rule, target):
+    """Bisect c (log scale) so the torch selection skips `target` of the blocks."""
+    lo, hi = 0.05, 400.0
+    nb = math.ceil(int(seq[0]) / rule.block_size)
+    for _ in range(18):
+        c = math.sqrt(lo * hi)
+        r = dataclasses.replace(rule, scale=c)
+        sel = select_blocks(q, summ, seq, r)
+        s = 1 - sel.counts.float().mean().item() / nb
+        lo, hi = (c, hi) if s < target else (lo, c)
+    return math.sqrt(lo * hi)
+
+
+def bench_entmax_decode(batch, seq_len, target, rows, gen):
+    row = {"part": "entmax_decode", "batch": batch, "seq_len": seq_len, "target_sparsity": target}
+    rows.append(row)
+    try:
+        k = torch.randn(batch, seq_len, HKV, D, device="cuda", dtype=DT, generator=gen)
+        v = torch.randn_like(k)
+        seq = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
+        w0 = torch.zeros(HKV, D, device="cuda")
+        summ = torch.cat([block_summaries(k[b:b + 1], w0, BLOCK, torch.float32).to(DT)
+                          for b in range(batch)]).contiguous()  # per sequence: bounded temps
+        qs = [torch.randn(batch, HQ, D, device="cuda", dtype=DT, generator=gen)
+              for _ in range(ROTATE)]
+        base = EntmaxRule(block_size=BLOCK, sink_blocks=1, local_blocks=1)
+        c = scale_for_sparsity(qs[0], summ, seq, base, target)
+        rule = dataclasses.replace(base, scale=c)
+        st = EntmaxStatic(BLOCK, D, G, "bf16")
+        tau = EntmaxTauTriton(st, scale=c)
+        att = EntmaxDecodeTriton(st)
+        lengths = [seq_len] * batch
+        nb = math.ceil(seq_len / BLOCK)
+        # check: the kernels' selection vs torch's, and attention vs the fp32 reference
+        sel = tau(qs[0], summ, seq, lengths)
+        want = select_blocks(qs[0], summ, seq, rule, width=nb)
+        same = sum(sel.blocks(b, h) == want.blocks(b, h) for b in range(batch)
+                   for h in range(HKV))
+        row["scale"] = c
+        row["selection_rows_identical"] = same / (batch * HKV)
+        row["sparsity"] = 1 - sel.counts.float().mean().item() / nb
+        row["ideal_speedup"] = 1 / (1 - row["sparsity"])
+        out = att(qs[0], k, v, sel.indices, sel.counts, seq, block_bias=sel.bias)
+        ref = entmax_decode_reference(qs[0], k, v, sel.indices, sel.counts, seq, BLOCK,
+                                      block_bias=sel.bias, validate=False)
+        row["attn_err"] = rel_err(out, ref)
+        if not row["attn_err"] < 1e-2:
+            row["note"] = "WRONG attention output"
+            return
+
+        def step(q):
+            s = tau(q, summ, seq, lengths)
+            return att(q, k, v, s.indices, s.counts, seq, block_bias=s.bias)
+        steps = [lambda q=q: step(q) for q in qs]
+        solves = [lambda q=q: tau(q, summ, seq, lengths) for q in qs]
+        dense = [sdpa_decode(q, k, v) for q in qs]
+        row["step_ms"] = time_plain(steps)
+        row["step_graph_ms"] = time_graph(steps)
+        row["tau_graph_ms"] = time_graph(solves)
+        row["dense_ms"] = time_plain(dense)
+        row["dense_graph_ms"] = time_graph(dense)
+        row["speedup"] = row["dense_graph_ms"] / row["step_graph_ms"]
+        row["of_ideal"] = row["speedup"] / row["ideal_speedup"]
+        row["tau_share"] = row["tau_graph_ms"] / row["step_graph_ms"]
+    except Exception as e:  # a failure is a result, not the end of the run
+        note(row, "note", e)
+    finally:
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# entmax prefill (training): forward + backward
+# ---------------------------------------------------------------------------------------
+def prefill_inputs(T, gen, batch=1):
+    q = torch.randn(batch, T, HQ, D, device="cuda", dtype=DT, generator=gen)
+    k = torch.randn(batch, T, HKV, D, device="cuda", dtype=DT, generator=gen)
+    v = torch.randn(batch, T, HKV, D, device="cuda", dtype=DT, generator=gen)
+    w = torch.zeros(HKV, D, device="cuda", dtype=torch.float32)
+    return [t.requires_grad_() for t in (q, k, v, w)]
+
+
+def prefill_sparsity(sel) -> float:
+    nq = sel.mask.shape[-1]
+    causal = nq * (nq + 1) / 2
+    return 1 - sel.mask.float().sum((-1, -2)).mean().item() / causal
+
+
+def bench_entmax_prefill(T, target, rows, gen):
+    row = {"part": "entmax_prefill", "seq_len": T, "target_sparsity": target}
+    rows.append(row)
+    try:
+        st = EntmaxStatic(BLOCK, D, G, "bf16")
+        kern = EntmaxPrefillTriton(st)
+        # check at 2K against the torch path (dense masked logits), output and gradients
+        q, k, v, w = prefill_inputs(2048, gen)
+        rule = EntmaxRule(block_size=BLOCK, scale=8.0)
+        grads = []
+        for attention, cast in ((kern.attention, None), (None, torch.float32)):
+            # the reference: the torch path in fp32 on the same (bf16-valued) inputs
+            leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in (q, k, v)]
+            out, _ = entmax_prefill(*leaves, w, rule, attention=attention)
+            out.float().square().mean().backward()
+            grads.append([out.detach()] + [t.grad for t in leaves])
+        row["check_2k_err"] = max(rel_err(a, b) for a, b in zip(*grads))
+        if not row["check_2k_err"] < 3e-2:
+            row["note"] = "WRONG prefill vs torch path"
+            return
+        q, k, v, w = prefill_inputs(T, gen)
+        lo, hi = 0.1, 400.0
+        with torch.no_grad():
+            for _ in range(14):  # scale for the target sparsity
+                c = math.sqrt(lo * hi)
+                s = prefill_sparsity(prefill_selection(q.float(), k.float(), w,
+                                                       EntmaxRule(block_size=BLOCK, scale=c)))
+                lo, hi = (c, hi) if s < target else (lo, c)
+            rule = EntmaxRule(block_size=BLOCK, scale=math.sqrt(lo * hi))
+            sel = prefill_selection(q.float(), k.float(), w, rule)
+        row["scale"], row["sparsity"] = rule.scale, prefill_sparsity(sel)
+        do = torch.randn(q.shape, device="cuda", dtype=DT, generator=gen)
+
+        def ours():
+            out, _ = entmax_prefill(q, k, v, w, rule, attention=kern.attention)
+            out.backward(do)
+
+        def ours_fwd():
+            with torch.no_grad():
+                entmax_prefill(q, k, v, w, rule, attention=kern.attention)
+
+        def selection_only():
+            with torch.no_grad():
+                prefill_selection(q.float(), k.float(), w, rule)
+        row["ours_fwd_bwd_ms"] = time_plain([ours], warmup_ms=200, rep_ms=1000)
+        row["ours_fwd_ms"] = time_plain([ours_fwd], warmup_ms=100, rep_ms=500)
+        row["selection_fwd_ms"] = time_plain([selection_only], warmup_ms=100, rep_ms=500)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        qd = q.detach().transpose(1, 2).contiguous().requires_grad_()
+        kd = k.detach().repeat_interleave(G, 2).transpose(1, 2).contiguous().requires_grad_()
+        vd = v.detach().repeat_interleave(G, 2).transpose(1, 2).contiguous().requires_grad_()
+        dod = do.transpose(1, 2).contiguous()
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION),
+                              ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def dense(backend=backend):
+                with sdpa_kernel([backend]):
+                    o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd,
+                                                                         is_causal=True)
+                o.backward(dod)
+            try:
+                row[f"{name}_fwd_bwd_ms"] = time_plain([dense], warmup_ms=200, rep_ms=1000)
+            except Exception as e:
+                note(row, f"{name}_note", e)
+        best = min(row[f"{n}_fwd_bwd_ms"] for n in ("flash", "cudnn") if f"{n}_fwd_bwd_ms" in row)
+        row["speedup_vs_best_dense"] = best / row["ours_fwd_bwd_ms"]
+    except Exception as e:
+        note(row, "note", e)
+    finally:
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+# milestone: memory over a long decode, then the step at 64K of context
+# ---------------------------------------------------------------------------------------
+def bench_milestone(batch, prefill, budget, mem_tokens, ctx_tokens, rows, gen):
+    row = {"part": "milestone", "batch": batch, "prefill": prefill, "budget_tokens": budget,
+           "memory_decode_tokens": mem_tokens, "context": ctx_tokens}
+    rows.append(row)
+    try:
+        P = 16
+        rule = MilestoneRule(page_size=P, block_size=P, budget_tokens=budget,
+                             refresh_fraction=0.5)
+        pool = batch * (math.ceil(prefill / P) + rule.budget_pages)  # the whole memory
+        cache = KVCache(batch, HKV, D, ctx_tokens + 8192, dtype=DT, device="cuda", layout="paged",
+                        page_size=P, num_pages=pool)
+        st = DecodeStatic(P, D, G, "bf16", "paged", P)
+        attend = decode_backend("triton")(st)
+        dec = MilestoneDecoder(rule, HQ, HKV, D,
+                               scorer=MilestoneScoreTriton(MilestoneStatic(D, G, "bf16")))
+        k = torch.randn(batch, prefill, HKV, D, device="cuda", dtype=DT, generator=gen)
+        dec.prefill(cache, k, torch.randn_like(k))
+        page_bytes = P * HKV * D * 2 * 2
+        trace, t0 = [], time.time()
+        n_steps = ctx_tokens - prefill
+        for i in range(n_steps):
+            q = torch.randn(batch, HQ, D, device="cuda", dtype=DT, generator=gen)
+            kv = torch.randn(2, batch, HKV, D, device="cuda", dtype=DT, generator=gen)
+            out = dec.step(q, kv[0], kv[1], cache, attend=attend)
+            if (i + 1) % 1024 == 0 and i < mem_tokens:
+                torch.cuda.synchronize()
+                trace.append({"decoded": i + 1, "pages_in_use": cache.pages_in_use(),
+                              "kv_MB_in_use": cache.pages_in_use() * page_bytes / 1e6,
+                              "dense_kv_MB": batch * (prefill + i + 1) * HKV * D * 4 / 1e6,
+                              "allocated_MB": torch.cuda.memory_allocated() / 1e6})
+        torch.cuda.synchronize()
+        row["decode_wall_s"] = time.time() - t0
+        row["evictions"] = dec.num_evictions
+        row["memory_trace"] = trace
+        late = [t["pages_in_use"] for t in trace if t["decoded"] >= budget + P]
+        row["pages_in_use_spread"] = (max(late) - min(late)) if late else None
+        row["pages_bound"] = pool
+        row["allocated_MB_spread"] = (max(t["allocated_MB"] for t in trace)
+                                      - min(t["allocated_MB"] for t in trace)) if trace else None
+        # check the last step's output against the reference on the same selection
+        idx, counts = dec.last_selection
+        ref = sparse_decode_reference(q, cache.k, cache.v, idx, counts, cache.seq_lens, P,
+                                      block_table=cache.block_table, validate=True)
+        row["attn_err"] = rel_err(out, ref)
+        row["selected_tokens"] = int(counts.float().mean().item()) * P
+        # the step at ctx_tokens of context: device part (graph) and the whole step (plain)
+        qs = [torch.randn(batch, HQ, D, device="cuda", dtype=DT, generator=gen)
+              for _ in range(ROTATE)]
+
+        def device_step(q):
+            dec._refresh(q, cache)
+            i, c = dec.select(q, cache)
+            return attend(q, cache.k, cache.v, i, c, cache.seq_lens,
+                          block_table=cache.block_table)
+        calls = [lambda q=q: device_step(q) for q in qs]
+        row["device_step_ms"] = time_plain(calls)
+        row["device_step_graph_ms"] = time_graph(calls)
+        kv = torch.randn(2, batch, HKV, D, device="cuda", dtype=DT, generator=gen)
+        row["full_step_ms"] = time_plain(
+            [lambda q=q: dec.step(q, kv[0], kv[1], cache, attend=attend) for q in qs],
+            warmup_ms=20, rep_ms=200)
+        del cache
+        torch.cuda.empty_cache()
+        kd = torch.randn(batch, ctx_tokens, HKV, D, device="cuda", dtype=DT, generator=gen)
+        vd = torch.randn_like(kd)
+        dense = [sdpa_decode(q, kd, vd) for q in qs]
+        row["dense_ms"] = time_plain(dense)
+        row["dense_graph_ms"] = time_graph(dense)
+        row["speedup_graph"] = row["dense_graph_ms"] / row["device_step_graph_ms"]
+        row["speedup_plain_full_step"] = row["dense_ms"] / row["full_step_ms"]
+    except Exception as e:
+        note(row, "note", e)
+    finally:
+        print(json.dumps({k: v for k, v in row.items() if k != "memory_trace"}), flush=True)
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------
+def fmt(x, spec=".3f"):
+    return "-" if x is None else (format(x, spec) if isinstance(x, float) else str(x))
+
+
+def write_markdown(rows, facts, path):
+    L = [f"# entmax and milestone rules on {facts['gpu']}", "",
+         f"- date: {facts['date']}", f"- versions: {facts['versions']}",
+         f"- command: `{facts['command']}`",
+         f"- Hq {HQ}, Hkv {HKV}, D {D}, bf16; medians in ms; graph = CUDA-graph replay", ""]
+    dec = [r for r in rows if r["part"] == "entmax_decode"]
+    if dec:
+        L += ["## entmax decode step vs dense cuDNN (block 64)", "",
+              "| B | len | sparsity | ideal | step ms (graph) | tau ms (graph) | tau share | "
+              "cuDNN ms (graph) | speedup | of ideal (>= 0.8) | sel. rows = torch | err | note |",
+              "|" + "---|" * 13]
+        for r in dec:
+            L.append(f"| {r['batch']} | {r['seq_len']} | {fmt(r.get('sparsity'))} | "
+                     f"{fmt(r.get('ideal_speedup'), '.2f')} | {fmt(r.get('step_ms'), '.4f')} "
+                     f"({fmt(r.get('step_graph_ms'), '.4f')}) | {fmt(r.get('tau_graph_ms'), '.4f')} | "
+                     f"{fmt(r.get('tau_share'))} | {fmt(r.get('dense_ms'), '.4f')} "
+                     f"({fmt(r.get('dense_graph_ms'), '.4f')}) | {fmt(r.get('speedup'), '.2f')} | "
+                     f"{fmt(r.get('of_ideal'), '.2f')} | {fmt(r.get('selection_rows_identical'))} | "
+                     f"{fmt(r.get('attn_err'), '.1e')} | {r.get('note', '')} |")
+        L.append("")
+    pre = [r for r in rows if r["part"] == "entmax_prefill"]
+    if pre:
+        L += ["## entmax prefill forward + backward (B 1, block 64)", "",
+              "| T | sparsity | ours fwd+bwd ms | ours fwd ms | selection fwd ms | flash fwd+bwd | "
+              "cuDNN fwd+bwd | speedup vs best dense (>= 2) | check err (2K) | note |",
+              "|" + "---|" * 10]
+        for r in pre:
+            L.append(f"| {r['seq_len']} | {fmt(r.get('sparsity'))} | {fmt(r.get('ours_fwd_bwd_ms'))} | "
+                     f"{fmt(r.get('ours_fwd_ms'))} | {fmt(r.get('selection_fwd_ms'))} | "
+                     f"{fmt(r.get('flash_fwd_bwd_ms'))} | {fmt(r.get('cudnn_fwd_bwd_ms'))} | "
+                     f"{fmt(r.get('speedup_vs_best_dense'), '.2f')} | {fmt(r.get('check_2k_err'), '.1e')} | "
+                     f"{r.get('note', '')} |")
+        L.append("")
+    ms = [r for r in rows if r["part"] == "milestone"]
+    for r in ms:
+        L += [f"## milestone: B {r['batch']}, prefill {r['prefill']}, budget {r['budget_tokens']} "
+              f"tokens, page 16", "",
+              f"- decode to {r['context']} tokens took {fmt(r.get('decode_wall_s'), '.1f')} s "
+              f"of wall time, {r.get('evictions')} evictions; pool = {r.get('pages_bound')} pages "
+              f"(prefill + budget) and never more",
+              f"- pages in use after the budget filled: spread {r.get('pages_in_use_spread')} "
+              f"(target <= {r['batch']}, one page per sequence); torch.cuda.memory_allocated "
+              f"spread {fmt(r.get('allocated_MB_spread'), '.2f')} MB",
+              f"- step at {r['context']} of context: device part {fmt(r.get('device_step_ms'), '.4f')} ms "
+              f"(graph {fmt(r.get('device_step_graph_ms'), '.4f')}), whole step incl. append/evict "
+              f"{fmt(r.get('full_step_ms'), '.4f')} ms; dense cuDNN {fmt(r.get('dense_ms'), '.4f')} "
+              f"(graph {fmt(r.get('dense_graph_ms'), '.4f')}); speedup graph "
+              f"{fmt(r.get('speedup_graph'), '.1f')}x (target >= 8), plain whole step "
+              f"{fmt(r.get('speedup_plain_full_step'), '.1f')}x; attention err "
+              f"{fmt(r.get('attn_err'), '.1e')} {r.get('note', '')}", "",
+              "| decoded | pages in use | KV MB in use | dense KV MB | allocated MB |",
+              "|---|---|---|---|---|"]
+        for t in r.get("memory_trace", []):
+            L.append(f"| {t['decoded']} | {t['pages_in_use']} | {t['kv_MB_in_use']:.1f} | "
+                     f"{t['dense_kv_MB']:.1f} | {t['allocated_MB']:.1f} |")
+        L.append("")
+    path.write_text("\n".join(L) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", default=["decode", "prefill", "milestone"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None, help="results stem")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/methods_entmax_milestone.py needs a CUDA GPU")
+    facts = gpu_facts()
+    facts["command"] = "python " + " ".join(sys.argv)
+    print(json.dumps(facts), flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    if "decode" in args.parts:
+        shapes = [(8, 32768)] if args.quick else [(8, 32768), (16, 32768), (8, 131072),
+                                                   (16, 131072)]
+        for batch, n in shapes:
+            for target in ((0.75,) if args.quick else (0.75, 0.9)):
+                bench_entmax_decode(batch, n, target, rows, gen)
+    if "prefill" in args.parts:
+        bench_entmax_prefill(32768, 0.75, rows, gen)
+    if "milestone" in args.parts:
+        bench_milestone(8, 1024, 2048, 32768, 16384 if args.quick else 65536, rows, gen)
+    stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
+        f"{facts['gpu_slug']}-entmax-milestone")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
+    write_markdown(rows, facts, stem.with_suffix(".md"))
+    print(stem.with_suffix(".md").read_text())
+    out = os.environ.get("OUT")
+    if out:  # the device tool brings $OUT back
+        for suffix in (".md", ".json"):
+            Path(out, stem.name + suffix).write_text(stem.with_suffix(suffix).read_text())
+
+
+if __name__ == "__main__":
+    main()

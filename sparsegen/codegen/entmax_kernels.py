@@ -1,0 +1,443 @@
+"""Triton kernels of the entmax rule (DashAttention), rendered from Jinja templates:
+
+- EntmaxTauTriton (templates/triton/entmax_tau.py.j2): block scores against the summaries,
+  tau per query head by Halley steps + bisection, group average, support -> ascending
+  indices, counts and log p_bar. Same signature as a decoder's selector.
+- EntmaxDecodeTriton (templates/triton/entmax_decode.py.j2): the split-KV sparse decode of
+  triton_decode with the per-block prior added to the logits; tuning space, checks, split
+  count and sm_90 compilation are the sparse decode's (it subclasses that adapter).
+- EntmaxPrefillTriton (templates/triton/entmax_prefill.py.j2): causal block-sparse token
+  attention with the prior, forward and backward, as an autograd Function.
+
+The torch semantics they must match live in sparsegen.methods.entmax. compile_sm90 needs a
+process where Triton was imported without TRITON_INTERPRET=1 (an interpreted standard
+library cannot be compiled; a warm Triton cache only hides that).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .decode_api import DecodeStatic
+from .triton_decode import LOG2E, TritonSparseDecode
+from .triton_kernel import TRITON_PTR, TritonKernel, check_int_config, pow2, torch_dtype
+
+SMEM_LIMIT = 232448
+_ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class EntmaxStatic:
+    """Compile-time parameters of the entmax kernels (from the spec)."""
+
+    block_size: int
+    head_dim: int
+    group_size: int
+    dtype: str = "bf16"
+    layout: str = "contiguous"
+    page_size: int = 0
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    alpha: float = 1.5
+    halley_iters: int = 4
+    prior: bool = True
+
+    @classmethod
+    def from_spec(cls, spec, dtype: str | None = None) -> "EntmaxStatic":
+        m, c, s = spec.model, spec.cache, spec.selection
+        return cls(s.block_size, m.head_dim, m.group_size, dtype or m.dtype, c.layout,
+                   c.page_size or 0, s.sink_blocks, s.local_blocks, s.entmax.alpha,
+                   s.entmax.halley_iters, s.entmax.prior)
+
+    def decode_static(self) -> DecodeStatic:
+        return DecodeStatic(self.block_size, self.head_dim, self.group_size, self.dtype,
+                            self.layout, self.page_size)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Decode attention with the prior
+# ---------------------------------------------------------------------------------------
+class EntmaxDecodeTriton(TritonSparseDecode):
+    """decode_api's sparse decode plus `block_bias` [B, Hkv, max_sel] fp32 (natural log),
+    added to the logits of each selected block's tokens. `static` is an EntmaxStatic."""
+
+    name = "triton-entmax"
+    template = "triton/entmax_decode.py.j2"
+
+    def __init__(self, static: EntmaxStatic, config: dict | None = None, build_dir=None):
+        self.entmax_static = static
+        super().__init__(static.decode_static(), config, build_dir)
+
+    @classmethod
+    def tunable_space(cls, static):
+        return super().tunable_space(_as_decode(static))
+
+    @classmethod
+    def default_config(cls, static):
+        return super().default_config(_as_decode(static))
+
+    @classmethod
+    def check_config(cls, static, config):
+        return super().check_config(_as_decode(static), config)
+
+    def template_params(self, interpret: bool = False) -> dict:
+        return {**super().template_params(interpret), "has_bias": self.entmax_static.prior}
+
+    def _signatures(self):
+        sigs = super()._signatures()
+        name, split, div, kw = sigs[0]
+        args = {}
+        for a, t in split.items():  # BIAS after BT, its strides at the end
+            args[a] = t
+            if a == "BT":
+                args["BIAS"] = "*fp32"
+        args["stride_bb"] = "i32"
+        args["stride_bh"] = "i32"
+        return [(name, args, div + ("BIAS",), kw)] + sigs[1:]
+
+    def __call__(self, q, k, v, block_indices, block_counts, seq_lens, block_table=None,
+                 block_bias=None, sm_scale=None, num_splits=None):
+        """out [B, Hq, D] in q's dtype; decode_api's contract plus the prior. No device sync."""
+        s = self.static
+        B, Hq, D = q.shape
+        Hkv = k.shape[2]
+        if D != s.head_dim or Hq != Hkv * s.group_size:
+            raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)} do not match head_dim="
+                             f"{s.head_dim}, group_size={s.group_size}")
+        if q.dtype != torch_dtype(s.dtype) or k.dtype != q.dtype or v.dtype != q.dtype:
+            raise TypeError(f"q/k/v must be {s.dtype}; got {q.dtype}, {k.dtype}, {v.dtype}")
+        if q.stride(2) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+            raise ValueError("the last (head_dim) dimension of q, k and v must be contiguous")
+        if block_indices.dtype != torch.int32 or block_counts.dtype != torch.int32 \
+                or seq_lens.dtype != torch.int32:
+            raise TypeError("block_indices, block_counts and seq_lens must be int32")
+        if self.entmax_static.prior:
+            if block_bias is None or block_bias.dtype != torch.float32 \
+                    or block_bias.shape != block_indices.shape:
+                raise TypeError("this kernel was built with the prior: pass block_bias, fp32, "
+                                f"of shape {tuple(block_indices.shape)}")
+            bias = block_bias
+        else:
+            bias = None
+        if s.layout == "paged":
+            if block_table is None or block_table.dtype != torch.int32:
+                raise TypeError("the paged layout needs an int32 block_table [B, max_pages]")
+            if k.shape[1] != s.page_size:
+                raise ValueError(f"k has pages of {k.shape[1]} tokens; the kernel was built "
+                                 f"for page_size={s.page_size}")
+            bt = block_table
+        else:
+            bt = block_counts  # unused by the contiguous kernel
+        max_sel = block_indices.shape[2]
+        if num_splits is None:
+            num_splits = self.num_splits(B, Hkv, max_sel, q.device)
+        scale = (D ** -0.5 if sm_scale is None else sm_scale) * LOG2E
+        dev = q.device
+        o_part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=dev)
+        lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev)
+        out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
+        if bias is None:
+            bias = lse  # any fp32 tensor: the kernel built without the prior never reads it
+        mod = self.module
+        c = self.config
+        mod.sparse_decode_split[(num_splits, Hkv, B)](
+            q, k, v, block_indices, block_counts, seq_lens, bt, bias, o_part, lse,
+            scale, num_splits, max_sel,
+            q.stride(0), q.stride(1),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            block_indices.stride(0), block_indices.stride(1),
+            block_counts.stride(0), block_counts.stride(1),
+            bt.stride(0), bias.stride(0), bias.stride(1),
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
+        mod.sparse_decode_merge[(Hq, B)](
+            o_part, lse, out, num_splits, out.stride(0), out.stride(1),
+            num_warps=c["merge_warps"], num_stages=1)
+        return out
+
+
+def _as_decode(static):
+    return static.decode_static() if isinstance(static, EntmaxStatic) else static
+
+
+def _g_pad(group: int) -> int:
+    """Group rows padded for tl.dot (M >= 16)."""
+    return max(16, 1 << (group - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------
+# tau solve + selection
+# ---------------------------------------------------------------------------------------
+class EntmaxTauTriton(TritonKernel):
+    """Decode selection of the entmax rule on the GPU (see sparsegen.methods.entmax.
+    select_blocks). Call: (q [B, Hq, D], summaries [B, Hkv, cap, D], seq_lens [B] int32,
+    lengths=None, scale=1.0) -> Selection with width = cap. No device sync."""
+
+    name = "entmax_tau"
+    template = "triton/entmax_tau.py.j2"
+
+    def __init__(self, static: EntmaxStatic, config: dict | None = None, build_dir=None,
+                 scale: float = 1.0):
+        super().__init__(static, config, build_dir)
+        self.scale = scale  # c: a runtime argument (no recompilation when it is tuned)
+        self._buffers = {}
+
+    @classmethod
+    def tunable_space(cls, static) -> dict[str, list]:
+        return {"block_j": [16, 32, 64, 128], "chunk": [64, 128, 256, 512],
+                "num_warps": [2, 4, 8], "select_warps": [1, 2, 4, 8]}
+
+    @classmethod
+    def default_config(cls, static) -> dict:
+        return {"block_j": 64, "chunk": 256, "num_warps": 4, "select_warps": 4}
+
+    @classmethod
+    def check_config(cls, static, config) -> str | None:
+        bad = check_int_config(config, ("block_j", "chunk", "num_warps", "select_warps"))
+        if bad:
+            return bad
+        if not pow2(config["block_j"]) or not 16 <= config["block_j"] <= 256:
+            return f"block_j={config['block_j']} must be a power of two in [16, 256]"
+        if not pow2(config["chunk"]) or not 16 <= config["chunk"] <= 4096:
+            return f"chunk={config['chunk']} must be a power of two in [16, 4096]"
+        if config["select_warps"] not in (1, 2, 4, 8):
+            return f"select_warps={config['select_warps']} not in (1, 2, 4, 8)"
+        if _g_pad(static.group_size) * config["chunk"] > 16384:
+            return "g_pad * chunk > 16384 fp32 values per select tile (register spills)"
+        if not 1.0 < static.alpha <= 2.0:
+            return f"alpha={static.alpha} out of (1, 2]"
+        return None
+
+    def template_params(self) -> dict:
+        s, c = self.static, self.config
+        return {"head_dim": s.head_dim, "group_size": s.group_size,
+                "g_pad": _g_pad(s.group_size), "dtype": s.dtype, "block_size": s.block_size,
+                "sink_blocks": s.sink_blocks, "local_blocks": s.local_blocks,
+                "alpha": float(s.alpha), "iters": s.halley_iters, "prior": s.prior, **c}
+
+    def signatures(self):
+        dt = TRITON_PTR[self.static.dtype]
+        scores = {"Q": dt, "SUM": dt, "SEQ": "*i32", "Z": "*fp32", "coef": "fp32",
+                  "width": "i32", **{a: "i32" for a in (
+                      "stride_qb", "stride_qh", "stride_sb", "stride_sh", "stride_sj",
+                      "stride_zb", "stride_zh")}}
+        select = {"Z": "*fp32", "SEQ": "*i32", "IDX": "*i32", "CNT": "*i32", "BIAS": "*fp32",
+                  **{a: "i32" for a in ("stride_zb", "stride_zh", "stride_ib", "stride_ih",
+                                        "stride_cb", "stride_bb", "stride_bh")}}
+        return [("entmax_scores", scores, ("Q", "SUM", "SEQ", "Z", "stride_qb", "stride_qh",
+                                            "stride_sb", "stride_sh", "stride_sj"),
+                 {"num_warps": self.config["num_warps"], "num_stages": 2}),
+                ("entmax_select", select, ("Z", "SEQ", "IDX", "CNT", "BIAS"),
+                 {"num_warps": self.config["select_warps"], "num_stages": 1})]
+
+    def _scratch(self, B, Hq, Hkv, cap, device):
+        key = (B, Hq, Hkv, cap, device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = (
+                torch.empty(B, Hq, cap, dtype=torch.float32, device=device),
+                torch.full((B, Hkv, cap), -1, dtype=torch.int32, device=device),
+                torch.zeros(B, Hkv, dtype=torch.int32, device=device),
+                torch.zeros(B, Hkv, cap, dtype=torch.float32, device=device))
+        return buf
+
+    def __call__(self, q, summaries, seq_lens, lengths=None):
+        from ..methods.entmax import Selection
+
+        mod = self.module
+        s = self.static
+        B, Hq, D = q.shape
+        Hkv, cap = summaries.shape[1], summaries.shape[2]
+        if D != s.head_dim or Hq != Hkv * s.group_size or summaries.stride(3) != 1:
+            raise ValueError(f"q {tuple(q.shape)} / summaries {tuple(summaries.shape)} do not "
+                             f"match head_dim={s.head_dim}, group_size={s.group_size}")
+        if q.dtype != torch_dtype(s.dtype) or summaries.dtype != q.dtype:
+            raise TypeError(f"q and summaries must be {s.dtype}")
+        z, idx, cnt, bias = self._scratch(B, Hq, Hkv, cap, q.device)
+        # grid over the widest candidate range: from host lengths when known, else capacity
+        if lengths is not None:
+            nb = max(math.ceil(n / s.block_size) for n in lengths)
+            width = max(0, min(cap, max(nb - s.local_blocks, s.sink_blocks)))
+        else:
+            width = cap
+        coef = (s.alpha - 1.0) * self.scale / math.sqrt(D)
+        if width > 0:
+            mod.entmax_scores[(triton_cdiv(width, self.config["block_j"]), Hkv, B)](
+                q, summaries, seq_lens, z, coef, cap,
+                q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1),
+                summaries.stride(2), z.stride(0), z.stride(1),
+                num_warps=self.config["num_warps"], num_stages=2)
+        mod.entmax_select[(Hkv, B)](
+            z, seq_lens, idx, cnt, bias,
+            z.stride(0), z.stride(1), idx.stride(0), idx.stride(1), cnt.stride(0),
+            bias.stride(0), bias.stride(1),
+            num_warps=self.config["select_warps"], num_stages=1)
+        return Selection(idx, cnt, bias)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------
+# Prefill: token-level forward and backward
+# ---------------------------------------------------------------------------------------
+class EntmaxPrefillTriton(TritonKernel):
+    """Token level of the entmax prefill: `attention(q, k, v, sel, block_size, sm_scale)`
+    is the `attention` argument of sparsegen.methods.entmax.entmax_prefill."""
+
+    name = "entmax_prefill"
+    template = "triton/entmax_prefill.py.j2"
+    _TILES = ("block_m", "block_n", "dq_m", "dq_n", "kv_m", "kv_n")
+    _KEYS = _TILES + ("num_warps", "num_stages", "bwd_warps", "bwd_stages")
+
+    @classmethod
+    def tunable_space(cls, static) -> dict[str, list]:
+        tiles = [n for n in (16, 32, 64, 128) if static.block_size % n == 0]
+        return {**{t: tiles for t in cls._TILES}, "num_warps": [4, 8],
+                "num_stages": [1, 2, 3, 4], "bwd_warps": [4, 8], "bwd_stages": [1, 2, 3]}
+
+    @classmethod
+    def default_config(cls, static) -> dict:
+        # spill-free on sm_90 at D 128, bf16 (ptxas): the forward keeps a 64-row query tile;
+        # both backward kernels hold two fp32 accumulators and need 32-row tiles at 8 warps
+        big, small = min(64, static.block_size), min(32, static.block_size)
+        warps = 8 if static.head_dim >= 128 else 4
+        return {"block_m": big, "block_n": big, "dq_m": small, "dq_n": small,
+                "kv_m": small, "kv_n": small, "num_warps": warps, "num_stages": 2,
+                "bwd_warps": warps, "bwd_stages": 2}
+
+    @classmethod
+    def smem_bytes(cls, static, config) -> int:
+        """Estimate: streamed operand tiles times stages plus the resident tiles."""
+        eb, d = _ELEM[static.dtype], static.head_dim
+        c = config
+        fwd = c["num_stages"] * 2 * c["block_n"] * d * eb + c["block_m"] * d * eb
+        dq = c["bwd_stages"] * 2 * c["dq_n"] * d * eb + 2 * c["dq_m"] * d * eb
+        kv = c["bwd_stages"] * 2 * c["kv_m"] * d * eb + 2 * c["kv_n"] * d * eb
+        return max(fwd, dq, kv)
+
+    @classmethod
+    def check_config(cls, static, config) -> str | None:
+        bad = check_int_config(config, cls._KEYS)
+        if bad:
+            return bad
+        for key in cls._TILES:
+            t = config[key]
+            if not pow2(t) or t < 16 or static.block_size % t:
+                return f"{key}={t} must be a power of two >= 16 dividing block_size"
+        if not 1 <= config["num_stages"] <= 6 or not 1 <= config["bwd_stages"] <= 6:
+            return "stages out of [1, 6]"
+        if config["bwd_warps"] not in (2, 4, 8):
+            return f"bwd_warps={config['bwd_warps']} not in (2, 4, 8)"
+        smem = cls.smem_bytes(static, config)
+        if smem > SMEM_LIMIT:
+            return f"shared memory estimate {smem} B exceeds {SMEM_LIMIT} B"
+        return None
+
+    def template_params(self) -> dict:
+        s = self.static
+        return {"block_size": s.block_size, "head_dim": s.head_dim,
+                "group_size": s.group_size, "dtype": s.dtype, **self.config}
+
+    def signatures(self):
+        dt = TRITON_PTR[self.static.dtype]
+        strides = [f"stride_{t}{x}" for t in "qkvo" for x in "bth"]
+        i32 = {a: "i32" for a in ["T", "nk"] + strides}
+        fwd = {"Q": dt, "K": dt, "V": dt, "BIAS": "*fp32", "IDX": "*i32", "CNT": "*i32",
+               "O": dt, "LSE": "*fp32", "qk_scale": "fp32"}
+        dq = {"Q": dt, "K": dt, "V": dt, "BIAS": "*fp32", "IDX": "*i32", "CNT": "*i32",
+              "DO": dt, "LSE": "*fp32", "DELTA": "*fp32", "DQ": dt, "DBIAS": "*fp32",
+              "qk_scale": "fp32", "sm_scale": "fp32"}
+        dkdv = {"Q": dt, "K": dt, "V": dt, "BIAS": "*fp32", "RIDX": "*i32", "RCNT": "*i32",
+                "DO": dt, "LSE": "*fp32", "DELTA": "*fp32", "DK": dt, "DV": dt,
+                "qk_scale": "fp32", "sm_scale": "fp32"}
+        div = tuple(a for a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"))
+        c = self.config
+        fw = {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}
+        bw = {"num_warps": c["bwd_warps"], "num_stages": c["bwd_stages"]}
+        return [("entmax_prefill_fwd", {**fwd, **i32}, tuple(a for a in div if a in fwd), fw),
+                ("entmax_prefill_bwd_dq", {**dq, **i32}, tuple(a for a in div if a in dq), bw),
+                ("entmax_prefill_bwd_dkdv", {**dkdv, **i32}, tuple(a for a in div if a in dkdv),
+                 bw)]
+
+    # --- runtime -----------------------------------------------------------------------
+    def _check(self, q, k, v):
+        s = self.static
+        if q.dtype != torch_dtype(s.dtype) or k.dtype != q.dtype or v.dtype != q.dtype:
+            raise TypeError(f"q/k/v must be {s.dtype}")
+        if q.shape[-1] != s.head_dim or q.shape[2] != k.shape[2] * s.group_size:
+            raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)} do not match the kernel")
+
+    @staticmethod
+    def _strides(*ts):
+        out = []
+        for t in ts:
+            out += [t.stride(0), t.stride(1), t.stride(2)]
+        return out
+
+    def forward(self, q, k, v, bias, idx, cnt, sm_scale):
+        self._check(q, k, v)
+        B, T, Hq, D = q.shape
+        nk = bias.shape[-1]
+        o = torch.empty_like(q)
+        lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+        bm = self.config["block_m"]
+        self.module.entmax_prefill_fwd[(triton_cdiv(T, bm), Hq, B)](
+            q, k, v, bias, idx, cnt, o, lse, sm_scale * LOG2E, T, nk,
+            *self._strides(q, k, v, o),
+            num_warps=self.config["num_warps"], num_stages=self.config["num_stages"])
+        return o, lse
+
+    def backward(self, q, k, v, bias, idx, cnt, ridx, rcnt, o, lse, do, sm_scale):
+        B, T, Hq, D = q.shape
+        Hkv = k.shape[2]
+        nq = nk = bias.shape[-1]
+        bs, bm, bn = self.static.block_size, self.config["dq_m"], self.config["kv_n"]
+        delta = (o.float() * do.float()).sum(-1).permute(0, 2, 1).contiguous()  # [B, Hq, T]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        n_mt = triton_cdiv(T, bm)
+        dbias_part = torch.zeros(B, Hq, n_mt, nk, dtype=torch.float32, device=q.device)
+        kw = dict(num_warps=self.config["bwd_warps"], num_stages=self.config["bwd_stages"])
+        mod = self.module
+        mod.entmax_prefill_bwd_dq[(n_mt, Hq, B)](
+            q, k, v, bias, idx, cnt, do, lse, delta, dq, dbias_part,
+            sm_scale * LOG2E, sm_scale, T, nk, *self._strides(q, k, v, do), **kw)
+        mod.entmax_prefill_bwd_dkdv[(triton_cdiv(T, bn), Hkv, B)](
+            q, k, v, bias, ridx, rcnt, do, lse, delta, dk, dv,
+            sm_scale * LOG2E, sm_scale, T, nk, *self._strides(q, k, v, do), **kw)
+        # per-sub-tile bias gradients -> per (query block, key block), summed over the group
+        pad = nq * (bs // bm) - n_mt
+        dbias = torch.nn.functional.pad(dbias_part, (0, 0, 0, pad))
+        dbias = dbias.view(B, Hkv, Hq // Hkv, nq, bs // bm, nk).sum((2, 4))
+        return dq, dk, dv, dbias
+
+    def attention(self, q, k, v, sel, block_size, sm_scale=None):
+        if block_size != self.static.block_size:
+            raise ValueError(f"block_size {block_size} != kernel's {self.static.block_size}")
+        scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+        lists = sel.lists()
+        return _PrefillAttention.apply(q, k, v, sel.bias.float(), lists, self, scale)
+
+
+class _PrefillAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, lists, kern, sm_scale):
+        q, k, v, bias = (t.contiguous() for t in (q, k, v, bias))
+        idx, cnt, ridx, rcnt = lists
+        o, lse = kern.forward(q, k, v, bias, idx, cnt, sm_scale)
+        ctx.save_for_backward(q, k, v, bias, idx, cnt, ridx, rcnt, o, lse)
+        ctx.kern, ctx.sm_scale = kern, sm_scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, bias, idx, cnt, ridx, rcnt, o, lse = ctx.saved_tensors
+        dq, dk, dv, dbias = ctx.kern.backward(q, k, v, bias, idx, cnt, ridx, rcnt, o, lse,
+                                              do.contiguous(), ctx.sm_scale)
+        return dq, dk, dv, dbias.to(bias.dtype), None, None, None

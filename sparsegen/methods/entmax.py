@@ -1,0 +1,460 @@
+"""The entmax selection rule (DashAttention): plain-torch semantics, state and reference.
+
+Stage 1, block summaries: one key per full block, an attention pool of the block's keys
+with a learned vector w per KV head (softmax over the block of k.w; w = 0 gives the mean).
+Stage 2, selection: scores s = c q.k_bar / sqrt(D) over the *candidate* blocks, i.e. the
+full blocks that are neither sink blocks nor among the last `local_blocks` blocks (those are
+always attended); alpha-entmax over the candidates per query head, tau by Halley steps with
+a bisection fallback inside [max - 1, max - n^(1 - alpha)] (on z = (alpha - 1) s); the G
+heads' probabilities are averaged; the selection is the support plus the always-on blocks,
+in ascending block order.
+Stage 3, attention: softmax over the tokens of the selected blocks with log p_bar added to
+the logits of each candidate block's tokens (the prior; always-on blocks get 0, as if p = 1).
+
+The tau solve runs a fixed number of Halley steps (`halley_iters`, the spec's), then
+normalizes p to sum to 1: the Triton kernel runs the same steps, so both pick the same
+support. `entmax_tau(..., iters=50)` in fp64 is the converged reference.
+
+Prefill (training) uses the same rule per query block, with the block's mean query as its
+query; the block level runs in torch autograd, the token level in `token_attention` (torch)
+or the Triton kernels (sparsegen.codegen.entmax_kernels), so gradients reach q, k, v and w.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .selection import always_on, mask_to_indices, num_blocks
+from .sparse_decode_ref import gather_token_positions, validate_block_indices
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class EntmaxRule:
+    block_size: int = 64
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    alpha: float = 1.5
+    scale: float = 1.0
+    halley_iters: int = 4
+    prior: bool = True
+
+    @classmethod
+    def from_spec(cls, spec) -> "EntmaxRule":
+        s, e = spec.selection, spec.selection.entmax
+        return cls(s.block_size, s.sink_blocks, s.local_blocks, e.alpha, e.scale,
+                   e.halley_iters, e.prior)
+
+    def score_coef(self, head_dim: int) -> float:
+        """Factor from q.k_bar to z = (alpha - 1) s, the variable tau is solved on."""
+        return (self.alpha - 1.0) * self.scale / math.sqrt(head_dim)
+
+
+# ---------------------------------------------------------------------------------------
+# alpha-entmax
+# ---------------------------------------------------------------------------------------
+def _moments(x: torch.Tensor, k: float):
+    """f = sum x^k - 1 and its first two derivatives in tau (x = [z - tau]_+)."""
+    pos = x > 0
+    if k == 2.0:  # alpha = 1.5: the kernel's specialization, exact in floating point
+        return ((x * x).sum(-1) - 1, -2 * x.sum(-1), 2 * pos.sum(-1).to(x.dtype))
+    if k == 1.0:  # alpha = 2 (sparsemax)
+        return x.sum(-1) - 1, -pos.sum(-1).to(x.dtype), torch.zeros_like(x[..., 0])
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    xs = torch.where(pos, x, torch.ones_like(x))  # keeps negative powers finite off-support
+    f = torch.where(pos, xs.pow(k), zero).sum(-1) - 1
+    f1 = -k * torch.where(pos, xs.pow(k - 1), zero).sum(-1)
+    f2 = k * (k - 1) * torch.where(pos, xs.pow(k - 2), zero).sum(-1)
+    return f, f1, f2
+
+
+def entmax_tau(z: torch.Tensor, alpha: float, iters: int):
+    """tau of alpha-entmax along the last dim of z = (alpha - 1) s (-inf = not a candidate).
+
+    Returns (tau, has) where has marks rows with at least one candidate. Halley steps from
+    the bracket's midpoint; a step that leaves the bracket (or is not finite) is
+    replaced by the bracket's midpoint; the bracket shrinks with the sign of f each step.
+    """
+    k = 1.0 / (alpha - 1.0)
+    cnt = (z > NEG_INF).sum(-1)
+    has = cnt > 0
+    zmax = torch.where(has, z.amax(-1), torch.zeros((), dtype=z.dtype, device=z.device))
+    lo = zmax - 1.0
+    hi = zmax - cnt.clamp_min(1).to(z.dtype).pow(1.0 - alpha)
+    tau = 0.5 * (lo + hi)  # from the midpoint: 4 steps reach fp64 precision up to n = 8192
+    for _ in range(iters):
+        x = (z - tau[..., None]).clamp_min(0)
+        f, f1, f2 = _moments(x, k)
+        lo = torch.where(f > 0, tau, lo)
+        hi = torch.where(f < 0, tau, hi)
+        denom = 2 * f1 * f1 - f * f2
+        ok = denom != 0
+        step = tau - 2 * f * f1 / torch.where(ok, denom, torch.ones_like(denom))
+        inside = ok & (step >= lo) & (step <= hi)
+        tau = torch.where(f == 0, tau, torch.where(inside, step, 0.5 * (lo + hi)))
+    return tau, has
+
+
+def entmax_forward(s: torch.Tensor, valid: torch.Tensor, alpha: float, iters: int):
+    """p = normalize([(alpha - 1) s - tau]_+^(1/(alpha-1))) over the valid entries."""
+    z = torch.where(valid, (alpha - 1.0) * s, torch.full_like(s, NEG_INF))
+    tau, _ = entmax_tau(z, alpha, iters)
+    x = (z - tau[..., None]).clamp_min(0)
+    p = x * x if alpha == 1.5 else x.pow(1.0 / (alpha - 1.0))
+    total = p.sum(-1, keepdim=True)
+    return p / torch.where(total > 0, total, torch.ones_like(total))
+
+
+class _Entmax(torch.autograd.Function):
+    """alpha-entmax with its closed-form backward (exact once tau has converged):
+    dL/ds = g * (dL/dp - sum(g dL/dp) / sum(g)), g = p^(2 - alpha) on the support."""
+
+    @staticmethod
+    def forward(ctx, s, valid, alpha, iters):
+        p = entmax_forward(s.detach(), valid, alpha, iters)
+        ctx.save_for_backward(p)
+        ctx.alpha = alpha
+        return p
+
+    @staticmethod
+    def backward(ctx, dp):
+        (p,) = ctx.saved_tensors
+        g = torch.where(p > 0, p.pow(2.0 - ctx.alpha), torch.zeros_like(p))
+        dx = dp * g
+        denom = g.sum(-1, keepdim=True)
+        dx = dx - g * dx.sum(-1, keepdim=True) / torch.where(denom > 0, denom,
+                                                               torch.ones_like(denom))
+        return dx, None, None, None
+
+
+def entmax(s: torch.Tensor, valid: torch.Tensor | None = None, alpha: float = 1.5,
+           iters: int = 4) -> torch.Tensor:
+    """Differentiable alpha-entmax over the last dim; `valid` masks candidates."""
+    if valid is None:
+        valid = torch.ones_like(s, dtype=torch.bool)
+    return _Entmax.apply(s, valid.expand_as(s), alpha, iters)
+
+
+# ---------------------------------------------------------------------------------------
+# Block summaries
+# ---------------------------------------------------------------------------------------
+def pool_blocks(kb: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Attention pool of blocks kb [..., Hkv, n, bs, D] with w [Hkv, D] -> [..., Hkv, n, D]
+    (computed in kb's dtype: callers pass fp32/fp64)."""
+    a = torch.softmax(torch.einsum("...hntd,hd->...hnt", kb, w.to(kb.dtype)), dim=-1)
+    return torch.einsum("...hnt,...hntd->...hnd", a, kb)
+
+
+def block_summaries(k: torch.Tensor, w: torch.Tensor, block_size: int,
+                    compute_dtype=None) -> torch.Tensor:
+    """Summaries of the full blocks of k [B, T, Hkv, D] -> [B, Hkv, T // block_size, D]."""
+    B, T, H, D = k.shape
+    n = T // block_size
+    kb = k[:, : n * block_size].reshape(B, n, block_size, H, D).permute(0, 3, 1, 2, 4)
+    if compute_dtype is not None:
+        kb = kb.to(compute_dtype)
+    return pool_blocks(kb, w)
+
+
+# ---------------------------------------------------------------------------------------
+# Decode selection
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Selection:
+    """Selected blocks per KV head, ascending, padded with -1 (decode_api layout)."""
+
+    indices: torch.Tensor  # [B, Hkv, width] int32
+    counts: torch.Tensor   # [B, Hkv] int32
+    bias: torch.Tensor     # [B, Hkv, width] log p_bar (0 for always-on, or no prior); the
+                           # kernels take fp32, the torch path keeps its compute dtype
+
+    def blocks(self, b: int, h: int) -> list[int]:
+        return self.indices[b, h, : int(self.counts[b, h])].tolist()
+
+
+def candidate_range(lengths: torch.Tensor, rule: EntmaxRule):
+    """(num_blocks, end of candidates) per sequence: candidates are [sink, cand_end)."""
+    nb = num_blocks(lengths, rule.block_size)
+    return nb, (nb - rule.local_blocks).clamp_min(rule.sink_blocks)
+
+
+def compact(mask: torch.Tensor, bias: torch.Tensor, width: int | None = None) -> Selection:
+    """Ascending indices of the set entries of mask [B, H, NB] (-1 padded to width), with
+    the bias of each selected block."""
+    idx, counts = mask_to_indices(mask, mask.shape[-1] if width is None else width)
+    live = idx >= 0
+    if idx.shape[-1] > bias.shape[-1]:
+        bias = torch.nn.functional.pad(bias, (0, idx.shape[-1] - bias.shape[-1]))
+    zero = torch.zeros((), dtype=bias.dtype, device=bias.device)
+    b = torch.where(live, bias.gather(-1, idx.long().clamp_min(0)), zero)
+    return Selection(idx, counts, b)
+
+
+def select_blocks(q: torch.Tensor, summaries: torch.Tensor, lengths: torch.Tensor,
+                  rule: EntmaxRule, width: int | None = None,
+                  compute_dtype=torch.float32, return_probs: bool = False):
+    """The decode selection of one step (torch).
+
+    q [B, Hq, D]; summaries [B, Hkv, >= cand_end, D] (rows past a sequence's full blocks are
+    never read); lengths [B] (tokens including the current one). Returns a Selection (and
+    p_bar [B, Hkv, J] over the candidate columns when asked).
+    """
+    B, Hq, D = q.shape
+    Hkv = summaries.shape[1]
+    G = Hq // Hkv
+    lengths = lengths.to(device=q.device, dtype=torch.long)
+    nb, cand_end = candidate_range(lengths, rule)
+    NB = int(nb.max()) if B else 0
+    J = int(cand_end.max()) if B else 0
+    j = torch.arange(J, device=q.device)
+    valid = (j >= rule.sink_blocks) & (j < cand_end[:, None])  # [B, J]
+    qg = q.reshape(B, Hkv, G, D).to(compute_dtype)
+    s = torch.einsum("bhgd,bhjd->bhgj", qg, summaries[:, :, :J].to(compute_dtype))
+    s = s * (rule.scale / math.sqrt(D))
+    p = entmax_forward(s, valid[:, None, None, :], rule.alpha, rule.halley_iters)
+    pbar = p.mean(2)  # [B, Hkv, J]
+    mask = always_on(nb, NB, rule.sink_blocks, rule.local_blocks)[:, None, :].expand(
+        B, Hkv, NB).clone()
+    chosen = valid[:, None, :] & (pbar > 0)
+    mask[..., :J] |= chosen
+    bias = torch.zeros(B, Hkv, NB, dtype=compute_dtype, device=q.device)
+    if rule.prior:
+        bias[..., :J] = torch.where(chosen, pbar.clamp_min(torch.finfo(pbar.dtype).tiny).log(),
+                                    bias[..., :J])
+    sel = compact(mask, bias, width)
+    return (sel, pbar) if return_probs else sel
+
+
+def entmax_decode_reference(q, k, v, block_indices, block_counts, seq_lens, block_size,
+                            block_table=None, block_bias=None, sm_scale=None,
+                            compute_dtype=torch.float32, validate=True) -> torch.Tensor:
+    """sparse_decode_reference plus an additive bias per selected block (natural log
+    units), added to the logits of that block's tokens."""
+    B, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    if validate:
+        validate_block_indices(block_indices, block_counts, seq_lens, block_size)
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    out = torch.zeros(B, Hq, D, dtype=compute_dtype, device=q.device)
+    for b in range(B):
+        n = int(seq_lens[b])
+        for h in range(Hkv):
+            count = int(block_counts[b, h])
+            if count == 0:
+                continue
+            pos = gather_token_positions(block_indices[b, h, :count], block_size)
+            keep = pos < n
+            pos = pos[keep]
+            if pos.numel() == 0:
+                continue
+            if block_table is None:
+                keys, vals = k[b, pos, h], v[b, pos, h]
+            else:
+                ps = k.shape[1]
+                pages = block_table[b].long()[pos // ps]
+                keys, vals = k[pages, pos % ps, h], v[pages, pos % ps, h]
+            qg = q[b, h * G:(h + 1) * G].to(compute_dtype)
+            logits = qg @ keys.to(compute_dtype).T * scale
+            if block_bias is not None:
+                tok_bias = block_bias[b, h, :count].to(compute_dtype).repeat_interleave(block_size)
+                logits = logits + tok_bias[keep]
+            out[b, h * G:(h + 1) * G] = torch.softmax(logits, -1) @ vals.to(compute_dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Decoder state: summaries beside the KV cache
+# ---------------------------------------------------------------------------------------
+class EntmaxDecoder:
+    """One layer's entmax decode: summaries kept beside the KV cache, one call per step.
+
+    `selector(q, summaries, seq_lens, lengths)` -> Selection defaults to the torch rule
+    (`select_blocks`); the Triton tau kernels (EntmaxTauTriton) have the same signature.
+    `attend` follows decode_api plus `block_bias=` (the Triton EntmaxDecodeTriton; None is
+    entmax_decode_reference) and is called with keywords, as in decode_step.
+    """
+
+    def __init__(self, rule: EntmaxRule, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 pool_weight: torch.Tensor | None = None, selector=None,
+                 compute_dtype=torch.float32):
+        self.rule = rule
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.w = (torch.zeros(num_kv_heads, head_dim) if pool_weight is None
+                  else pool_weight.detach())
+        self.compute_dtype = compute_dtype
+        self.selector = selector
+        self.summaries = None  # [B, Hkv, capacity blocks, D] in the cache dtype
+        self.last_selection: Selection | None = None
+
+    @classmethod
+    def from_spec(cls, spec, **kw) -> "EntmaxDecoder":
+        m = spec.model
+        return cls(EntmaxRule.from_spec(spec), m.num_q_heads, m.num_kv_heads, m.head_dim, **kw)
+
+    def _ensure_state(self, cache) -> None:
+        if self.summaries is None or self.summaries.shape[0] != cache.batch:
+            blocks = math.ceil(cache.capacity / self.rule.block_size)
+            self.summaries = torch.zeros(cache.batch, cache.kv_heads, blocks, cache.head_dim,
+                                         dtype=cache.k.dtype, device=cache.device)
+            self.w = self.w.to(cache.device)
+
+    def _summarize(self, kb: torch.Tensor) -> torch.Tensor:
+        """kb [n, bs, Hkv, D] -> [Hkv, n, D] in the summary dtype."""
+        x = kb.to(self.compute_dtype).permute(2, 0, 1, 3)
+        return pool_blocks(x, self.w).to(self.summaries.dtype)
+
+    def prefill(self, cache, k: torch.Tensor, v: torch.Tensor, lengths=None) -> None:
+        """Append prompts k, v [B, T, Hkv, D] (sequence b keeps its first lengths[b]) and
+        summarize every full block in one pass per sequence."""
+        self._ensure_state(cache)
+        bs = self.rule.block_size
+        lengths = [k.shape[1]] * k.shape[0] if lengths is None else list(lengths)
+        for b, n in enumerate(lengths):
+            start, stop = cache.extend(b, k[b, :n], v[b, :n])
+            first, last = math.ceil(start / bs), stop // bs  # blocks completed by this write
+            if last > first:
+                kk, _ = cache.tokens(b, first * bs, last * bs)
+                self.summaries[b, :, first:last] = self._summarize(
+                    kk.reshape(last - first, bs, cache.kv_heads, cache.head_dim))
+
+    def _after_append(self, cache) -> None:
+        bs = self.rule.block_size
+        full = [b for b, n in enumerate(cache.lengths) if n % bs == 0]
+        if not full:
+            return
+        if len(full) == cache.batch and cache.block_table is None \
+                and len(set(cache.lengths)) == 1:  # common case: one batched pool
+            n = cache.lengths[0]
+            kb = cache.k[:, n - bs:n]  # [B, bs, Hkv, D]
+            x = kb.to(self.compute_dtype).permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, bs, D]
+            self.summaries[:, :, n // bs - 1] = pool_blocks(x, self.w)[:, :, 0].to(
+                self.summaries.dtype)
+            return
+        for b in full:
+            n = cache.lengths[b]
+            kk, _ = cache.tokens(b, n - bs, n)
+            self.summaries[b, :, n // bs - 1] = self._summarize(kk[None])[:, 0]
+
+    def select(self, q: torch.Tensor, cache) -> Selection:
+        if self.selector is not None:
+            return self.selector(q, self.summaries, cache.seq_lens, cache.lengths)
+        lengths = torch.tensor(cache.lengths, device=q.device)
+        width = self.summaries.shape[2]
+        return select_blocks(q, self.summaries, lengths, self.rule, width=width,
+                             compute_dtype=self.compute_dtype)
+
+    def step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache,
+             attend=None) -> torch.Tensor:
+        """Append the token's k/v [B, Hkv, D], update summaries, select, attend."""
+        self._ensure_state(cache)
+        cache.append(k_new, v_new)
+        self._after_append(cache)
+        sel = self.select(q, cache)
+        self.last_selection = sel
+        if attend is None:
+            out = entmax_decode_reference(q, cache.k, cache.v, sel.indices, sel.counts,
+                                          cache.seq_lens, self.rule.block_size,
+                                          block_table=cache.block_table,
+                                          block_bias=sel.bias if self.rule.prior else None,
+                                          compute_dtype=self.compute_dtype, validate=False)
+            return out.to(q.dtype)
+        # keywords: both decode_step's attend(q, block_indices, block_counts, k, v, seq_lens,
+        # block_table) and the kernel adapters' (q, k, v, block_indices, ...) accept this
+        return attend(q, block_indices=sel.indices, block_counts=sel.counts,
+                      block_bias=sel.bias if self.rule.prior else None,
+                      **cache.attention_args())
+
+
+# ---------------------------------------------------------------------------------------
+# Prefill (training): block-level selection in torch autograd, token level pluggable
+# ---------------------------------------------------------------------------------------
+@dataclass
+class PrefillSelection:
+    """Block-level selection of a causal prefill, per KV head and query block."""
+
+    mask: torch.Tensor     # [B, Hkv, nq, nk] bool, selected key blocks (diagonal included)
+    bias: torch.Tensor     # [B, Hkv, nq, nk] prior (differentiable; 0 off the candidates)
+    pbar: torch.Tensor     # [B, Hkv, nq, J] group-averaged probabilities (J = full blocks)
+
+    def lists(self):
+        """Ascending forward lists [B, Hkv, nq, nk] + counts and reverse (per key block)
+        lists [B, Hkv, nk, nq] + counts, int32, padded with -1: what the kernels read."""
+        B, H, nq, nk = self.mask.shape
+        fi, fc = mask_to_indices(self.mask.reshape(B, H * nq, nk), nk)
+        ri, rc = mask_to_indices(self.mask.transpose(-1, -2).reshape(B, H * nk, nq), nq)
+        return (fi.view(B, H, nq, nk), fc.view(B, H, nq), ri.view(B, H, nk, nq),
+                rc.view(B, H, nk))
+
+
+def prefill_selection(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
+                      rule: EntmaxRule) -> PrefillSelection:
+    """q [B, T, Hq, D], k [B, T, Hkv, D], w [Hkv, D]; differentiable in q, k, w (fp32/fp64:
+    the block level runs in q's dtype)."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G, bs = Hq // Hkv, rule.block_size
+    nq = math.ceil(T / bs)
+    J = T // bs  # full key blocks: the only ones with a summary
+    kbar = block_summaries(k, w, bs)  # [B, Hkv, J, D]
+    pad = nq * bs - T
+    qp = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(B, nq, bs, Hq, D)
+    tok = (torch.arange(nq * bs, device=q.device) < T).reshape(nq, bs).to(q.dtype)
+    qbar = torch.einsum("bntgd,nt->bgnd", qp, tok) / tok.sum(-1)[None, None, :, None]
+    s = torch.einsum("bhgnd,bhjd->bhgnj", qbar.reshape(B, Hkv, G, nq, D), kbar)
+    s = s * (rule.scale / math.sqrt(D))
+    i = torch.arange(nq, device=q.device)[:, None]
+    j = torch.arange(J, device=q.device)[None, :]
+    valid = (j >= rule.sink_blocks) & (j <= i - rule.local_blocks)  # [nq, J]
+    p = entmax(s, valid.expand_as(s), rule.alpha, rule.halley_iters)
+    pbar = p.mean(2)  # [B, Hkv, nq, J]
+    jj = torch.arange(nq, device=q.device)[None, :]
+    always = ((jj < rule.sink_blocks) | (jj > i - rule.local_blocks)) & (jj <= i)  # [nq, nk]
+    chosen = valid & (pbar > 0)
+    mask = always.expand(B, Hkv, nq, nq).clone()
+    mask[..., :J] |= chosen
+    bias = torch.zeros(B, Hkv, nq, nq, dtype=q.dtype, device=q.device)
+    if rule.prior:
+        logp = torch.where(chosen, pbar, torch.ones_like(pbar)).log()
+        bias = torch.cat([logp, bias[..., J:]], dim=-1) if J else bias
+    return PrefillSelection(mask, bias, pbar)
+
+
+def token_attention(q, k, v, mask, bias, block_size, sm_scale=None):
+    """Torch path of the token level: causal attention restricted to the selected blocks
+    with the block bias on the logits. q [B, T, Hq, D]; k, v [B, T, Hkv, D]; mask/bias
+    [B, Hkv, nq, nk]. Dense [T, T] logits: for CPU, small shapes and gradcheck."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if sm_scale is None else sm_scale
+    blk = torch.arange(T, device=q.device) // block_size
+    tok_mask = mask[:, :, blk][..., blk]  # [B, Hkv, T, T]
+    tok_bias = bias[:, :, blk][..., blk]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    allowed = (tok_mask & causal).repeat_interleave(G, dim=1)
+    logits = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(G, dim=2)) * scale
+    logits = logits + tok_bias.repeat_interleave(G, dim=1)
+    logits = logits.masked_fill(~allowed, NEG_INF)
+    p = torch.softmax(logits, -1)
+    return torch.einsum("bhts,bshd->bthd", p, v.repeat_interleave(G, dim=2))
+
+
+def entmax_prefill(q, k, v, w, rule: EntmaxRule, attention=None, sm_scale=None):
+    """Causal block-sparse entmax attention of a prompt, differentiable in q, k, v and w.
+
+    `attention(q, k, v, sel, block_size, sm_scale)` runs the token level; None is the
+    torch path (token_attention). Returns (out [B, T, Hq, D], PrefillSelection).
+    """
+    sel = prefill_selection(q if q.dtype in (torch.float32, torch.float64) else q.float(),
+                            k if k.dtype in (torch.float32, torch.float64) else k.float(),
+                            w, rule)
+    if attention is None:
+        out = token_attention(q, k, v, sel.mask, sel.bias.to(q.dtype), rule.block_size,
+                              sm_scale)
+    else:
+        out = attention(q, k, v, sel, rule.block_size, sm_scale)
+    return out, sel

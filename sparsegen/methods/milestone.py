@@ -1,0 +1,344 @@
+"""The milestone selection rule (RaaS): page timestamps, eviction of the oldest decode page.
+
+Definitions (shared with the tests' independent reference):
+- Pages are the cache's pages (page_size tokens). Prefill pages, the first
+  ceil(prefill_len / page_size) of a sequence (the last one may be filled by decode tokens),
+  are never evicted. Every later page is a decode page and carries a timestamp.
+- Decode step t (t = 1, 2, ...): if the new token opens a page and the sequence already
+  holds `budget_pages` decode pages, the decode page with the smallest (timestamp, logical
+  page) is evicted (KVCache.release_page) and the new page reuses its memory. The new page
+  gets timestamp t. After the append the live decode pages are scored with the current
+  query: per query head, Quest's bound sum_i max(q_i min_i, q_i max_i) / sqrt(D), softmax
+  over the live decode pages; the page score is the mean of those probabilities over all
+  query heads (pages are evicted whole, for every head, so they are ranked once). The top
+  ceil(refresh_fraction * live) pages by (score desc, logical page asc), or those with
+  score > refresh_threshold, get timestamp t; so does the page holding the current token.
+- Attention covers every prefill page and every live decode page. Hybrid (with
+  prefill_budget_tokens): instead of all prefill pages, the top prefill_budget_tokens //
+  page_size prefill pages per KV head by the group-summed bound (ties: lower page), plus
+  the sink blocks and the last local_blocks blocks; decode pages as above.
+Memory: a sequence holds at most prefill pages + budget_pages pages.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .sparse_decode_ref import sparse_decode_reference
+
+_BIG = 1 << 40
+
+
+@dataclass(frozen=True)
+class MilestoneRule:
+    page_size: int = 16
+    block_size: int = 16
+    budget_tokens: int = 2048
+    refresh_fraction: float | None = 0.5
+    refresh_threshold: float | None = None
+    prefill_budget_tokens: int | None = None
+    sink_blocks: int = 0
+    local_blocks: int = 1
+
+    def __post_init__(self):
+        if self.page_size % self.block_size:
+            raise ValueError("page_size must be a multiple of block_size")
+        if (self.refresh_fraction is None) == (self.refresh_threshold is None):
+            raise ValueError("give exactly one of refresh_fraction and refresh_threshold")
+
+    @classmethod
+    def from_spec(cls, spec) -> "MilestoneRule":
+        s, m = spec.selection, spec.selection.milestone
+        return cls(spec.cache.page_size, s.block_size, s.budget_tokens, m.refresh_fraction,
+                   m.refresh_threshold, m.prefill_budget_tokens, s.sink_blocks, s.local_blocks)
+
+    @property
+    def budget_pages(self) -> int:
+        return max(1, self.budget_tokens // self.page_size)
+
+    @property
+    def blocks_per_page(self) -> int:
+        return self.page_size // self.block_size
+
+    @property
+    def hybrid(self) -> bool:
+        return self.prefill_budget_tokens is not None
+
+    @property
+    def prefill_pages_kept(self) -> int:
+        return max(1, (self.prefill_budget_tokens or 0) // self.page_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Quest metadata (private; to merge with sparsegen.methods.topk once it exists)
+# ---------------------------------------------------------------------------------------
+def _quest_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """sum_i max(q_i min_i, q_i max_i) as q.c + |q|.r with c, r the centre and radius of
+    the box: two matmuls instead of a [.., pages, D] temporary.
+    q [B, Hkv, G, D]; kmin/kmax [B, P, Hkv, D] -> [B, Hkv, G, P]."""
+    c = (kmax + kmin) * 0.5
+    r = (kmax - kmin) * 0.5
+    return (torch.einsum("bhgd,bphd->bhgp", q, c)
+            + torch.einsum("bhgd,bphd->bhgp", q.abs(), r))
+
+
+def page_minmax(k: torch.Tensor, n: int, page_size: int):
+    """Element-wise min and max of the keys of each page of k [>= n, Hkv, D] (first n
+    tokens) -> two [ceil(n / page_size), Hkv, D]."""
+    pages = math.ceil(n / page_size)
+    pad = pages * page_size - n
+    kk = k[:n]
+    lo = torch.nn.functional.pad(kk, (0, 0, 0, 0, 0, pad), value=float("inf"))
+    hi = torch.nn.functional.pad(kk, (0, 0, 0, 0, 0, pad), value=float("-inf"))
+    H, D = k.shape[1], k.shape[2]
+    return (lo.view(pages, page_size, H, D).amin(1), hi.view(pages, page_size, H, D).amax(1))
+
+
+def torch_page_scores(q, kmin, kmax, slot_phys, sm_scale=None):
+    """Page scores of the live decode slots: mean over query heads of the per-head softmax
+    (over live slots) of the Quest bound. q [B, Hq, D]; kmin/kmax [pages, Hkv, D];
+    slot_phys [B, L] physical page per slot (-1 empty) -> [B, L] (0 for empty slots)."""
+    B, Hq, D = q.shape
+    Hkv = kmin.shape[1]
+    live = slot_phys >= 0
+    phys = slot_phys.long().clamp_min(0)
+    dt = torch.promote_types(kmin.dtype, torch.float32)  # bf16 bounds would misrank pages
+    qg = q.reshape(B, Hkv, Hq // Hkv, D).to(dt)
+    bound = _quest_bound(qg, kmin[phys].to(dt), kmax[phys].to(dt))  # [B, Hkv, G, L]
+    bound = bound * (D ** -0.5 if sm_scale is None else sm_scale)
+    bound = bound.masked_fill(~live[:, None, None, :], float("-inf"))
+    p = torch.softmax(bound, -1).nan_to_num(0.0)
+    return p.mean((1, 2))
+
+
+def rank_order(score: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Permutation of the last dim by (score desc, key asc): two stable sorts."""
+    by_key = torch.sort(key, dim=-1, stable=True).indices
+    by_score = torch.sort(score.gather(-1, by_key), dim=-1, descending=True, stable=True).indices
+    return by_key.gather(-1, by_score)
+
+
+# ---------------------------------------------------------------------------------------
+# The decoder
+# ---------------------------------------------------------------------------------------
+class MilestoneDecoder:
+    """One layer's RaaS decode over a paged KVCache: prefill, then one `step` per token.
+
+    `scorer(q, kmin, kmax, slot_phys) -> [B, L]` defaults to torch_page_scores (the Triton
+    MilestoneScoreTriton has the same signature); `attend` follows decode_api, called with
+    keywords as in decode_step (None: the torch reference). After each step
+    `last_evictions` lists the (b, logical page) evicted and `last_selection` holds
+    (indices, counts).
+    """
+
+    def __init__(self, rule: MilestoneRule, num_q_heads: int, num_kv_heads: int,
+                 head_dim: int, scorer=None, compute_dtype=torch.float32):
+        self.rule = rule
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.scorer = scorer or torch_page_scores
+        self.compute_dtype = compute_dtype
+        self.t = 0
+        self.last_evictions: list[tuple[int, int]] = []
+        self.num_evictions = 0
+        self.last_selection = None
+
+    @classmethod
+    def from_spec(cls, spec, **kw) -> "MilestoneDecoder":
+        m = spec.model
+        return cls(MilestoneRule.from_spec(spec), m.num_q_heads, m.num_kv_heads, m.head_dim, **kw)
+
+    # --- state -------------------------------------------------------------------------
+    def prefill(self, cache, k: torch.Tensor, v: torch.Tensor, lengths=None) -> None:
+        """Append prompts k, v [B, T, Hkv, D] (sequence b keeps its first lengths[b] tokens)
+        and build each prefill page's min/max."""
+        r = self.rule
+        if cache.block_table is None or cache.page_size != r.page_size:
+            raise ValueError(f"the milestone rule needs a paged cache with page_size "
+                             f"{r.page_size}")
+        B, dev = cache.batch, cache.device
+        lengths = [k.shape[1]] * B if lengths is None else list(lengths)
+        L = r.budget_pages
+        self.kmin = torch.zeros(cache.k.shape[0], cache.kv_heads, cache.head_dim,
+                                dtype=cache.k.dtype, device=dev)
+        self.kmax = torch.zeros_like(self.kmin)
+        self.prefill_len = lengths
+        self.prefill_pages = [math.ceil(n / r.page_size) for n in lengths]
+        self.slot_logical = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        self.slot_phys = torch.full((B, L), -1, dtype=torch.int32, device=dev)
+        self.slot_ts = torch.full((B, L), -1, dtype=torch.long, device=dev)
+        self._slots_host = [[-1] * L for _ in range(B)]
+        self._live = [0] * B  # live decode pages per sequence (host)
+        self._refresh_k = torch.zeros(B, dtype=torch.long, device=dev)  # pages refreshed
+        self._prefill_pages_t = torch.tensor(self.prefill_pages, device=dev)
+        self.t = 0
+        for b, n in enumerate(lengths):
+            cache.extend(b, k[b, :n], v[b, :n])
+            if n:
+                lo, hi = page_minmax(k[b], n, r.page_size)
+                phys = cache.block_table[b, : self.prefill_pages[b]].long()
+                self.kmin[phys] = lo.to(self.kmin.dtype)
+                self.kmax[phys] = hi.to(self.kmax.dtype)
+        self._prefill_blocks = self._all_prefill_blocks(dev)
+
+    def _all_prefill_blocks(self, dev) -> torch.Tensor:
+        """[B, Hkv, W] every block of the prefill pages (-1 padded)."""
+        bpp = self.rule.blocks_per_page
+        W = max(1, max(self.prefill_pages) * bpp)
+        j = torch.arange(W, device=dev)
+        n = torch.tensor(self.prefill_pages, device=dev)[:, None] * bpp
+        out = torch.where(j[None, :] < n, j[None, :], torch.full_like(j[None, :], -1))
+        return out[:, None, :].expand(-1, self.num_kv_heads, -1)
+
+    def decode_pages(self, b: int) -> list[int]:
+        """Logical pages of sequence b's live decode pages, ascending."""
+        return sorted(p for p in self._slots_host[b] if p >= 0)
+
+    def timestamps(self, b: int) -> dict[int, int]:
+        ts = self.slot_ts[b].tolist()
+        return {p: ts[s] for s, p in enumerate(self._slots_host[b]) if p >= 0}
+
+    # --- one step ----------------------------------------------------------------------
+    def _open_pages(self, cache) -> None:
+        """Before the append: give every sequence whose next token opens a page a slot,
+        evicting its oldest decode page when the budget is full."""
+        P = self.rule.page_size
+        opening = [b for b in range(cache.batch) if cache.lengths[b] % P == 0]
+        self.last_evictions = []
+        if not opening:
+            self._opening = []
+            return
+        full = [b for b in opening if -1 not in self._slots_host[b]]
+        victims = {}
+        if full:
+            key = torch.where(self.slot_logical >= 0, self.slot_ts * _BIG + self.slot_logical,
+                              torch.full_like(self.slot_ts, torch.iinfo(torch.long).max))
+            rows = torch.tensor(full, device=key.device)
+            for b, s in zip(full, key[rows].argmin(-1).tolist()):  # one sync per page
+                logical = self._slots_host[b][s]
+                cache.release_page(b, logical)
+                self.last_evictions.append((b, logical))
+                victims[b] = s
+        self.num_evictions += len(victims)
+        self._opening = [(b, victims[b] if b in victims else self._slots_host[b].index(-1))
+                         for b in opening]
+
+    def _after_append(self, cache, k_new) -> torch.Tensor:
+        """Record opened pages in their slots; update the min/max of each token's page.
+        Returns the physical page of every sequence's current token [B]."""
+        P = self.rule.page_size
+        if self._opening:
+            bs_, slots, logical, phys = [], [], [], []
+            for b, s in self._opening:
+                page = (cache.lengths[b] - 1) // P
+                self._live[b] += self._slots_host[b][s] < 0
+                self._slots_host[b][s] = page
+                bs_.append(b), slots.append(s), logical.append(page)
+                phys.append(cache.physical_page(b, page))
+            dev = self.slot_ts.device
+            bi, si = torch.tensor(bs_, device=dev), torch.tensor(slots, device=dev)
+            self.slot_logical[bi, si] = torch.tensor(logical, device=dev)
+            self.slot_phys[bi, si] = torch.tensor(phys, dtype=torch.int32, device=dev)
+            self.slot_ts[bi, si] = self.t
+            if self.rule.refresh_fraction is not None:
+                self._refresh_k.copy_(torch.tensor(
+                    [math.ceil(self.rule.refresh_fraction * c) for c in self._live]))
+        cur = [cache.physical_page(b, (n - 1) // P) for b, n in enumerate(cache.lengths)]
+        first = [(n - 1) % P == 0 for n in cache.lengths]
+        dev = self.kmin.device
+        pages = torch.tensor(cur, device=dev)
+        fresh = torch.tensor(first, device=dev)[:, None, None]
+        kn = k_new.to(self.kmin.dtype)
+        self.kmin[pages] = torch.where(fresh, kn, torch.minimum(self.kmin[pages], kn))
+        self.kmax[pages] = torch.where(fresh, kn, torch.maximum(self.kmax[pages], kn))
+        return pages
+
+    def _refresh(self, q, cache) -> None:
+        """Device work only (no host tensors): CUDA-graph capturable with `select`."""
+        r = self.rule
+        live = self.slot_logical >= 0
+        score = self.scorer(q, self.kmin, self.kmax, self.slot_phys)
+        if r.refresh_threshold is not None:
+            hit = live & (score > r.refresh_threshold)
+        else:
+            ranked = score.masked_fill(~live, float("-inf"))
+            order = rank_order(ranked, torch.where(live, self.slot_logical,
+                                                   torch.full_like(self.slot_logical, _BIG)))
+            take = (torch.arange(order.shape[-1], device=score.device)[None, :]
+                    < self._refresh_k[:, None])
+            hit = torch.zeros_like(live).scatter(-1, order, take) & live
+        cur = (cache.seq_lens.long() - 1) // r.page_size  # the page of the current token
+        hit |= live & (self.slot_logical == cur[:, None])
+        self.slot_ts.masked_fill_(hit, self.t)
+
+    def _hybrid_prefill_blocks(self, q, block_table) -> torch.Tensor:
+        """[B, Hkv, kept * blocks_per_page]: blocks of the top prefill pages per KV head."""
+        r = self.rule
+        B, Hq, D = q.shape
+        Hkv, dev = self.num_kv_heads, q.device
+        npp = max(self.prefill_pages)
+        if npp == 0:
+            return torch.full((B, Hkv, 1), -1, dtype=torch.long, device=dev)
+        tbl = block_table[:, :npp]
+        exists = torch.arange(npp, device=dev)[None, :] < self._prefill_pages_t[:, None]
+        phys = tbl.long().clamp_min(0)
+        dt = torch.promote_types(self.kmin.dtype, torch.float32)
+        qg = q.reshape(B, Hkv, Hq // Hkv, D).to(dt)
+        score = _quest_bound(qg, self.kmin[phys].to(dt), self.kmax[phys].to(dt)).sum(2)
+        score = score.masked_fill(~exists[:, None, :], float("-inf"))
+        page = torch.arange(npp, device=dev).expand(B, Hkv, npp)
+        keep = min(r.prefill_pages_kept, npp)
+        top = rank_order(score, page)[..., :keep]
+        top = torch.where(exists[:, None, :].expand(B, Hkv, npp).gather(-1, top), top,
+                          torch.full_like(top, -1))
+        bpp = r.blocks_per_page
+        blocks = top[..., None] * bpp + torch.arange(bpp, device=dev)
+        return torch.where(top[..., None] >= 0, blocks, -1).reshape(B, Hkv, keep * bpp)
+
+    def select(self, q, cache):
+        """Selected blocks [B, Hkv, W] int32 ascending (-1 padded) and counts [B, Hkv]."""
+        r = self.rule
+        B, dev = cache.batch, q.device
+        Hkv, bpp = self.num_kv_heads, r.blocks_per_page
+        nb = (cache.seq_lens.long() + r.block_size - 1) // r.block_size  # [B]
+        parts = [self._hybrid_prefill_blocks(q, cache.block_table) if r.hybrid
+                 else self._prefill_blocks]
+        dec = self.slot_logical[..., None] * bpp + torch.arange(bpp, device=dev)
+        dec = torch.where(self.slot_logical[..., None] >= 0, dec, -1).reshape(B, 1, -1)
+        parts.append(dec.expand(B, Hkv, -1))
+        if r.hybrid:  # always-on blocks, where their page is still held
+            j = torch.arange(max(1, r.sink_blocks + r.local_blocks), device=dev)
+            tail = nb[:, None] - r.local_blocks + (j - r.sink_blocks)
+            forced = torch.where(j[None, :] < r.sink_blocks, j[None, :], tail)
+            page = forced // bpp
+            held = (page < self._prefill_pages_t[:, None]) | (
+                (self.slot_logical[:, None, :] == page[..., None]).any(-1))
+            forced = torch.where(held & (forced >= 0), forced, -1)
+            parts.append(forced[:, None, :].expand(B, Hkv, -1))
+        blocks = torch.cat(parts, -1)
+        blocks = torch.where((blocks >= 0) & (blocks < nb[:, None, None]), blocks, _BIG)
+        blocks = blocks.sort(-1).values
+        dup = torch.zeros_like(blocks, dtype=torch.bool)
+        dup[..., 1:] = blocks[..., 1:] == blocks[..., :-1]
+        blocks = torch.where(dup, _BIG, blocks).sort(-1).values
+        counts = (blocks < _BIG).sum(-1).to(torch.int32)
+        idx = torch.where(blocks < _BIG, blocks, -1).to(torch.int32)
+        return idx, counts
+
+    def step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache,
+             attend=None) -> torch.Tensor:
+        """Evict if needed, append the token's k/v [B, Hkv, D], refresh, attend."""
+        self.t += 1
+        self._open_pages(cache)
+        cache.append(k_new, v_new)
+        self._after_append(cache, k_new)
+        self._refresh(q, cache)
+        idx, counts = self.select(q, cache)
+        self.last_selection = (idx, counts)
+        if attend is None:
+            out = sparse_decode_reference(q, cache.k, cache.v, idx, counts, cache.seq_lens,
+                                          self.rule.block_size, block_table=cache.block_table,
+                                          compute_dtype=self.compute_dtype, validate=False)
+            return out.to(q.dtype)
+        return attend(q, block_indices=idx, block_counts=counts, **cache.attention_args())

@@ -1,0 +1,254 @@
+"""The milestone rule (RaaS): the paged decoder against an independent plain-Python reference
+over long randomized decodes (same evictions, same selections, same outputs, memory bounded
+by prefill + budget pages), threshold refresh, the hybrid with top-k over the prefill, and
+the Triton page-scoring kernel under TRITON_INTERPRET=1.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sparsegen.codegen.milestone_kernels import MilestoneScoreTriton, MilestoneStatic  # noqa: E402
+from sparsegen.methods.kv_cache import CacheFullError, KVCache  # noqa: E402
+from sparsegen.methods.milestone import (MilestoneDecoder, MilestoneRule,  # noqa: E402
+                                         torch_page_scores)
+from sparsegen.spec import load_spec  # noqa: E402
+from tests.interp import (needs_interp, only_if_not_interpreted,  # noqa: E402
+                          rerun_in_interpreter)
+
+ROOT = Path(__file__).resolve().parents[1]
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class NaiveMilestone:
+    """The rule written out plainly over the full token history (no pages, no slots):
+    dicts of timestamps, min/max recomputed from the tokens, Python sorting, dense softmax."""
+
+    def __init__(self, rule: MilestoneRule, G: int, prefill_len):
+        self.r, self.G = rule, G
+        self.pre = list(prefill_len)
+        self.pre_pages = [math.ceil(n / rule.page_size) for n in prefill_len]
+        self.n = list(prefill_len)
+        self.ts = [dict() for _ in prefill_len]  # live decode page -> timestamp
+        self.t = 0
+
+    def _minmax(self, K, b, page):
+        P = self.r.page_size
+        toks = K[b, page * P: min((page + 1) * P, self.n[b])]
+        return toks.amin(0), toks.amax(0)  # [Hkv, D]
+
+    def _bound(self, q_h, K, b, page, h):
+        lo, hi = self._minmax(K, b, page)
+        return float(torch.maximum(q_h * lo[h], q_h * hi[h]).sum())
+
+    def step(self, q, K, V):
+        r, P = self.r, self.r.page_size
+        self.t += 1
+        evicted = []
+        for b in range(len(self.n)):
+            if self.n[b] % P == 0:
+                if len(self.ts[b]) == r.budget_pages:
+                    victim = min(self.ts[b], key=lambda p: (self.ts[b][p], p))
+                    del self.ts[b][victim]
+                    evicted.append((b, victim))
+                self.ts[b][self.n[b] // P] = self.t
+            self.n[b] += 1
+        Hq, D = q.shape[1], q.shape[2]
+        Hkv = Hq // self.G
+        for b in range(len(self.n)):  # refresh
+            pages = sorted(self.ts[b])
+            score = {p: 0.0 for p in pages}
+            for hq in range(Hq):
+                bounds = torch.tensor([self._bound(q[b, hq], K, b, p, hq // self.G) / math.sqrt(D)
+                                       for p in pages], dtype=F64)
+                for p, pr in zip(pages, torch.softmax(bounds, 0).tolist()):
+                    score[p] += pr / Hq
+            if r.refresh_threshold is not None:
+                hit = [p for p in pages if score[p] > r.refresh_threshold]
+            else:
+                ranked = sorted(pages, key=lambda p: (-score[p], p))
+                hit = ranked[: math.ceil(r.refresh_fraction * len(pages))]
+            cur = (self.n[b] - 1) // P
+            for p in hit + ([cur] if cur in self.ts[b] else []):
+                self.ts[b][p] = self.t
+        sels, out = {}, torch.zeros(q.shape, dtype=F64)
+        bpp, bs = r.blocks_per_page, r.block_size
+        for b in range(len(self.n)):
+            nb = math.ceil(self.n[b] / bs)
+            held = set(range(self.pre_pages[b])) | set(self.ts[b])
+            for h in range(Hkv):
+                if r.hybrid:
+                    qsum = q[b, h * self.G:(h + 1) * self.G]
+                    sc = {p: sum(self._bound(qq, K, b, p, h) for qq in qsum)
+                          for p in range(self.pre_pages[b])}
+                    top = sorted(sc, key=lambda p: (-sc[p], p))[: r.prefill_pages_kept]
+                    blocks = {p * bpp + i for p in top for i in range(bpp)}
+                    forced = set(range(r.sink_blocks)) | set(range(nb - r.local_blocks, nb))
+                    blocks |= {j for j in forced if j >= 0 and j // bpp in held}
+                else:
+                    blocks = {p * bpp + i for p in range(self.pre_pages[b]) for i in range(bpp)}
+                blocks |= {p * bpp + i for p in self.ts[b] for i in range(bpp)}
+                blocks = sorted(j for j in blocks if j < nb)
+                sels[b, h] = blocks
+                pos = torch.tensor([j * bs + i for j in blocks for i in range(bs)
+                                    if j * bs + i < self.n[b]])
+                for hq in range(h * self.G, (h + 1) * self.G):
+                    logits = K[b, pos, h] @ q[b, hq] / math.sqrt(D)
+                    out[b, hq] = torch.softmax(logits, 0) @ V[b, pos, h]
+        return out, sels, evicted
+
+
+def run_pair(rule, steps, pre, *, B=2, Hkv=2, G=2, D=16, seed=0, check_every=1, scorer=None,
+             attend=None, dtype=F64):
+    """Drive the decoder and the naive reference side by side; returns the decoder."""
+    g = torch.Generator().manual_seed(seed)
+    P = rule.page_size
+    cap = max(pre) + steps + P
+    K = torch.randn(B, cap, Hkv, D, generator=g, dtype=F64)
+    V = torch.randn(B, cap, Hkv, D, generator=g, dtype=F64)
+    bound = [math.ceil(n / P) + rule.budget_pages for n in pre]
+    # exactly the memory the rule may use: a leak or a late eviction raises CacheFullError
+    cache = KVCache(B, Hkv, D, cap, dtype=dtype, layout="paged", page_size=P,
+                    num_pages=sum(bound))
+    dec = MilestoneDecoder(rule, Hkv * G, Hkv, D, compute_dtype=dtype, scorer=scorer)
+    dec.prefill(cache, K[:, : max(pre)].to(dtype), V[:, : max(pre)].to(dtype), lengths=pre)
+    ref = NaiveMilestone(rule, G, pre)
+    n_evicted = 0
+    for t in range(steps):
+        # queries that sometimes favour old pages, sometimes recent ones
+        q = torch.randn(B, Hkv * G, D, generator=g, dtype=F64) * (0.5 + (t % 5))
+        idx = [ref.n[b] for b in range(B)]
+        k_new = torch.stack([K[b, idx[b]] for b in range(B)]).to(dtype)
+        v_new = torch.stack([V[b, idx[b]] for b in range(B)]).to(dtype)
+        out = dec.step(q.to(dtype), k_new, v_new, cache, attend=attend)
+        want, sels, evicted = ref.step(q, K, V)
+        assert dec.last_evictions == evicted, t
+        assert all(p >= ref.pre_pages[b] for b, p in evicted), "a prefill page was evicted"
+        n_evicted += len(evicted)
+        assert cache.pages_in_use() <= sum(bound)
+        if t % check_every == 0 or t == steps - 1:
+            for b in range(B):
+                assert dec.decode_pages(b) == sorted(ref.ts[b]), (t, b)
+                assert dec.timestamps(b) == ref.ts[b], (t, b)
+            idx_, counts = dec.last_selection
+            for (b, h), blocks in sels.items():
+                assert idx_[b, h, : int(counts[b, h])].tolist() == blocks, (t, b, h)
+            tol = 1e-9 if dtype == F64 else 1e-4
+            torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    assert n_evicted == dec.num_evictions > 0
+    return dec, cache
+
+
+def test_long_decode_fraction_matches_reference():
+    rule = MilestoneRule(page_size=8, block_size=4, budget_tokens=32, refresh_fraction=0.5)
+    dec, cache = run_pair(rule, 2500, [13, 6], check_every=5)
+    # memory: every sequence holds its prefill pages and exactly the budget
+    assert cache.pages_in_use() == 2 + 1 + 2 * rule.budget_pages
+    assert dec.num_evictions >= 2 * (2500 // 8 - rule.budget_pages) - 2
+
+
+def test_threshold_refresh_matches_reference():
+    rule = MilestoneRule(page_size=8, block_size=8, budget_tokens=40, refresh_fraction=None,
+                         refresh_threshold=0.15)
+    run_pair(rule, 600, [16, 3], seed=1, check_every=3)
+
+
+def test_hybrid_topk_over_prefill_matches_reference():
+    rule = MilestoneRule(page_size=8, block_size=4, budget_tokens=24, refresh_fraction=0.3,
+                         prefill_budget_tokens=16, sink_blocks=1, local_blocks=2)
+    dec, _ = run_pair(rule, 800, [61, 29], seed=2, check_every=4)
+    idx, counts = dec.last_selection
+    # prefill: sink block + 2 kept pages (4 blocks) at most, plus the decode pages
+    assert int(counts.max()) <= 1 + 2 * rule.blocks_per_page + rule.budget_pages * 2 + 2
+
+
+def test_memory_stays_flat_while_dense_would_grow():
+    rule = MilestoneRule(page_size=16, block_size=16, budget_tokens=64, refresh_fraction=0.5)
+    B, Hkv, G, D = 1, 1, 2, 16
+    cache = KVCache(B, Hkv, D, 4096, dtype=torch.float32, layout="paged", page_size=16,
+                    num_pages=2 + rule.budget_pages)
+    dec = MilestoneDecoder(rule, Hkv * G, Hkv, D)
+    g = torch.Generator().manual_seed(3)
+    dec.prefill(cache, torch.randn(B, 20, Hkv, D, generator=g),
+                torch.randn(B, 20, Hkv, D, generator=g))
+    use = []
+    for _ in range(1500):
+        dec.step(torch.randn(B, Hkv * G, D, generator=g), torch.randn(B, Hkv, D, generator=g),
+                 torch.randn(B, Hkv, D, generator=g), cache)
+        use.append(cache.pages_in_use())
+    assert max(use) == 2 + rule.budget_pages and max(use[200:]) == min(use[200:])
+    with pytest.raises(CacheFullError):  # without eviction the same pool runs out at once
+        plain = KVCache(B, Hkv, D, 4096, layout="paged", page_size=16,
+                        num_pages=2 + rule.budget_pages)
+        for _ in range(1500):
+            plain.append(torch.randn(B, Hkv, D), torch.randn(B, Hkv, D))
+
+
+@needs_interp
+def test_score_kernel_matches_torch():
+    B, Hkv, G, D, L = 3, 2, 4, 32, 40
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(B, Hkv * G, D, generator=g)
+    kmin = torch.randn(100, Hkv, D, generator=g)
+    kmax = kmin + torch.rand(100, Hkv, D, generator=g)
+    slot = torch.randint(0, 100, (B, L), generator=g, dtype=torch.int32)
+    slot[0, 5:9] = -1
+    slot[2] = -1  # a sequence with no decode page yet
+    kern = MilestoneScoreTriton(MilestoneStatic(D, G, "fp32"), {"slot_chunk": 16, "num_warps": 4})
+    got = kern(q, kmin, kmax, slot)
+    want = torch_page_scores(q.double(), kmin.double(), kmax.double(), slot)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert got[2].abs().sum() == 0 and torch.allclose(got[:2].sum(-1), torch.ones(2))
+
+
+@needs_interp
+def test_decoder_on_triton_kernels_matches_reference():
+    """The GPU path: Triton page scoring and the Triton sparse decode over the paged cache
+    (fp32 in the interpreter), same evictions and selections as the reference."""
+    from sparsegen.codegen.backend import decode_backend
+    from sparsegen.codegen.decode_api import DecodeStatic
+
+    rule = MilestoneRule(page_size=16, block_size=16, budget_tokens=32, refresh_fraction=0.5)
+    D, G = 16, 2
+    st = DecodeStatic(16, D, G, "fp32", "paged", 16)
+    be = decode_backend("triton")
+    attend = be(st, {**be.default_config(st), "block_n": 16, "num_warps": 2, "num_stages": 1})
+    scorer = MilestoneScoreTriton(MilestoneStatic(D, G, "fp32"), {"slot_chunk": 16,
+                                                                  "num_warps": 2})
+    run_pair(rule, 50, [20, 9], D=D, G=G, seed=5, scorer=scorer, attend=attend,
+             dtype=torch.float32)
+
+
+def test_configs_and_spec():
+    st = MilestoneStatic(128, 4, "bf16")
+    cfg = MilestoneScoreTriton.default_config(st)
+    assert MilestoneScoreTriton.check_config(st, cfg) is None
+    assert "spills" in MilestoneScoreTriton.check_config(st, {"slot_chunk": 128, "num_warps": 1})
+    spec = load_spec(ROOT / "examples/specs/raas-milestone.yaml")
+    rule = MilestoneRule.from_spec(spec)
+    assert (rule.budget_pages, rule.page_size, rule.refresh_fraction, rule.hybrid) == (
+        128, 16, 0.5, False)
+    dec = MilestoneDecoder.from_spec(spec)
+    assert dec.num_kv_heads == 8
+    with pytest.raises(ValueError):
+        MilestoneRule(refresh_fraction=0.5, refresh_threshold=0.1)
+    with pytest.raises(ValueError):  # the rule needs the paged layout
+        dec.prefill(KVCache(1, 8, 128, 64), torch.zeros(1, 4, 8, 128), torch.zeros(1, 4, 8, 128))
+
+
+@only_if_not_interpreted
+def test_interpreter_tests_in_subprocess():
+    rerun_in_interpreter(__file__)
