@@ -115,16 +115,21 @@ class KVCache:
         if k.shape != (self.batch, self.kv_heads, self.head_dim):
             raise ValueError(f"append expects k of shape {(self.batch, self.kv_heads, self.head_dim)}, "
                              f"got {tuple(k.shape)}")
-        if self.block_table is None and len(set(self.lengths)) == 1:
-            n = self.lengths[0]  # common case: one strided write, no per-sequence loop
-            self._ensure_pages(0, n, n + 1)
-            self.k[:, n] = k.to(self.k.dtype)
-            self.v[:, n] = v.to(self.v.dtype)
-            self.lengths = [n + 1] * self.batch
-            self.seq_lens += 1
-            return
-        for b in range(self.batch):
-            self.extend(b, k[b:b + 1], v[b:b + 1])
+        # pages are allocated on the host only where a sequence crosses into a new page;
+        # the write itself is one scatter for the whole batch, addressed by seq_lens on
+        # the device, so a decode step costs no per-sequence launches and no sync
+        for b, n in enumerate(self.lengths):
+            self._ensure_pages(b, n, n + 1)
+        pos = self.seq_lens.long()
+        rows = torch.arange(self.batch, device=self.device)
+        if self.block_table is None:
+            idx = (rows, pos)
+        else:
+            idx = (self.block_table[rows, pos // self.page_size].long(), pos % self.page_size)
+        self.k[idx] = k.to(self.k.dtype)
+        self.v[idx] = v.to(self.v.dtype)
+        self.lengths = [n + 1 for n in self.lengths]
+        self.seq_lens += 1
 
     # --- reads -------------------------------------------------------------------------
     def tokens(self, b: int, start: int = 0, stop: int | None = None):
