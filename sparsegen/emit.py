@@ -1,0 +1,147 @@
+"""`sparsegen build`: write an importable Python package for a spec's decode attention.
+
+The package (`<out>/<spec name>/`) holds
+  __init__.py          an nn.Module, `SparseDecodeAttention`, rendered from
+                       templates/module/__init__.py.j2
+  tuned_configs.json   per GPU, the tuned config of each shape bucket (from tuning_db/),
+                       and the default config used where none is tuned
+  kernels/             the rendered kernel source of every config the module may use
+  spec.yaml            the normalized spec it was built from
+
+It needs no GPU to build (CI builds it from the committed tuning_db/). At run time it
+imports torch and sparsegen: on CUDA, sparsegen's adapter loads the kernel file for the
+config of the nearest tuned bucket; without CUDA, sparsegen's torch reference runs, so the
+same model code works everywhere.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import keyword
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from .codegen.backend import decode_backend
+from .codegen.render import render
+from .errors import SparsegenError
+from .tune.db import GpuId, TuningDB, identity_key, kernel_identity, library_versions
+from .tune.space import Candidate, SearchSpace
+
+MARKER = "tuned_configs.json"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sparsegen")
+    except importlib.metadata.PackageNotFoundError:
+        return "dev"
+
+
+def package_name(spec_name: str) -> str:
+    name = re.sub(r"\W", "_", spec_name)
+    if name[0].isdigit() or keyword.iskeyword(name):
+        name = "_" + name
+    return name
+
+
+def build_package(plan, out_dir: str | Path, db: TuningDB | None = None) -> Path:
+    """Write the package for plan.spec under out_dir; returns its directory."""
+    spec = plan.spec
+    db = db or TuningDB()
+    out_dir = Path(out_dir)
+    name = package_name(spec.name)
+    final = out_dir / name
+    if final.exists() and not (final / MARKER).is_file():
+        raise SparsegenError(f"{final} exists and is not a package sparsegen built; "
+                             "choose another -o directory or remove it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    try:
+        (tmp / "kernels").mkdir()
+        configs = {"format": 1, "generator": f"sparsegen {_version()}", "spec": spec.name,
+                   "kernels": {k.name: _kernel_configs(k, db, tmp / "kernels")
+                               for k in plan.kernels}}
+        (tmp / MARKER).write_text(json.dumps(configs, sort_keys=True, indent=2) + "\n")
+        (tmp / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+        decode = plan.kernels[0]
+        (tmp / "__init__.py").write_text(render("module/__init__.py.j2", {
+            "spec_name": spec.name, "package": name, "spec_source": Path(spec.source).name,
+            "kernel": decode.name, "num_q_heads": decode.num_q_heads,
+            "num_kv_heads": decode.num_kv_heads, "static": decode.static.as_dict(),
+            "version": _version()}))
+        # swap in the new package whole: an importer never sees a half-written one
+        if final.exists():
+            old = out_dir / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _kernel_configs(kernel, db: TuningDB, kernels_dir: Path) -> dict:
+    identity = kernel_identity(kernel)
+    space = SearchSpace(kernel)
+    defaults = space.defaults()
+    if not defaults:
+        raise SparsegenError(f"{kernel.name}: no backend of {list(kernel.backends)} has a "
+                             "feasible default config; nothing to build")
+    files = {}
+
+    def kernel_file(cand: Candidate) -> str | None:
+        if cand.key not in files:
+            try:
+                adapter = decode_backend(cand.backend)(kernel.static, cand.config, kernels_dir)
+                files[cand.key] = "kernels/" + adapter.render().name
+            except ValueError:  # a config today's adapter rejects: leave it out
+                files[cand.key] = None
+        return files[cand.key]
+
+    tuned = {}
+    for gpu, entries in _best_entries(db, identity):
+        buckets = []
+        for e in entries:
+            cand = Candidate(e["best"]["backend"], e["best"]["config"])
+            if cand.backend not in kernel.backends or kernel_file(cand) is None:
+                continue
+            buckets.append({"batch": e["shape"]["batch"], "seq_len": e["shape"]["seq_len"],
+                            "backend": cand.backend, "config": cand.config,
+                            "median_ms": e["best"]["median_ms"],
+                            "default_ms": e["default"]["median_ms"],
+                            "versions": e["versions"], "file": files[cand.key]})
+        if buckets:
+            tuned[gpu["slug"]] = {"gpu": {"name": gpu["name"], "capability": gpu["capability"]},
+                                  "buckets": buckets}
+    default = defaults[0]
+    kernel_file(default)
+    return {
+        "static": kernel.static.as_dict(), "num_q_heads": kernel.num_q_heads,
+        "num_kv_heads": kernel.num_kv_heads, "backends": list(kernel.backends),
+        "identity_key": identity_key(identity), "templates": identity["templates"],
+        "default": {"backend": default.backend, "config": default.config,
+                    "file": files[default.key]},
+        "tuned": tuned,
+    }
+
+
+def _best_entries(db: TuningDB, identity: dict) -> list[tuple[dict, list]]:
+    """Per GPU, one entry per shape: the one tuned with the installed library versions,
+    else the most recently tuned one."""
+    current = library_versions()
+    by_gpu: dict = {}
+    for gpu, entry in db.entries_for(identity):
+        slug = GpuId(gpu["name"], gpu["capability"]).slug
+        _, best = by_gpu.setdefault(slug, ({**gpu, "slug": slug}, {}))
+        shape = (entry["shape"]["batch"], entry["shape"]["seq_len"])
+        rank = (entry["versions"] == current, entry["tuned_at"])
+        if shape not in best or rank > best[shape][0]:
+            best[shape] = (rank, entry)
+    return [(gpu, [best[s][1] for s in sorted(best)]) for gpu, best in by_gpu.values()]

@@ -1,0 +1,310 @@
+"""GPU evaluation of one candidate: correctness gate against the reference, then timing.
+
+Runs inside a GPU ChildWorker (sparsegen.tune.worker). `prepare(workload)` builds the
+inputs of a shape bucket once per child: random q/k/v (never zeros) and random unique
+selected blocks, in as many input sets as it takes for the selected KV of all sets to
+exceed the L2 cache several times (where memory allows), so timed calls never hit a warm
+L2. `evaluate(task)` then
+
+  1. checks the candidate on a reduced ragged case (mixed lengths, partial last blocks,
+     empty and full selections, padding that must not be read) and on the first full-size
+     input set against `sparse_decode_reference`: max|out - ref| / max|ref| < tolerance,
+     so a wrong kernel fails its trial and can never win;
+  2. times it warm, rotating the input sets: plain calls with CUDA events (median, Python
+     launch overhead included) and CUDA-graph replays of one call per set (median per
+     call: the GPU time). The objective is the graph time, the plain time where capture
+     fails; bandwidth is selected KV bytes over that time.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass
+
+from .worker import CandidateError, make_adapter
+
+DEFAULT_L2_BYTES = 50 * 1024 * 1024
+L2_MULTIPLE = 4            # bytes touched per rotation, in L2 sizes
+MAX_SETS = 32
+MEMORY_SHARE = 0.5         # at most this share of free GPU memory goes to input sets
+TARGET_MS = 150.0          # timing budget per method
+_TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_STATE: dict = {}          # inputs of the prepared workload, kept between candidates
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The inputs of one shape bucket of one kernel (plain data: it crosses processes)."""
+
+    static: dict
+    num_q_heads: int
+    num_kv_heads: int
+    batch: int
+    seq_len: int
+    selected_blocks: int
+    head_major: bool = False
+    seed: int = 0
+
+    @classmethod
+    def of(cls, kernel, shape, seed: int = 0) -> Workload:
+        return cls(static=kernel.static.as_dict(), num_q_heads=kernel.num_q_heads,
+                   num_kv_heads=kernel.num_kv_heads, batch=shape.batch,
+                   seq_len=shape.seq_len, selected_blocks=kernel.selected_blocks(shape.seq_len),
+                   head_major=kernel.head_major, seed=seed)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------
+def _cache(torch, w: Workload, lengths: list[int], gen, device):
+    """k, v and block_table (paged) holding sequences of the given lengths."""
+    s = w.static
+    dtype = getattr(torch, _TORCH_DTYPE[s["dtype"]])
+    D, Hkv = s["head_dim"], w.num_kv_heads
+    B = len(lengths)
+
+    def rand(*shape):
+        if w.head_major:  # [.., Hkv, S, D] storage seen as [.., S, Hkv, D]
+            shape = (shape[0], shape[2], shape[1], shape[3])
+            return torch.randn(shape, generator=gen, device=device, dtype=dtype).transpose(1, 2)
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+    if s["layout"] == "paged":
+        P = s["page_size"]
+        max_pages = math.ceil(max(lengths) / P)
+        num_pages = B * max_pages
+        k, v = rand(num_pages, P, Hkv, D), rand(num_pages, P, Hkv, D)
+        # pages scattered over the pool, as in a real paged cache
+        table = torch.randperm(num_pages, generator=gen, device=device).view(B, max_pages)
+        return k, v, table.to(torch.int32)
+    S = max(lengths)
+    return rand(B, S, Hkv, D), rand(B, S, Hkv, D), None
+
+
+def _uniform_inputs(torch, w: Workload, gen, device) -> dict:
+    """A timing set: every sequence seq_len long, `selected_blocks` random unique blocks
+    per (batch, KV head), in random order."""
+    bs = w.static["block_size"]
+    dtype = getattr(torch, _TORCH_DTYPE[w.static["dtype"]])
+    k, v, table = _cache(torch, w, [w.seq_len] * w.batch, gen, device)
+    nb = math.ceil(w.seq_len / bs)
+    scores = torch.rand(w.batch, w.num_kv_heads, nb, generator=gen, device=device)
+    idx = scores.argsort(dim=-1)[..., :w.selected_blocks].to(torch.int32).contiguous()
+    return {
+        "q": torch.randn(w.batch, w.num_q_heads, w.static["head_dim"], generator=gen,
+                         device=device, dtype=dtype),
+        "k": k, "v": v, "block_table": table, "block_indices": idx,
+        "block_counts": torch.full((w.batch, w.num_kv_heads), w.selected_blocks,
+                                   dtype=torch.int32, device=device),
+        "seq_lens": torch.full((w.batch,), w.seq_len, dtype=torch.int32, device=device),
+    }
+
+
+def _ragged_inputs(torch, w: Workload, gen, device) -> dict:
+    """The reduced correctness case: a few sequences of mixed lengths (partial last
+    blocks), per-head counts from 0 to every block, the last block always selected (it
+    is partial), and padding past each count that holds valid block ids, so a kernel
+    that reads past the count gives a wrong answer instead of a lucky one."""
+    bs = w.static["block_size"]
+    dtype = getattr(torch, _TORCH_DTYPE[w.static["dtype"]])
+    S = min(w.seq_len, 48 * bs + bs // 2 + 3)
+    lengths = [S, max(1, S - bs - 5), max(1, S // 3 + 1)][:max(1, min(w.batch, 3))]
+    B, Hkv = len(lengths), w.num_kv_heads
+    k, v, table = _cache(torch, w, lengths, gen, device)
+    max_sel = math.ceil(S / bs)
+    idx = torch.zeros(B, Hkv, max_sel, dtype=torch.int32)
+    counts = torch.zeros(B, Hkv, dtype=torch.int32)
+    cpu = torch.Generator().manual_seed(w.seed + 1)
+    for b, n in enumerate(lengths):
+        nb = math.ceil(n / bs)
+        for h in range(Hkv):
+            if h == 1 and b == 0:
+                c = 0                      # a head with nothing selected gets zeros
+            elif h == 0:
+                c = nb                     # every block: the dense case
+            else:
+                c = int(torch.randint(1, nb + 1, (1,), generator=cpu))
+            others = torch.randperm(nb - 1, generator=cpu)[:max(0, c - 1)]
+            chosen = torch.cat([torch.tensor([nb - 1]), others])[:c] if c else others[:0]
+            chosen = chosen[torch.randperm(len(chosen), generator=cpu)]
+            pad = torch.randint(0, nb, (max_sel - c,), generator=cpu)
+            idx[b, h] = torch.cat([chosen, pad]).to(torch.int32)
+            counts[b, h] = c
+    return {
+        "q": torch.randn(B, w.num_q_heads, w.static["head_dim"], generator=gen, device=device,
+                         dtype=dtype),
+        "k": k, "v": v, "block_table": table, "block_indices": idx.to(device),
+        "block_counts": counts.to(device),
+        "seq_lens": torch.tensor(lengths, dtype=torch.int32, device=device),
+    }
+
+
+def selected_kv_bytes(torch, w: Workload, inputs: dict) -> int:
+    """Bytes of K and V inside the selected blocks (the floor a sparse decode must read)."""
+    bs = w.static["block_size"]
+    idx = inputs["block_indices"].long()
+    live = torch.arange(idx.shape[-1], device=idx.device) < inputs["block_counts"][..., None]
+    lens = inputs["seq_lens"].long()[:, None, None]
+    tokens = ((lens - idx * bs).clamp(0, bs) * live).sum().item()
+    elem = {"bf16": 2, "fp16": 2, "fp32": 4}[w.static["dtype"]]
+    return int(tokens) * w.static["head_dim"] * elem * 2
+
+
+def _reference(inputs: dict, block_size: int):
+    from ..methods.sparse_decode_ref import sparse_decode_reference
+
+    return sparse_decode_reference(
+        inputs["q"], inputs["k"], inputs["v"], inputs["block_indices"], inputs["block_counts"],
+        inputs["seq_lens"], block_size, block_table=inputs["block_table"])
+
+
+def prepare(workload: dict) -> dict:
+    """Build (once per child) the inputs and reference outputs of a workload."""
+    import torch
+
+    w = Workload(**workload)
+    if _STATE.get("workload") == w:
+        return _STATE["summary"]
+    _STATE.clear()
+    torch.cuda.empty_cache()
+    if not torch.cuda.is_available():
+        raise CandidateError("no CUDA device in the GPU worker", kind="error")
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(w.seed)
+    bs = w.static["block_size"]
+    ragged = _ragged_inputs(torch, w, gen, device)
+    first = _uniform_inputs(torch, w, gen, device)
+    sel_bytes = selected_kv_bytes(torch, w, first)
+    set_bytes = sum(t.untyped_storage().nbytes() for t in first.values() if t is not None)
+    props = torch.cuda.get_device_properties(device)
+    l2 = getattr(props, "L2_cache_size", 0) or DEFAULT_L2_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    want = math.ceil(L2_MULTIPLE * l2 / max(1, sel_bytes))
+    fit = int(MEMORY_SHARE * free // max(1, set_bytes)) + 1  # + the one already allocated
+    sets = [first] + [_uniform_inputs(torch, w, gen, device)
+                      for _ in range(max(1, min(want, fit, MAX_SETS)) - 1)]
+    summary = {"sets": len(sets), "selected_kv_bytes": sel_bytes, "set_bytes": set_bytes,
+               "l2_bytes": l2, "rotation_bytes": sel_bytes * len(sets)}
+    _STATE.update(workload=w, sets=sets, ragged=ragged,
+                  ragged_ref=_reference(ragged, bs), first_ref=_reference(first, bs),
+                  summary=summary)
+    torch.cuda.synchronize()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------
+# Gate and timing
+# ---------------------------------------------------------------------------------------
+def relative_error(out, ref) -> float:
+    """max|out - ref| / max|ref| (inf when out holds NaN/inf)."""
+    import torch
+
+    out = out.float()
+    if not bool(torch.isfinite(out).all()):
+        return math.inf
+    scale = ref.abs().max().clamp_min(1e-6)
+    return float((out - ref).abs().max() / scale)
+
+
+def _call(adapter, inputs: dict):
+    return adapter(inputs["q"], inputs["k"], inputs["v"], inputs["block_indices"],
+                   inputs["block_counts"], inputs["seq_lens"],
+                   block_table=inputs["block_table"])
+
+
+def _check(adapter, inputs, ref, tolerance: float, what: str) -> float:
+    out = _call(adapter, inputs)
+    if tuple(out.shape) != tuple(ref.shape) or out.dtype != inputs["q"].dtype:
+        raise CandidateError(f"{what}: output {tuple(out.shape)} {out.dtype}, want "
+                             f"{tuple(ref.shape)} {inputs['q'].dtype}", kind="wrong")
+    err = relative_error(out, ref)
+    if not err < tolerance:
+        raise CandidateError(f"{what}: max relative error {err:.3g} >= {tolerance:g} "
+                             "against the reference", kind="wrong")
+    return err
+
+
+def _median_ms(torch, run, reps: int) -> float:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        run(i)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def _reps(torch, run, n: int) -> int:
+    """Repetitions that fill TARGET_MS, from one timed round of n runs."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(n):
+        run(i)
+    end.record()
+    torch.cuda.synchronize()
+    per = max(start.elapsed_time(end) / n, 1e-3)
+    return max(10, min(2000, int(TARGET_MS / per)))
+
+
+def time_plain(torch, adapter, sets) -> float:
+    """Median ms of one plain call, rotating the input sets (launch overhead included)."""
+    def run(i):
+        _call(adapter, sets[i % len(sets)])
+
+    for i in range(len(sets)):
+        run(i)
+    return _median_ms(torch, run, _reps(torch, run, len(sets)))
+
+
+def time_graph(torch, adapter, sets) -> float:
+    """Median ms per call of a CUDA graph that calls the kernel once per input set."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as capture requires
+        for s in sets:
+            _call(adapter, s)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for s in sets:
+            _call(adapter, s)
+    graph.replay()
+
+    def run(_):
+        graph.replay()
+
+    ms = _median_ms(torch, run, _reps(torch, run, 3)) / len(sets)
+    del graph
+    return ms
+
+
+def evaluate(task: dict) -> dict:
+    """Gate, then time one candidate; raises CandidateError(kind='wrong') if incorrect."""
+    import torch
+
+    w = Workload(**task["workload"])
+    summary = prepare(task["workload"])
+    adapter = make_adapter(task)
+    tol = task.get("tolerance", 1e-2)
+    ragged_err = _check(adapter, _STATE["ragged"], _STATE["ragged_ref"], tol, "reduced check")
+    full_err = _check(adapter, _STATE["sets"][0], _STATE["first_ref"], tol,
+                      f"full-size check (b{w.batch} s{w.seq_len})")
+    sets = _STATE["sets"]
+    plain = time_plain(torch, adapter, sets)
+    graph_error = None
+    try:
+        graph = time_graph(torch, adapter, sets)
+    except Exception as e:  # noqa: BLE001 - an uncapturable call still has a plain time
+        graph, graph_error = None, f"{type(e).__name__}: {str(e)[:200]}"
+        torch.cuda.synchronize()
+    median = graph if graph is not None else plain
+    return {
+        "median_ms": median, "plain_ms": plain, "graph_ms": graph,
+        "bandwidth_gbs": summary["selected_kv_bytes"] / (median * 1e-3) / 1e9,
+        "max_rel_err": max(ragged_err, full_err), "input_sets": summary["sets"],
+        "graph_error": graph_error,
+    }

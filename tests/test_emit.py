@@ -1,0 +1,133 @@
+"""`sparsegen build`: the emitted package imports and runs on the CPU, matching the reference."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsegen.emit import build_package
+from sparsegen.errors import SparsegenError
+from sparsegen.methods.sparse_decode_ref import dense_decode_reference, sparse_decode_reference
+from sparsegen.plan import make_plan
+from sparsegen.spec import load_spec
+from sparsegen.tune.db import GpuId, TuningDB, kernel_identity, library_versions
+from sparsegen.tune.space import SearchSpace
+from tests.decode_cases import make_case, paged_view
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = ROOT / "examples" / "specs"
+GPU = GpuId("Fake H100", "9.0")
+
+
+def import_package(path: Path):
+    name = f"emitted_{path.name}_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
+                                                  submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(tmp_path, spec_file: str, db: TuningDB | None = None):
+    plan = make_plan(load_spec(SPECS / spec_file))
+    path = build_package(plan, tmp_path / "out", db or TuningDB(tmp_path / "db"))
+    return plan, path, import_package(path)
+
+
+def test_contiguous_module_matches_reference_on_cpu(tmp_path):
+    plan, path, pkg = build(tmp_path, "seer-attention-r.yaml")
+    assert {p.name for p in path.iterdir()} >= {"__init__.py", "tuned_configs.json",
+                                                "kernels", "spec.yaml"}
+    configs = json.loads((path / "tuned_configs.json").read_text())
+    kernel = configs["kernels"]["sparse_decode"]
+    assert kernel["tuned"] == {}
+    assert (path / kernel["default"]["file"]).is_file()  # the rendered default kernel
+    attn = pkg.SparseDecodeAttention()
+    case = make_case(2, 8, 4, 128, 64, [700, 333], 0.5, seed=1, dtype=torch.bfloat16)
+    out = attn(case.q, case.k, case.v, case.block_indices, case.block_counts, case.seq_lens)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 32, 128)
+    ref = sparse_decode_reference(case.q, case.k, case.v, case.block_indices,
+                                  case.block_counts, case.seq_lens, 64)
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+    # every block selected: the dense reference, an independent path
+    full = make_case(2, 8, 4, 128, 64, [700, 333], 1.0, seed=2, dtype=torch.bfloat16)
+    out = attn(full.q, full.k, full.v, full.block_indices, full.block_counts, full.seq_lens)
+    dense = dense_decode_reference(full.q, full.k, full.v, full.seq_lens)
+    torch.testing.assert_close(out.float(), dense, atol=1e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match=r"q must be \[B, 32, 128\]"):
+        attn(case.q[:, :16], case.k, case.v, case.block_indices, case.block_counts,
+             case.seq_lens)
+
+
+def test_paged_module_matches_reference_on_cpu(tmp_path):
+    _, _, pkg = build(tmp_path, "quest-topk.yaml")
+    attn = pkg.SparseDecodeAttention()
+    case = make_case(3, 8, 4, 128, 16, [200, 97, 16], 0.4, seed=3, dtype=torch.float16)
+    k_pages, v_pages, table = paged_view(case.k, case.v, 16, seed=4)
+    out = attn(case.q, k_pages, v_pages, case.block_indices, case.block_counts, case.seq_lens,
+               block_table=table)
+    ref = sparse_decode_reference(case.q, case.k, case.v, case.block_indices,
+                                  case.block_counts, case.seq_lens, 16)  # contiguous view
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="block_table"):
+        attn(case.q, k_pages, v_pages, case.block_indices, case.block_counts, case.seq_lens)
+
+
+def test_tuned_configs_nearest_bucket_and_default_elsewhere(tmp_path):
+    spec_file = "seer-attention-r.yaml"
+    plan = make_plan(load_spec(SPECS / spec_file))
+    kernel = plan.kernels[0]
+    space = SearchSpace(kernel)
+    default = space.defaults()[0]
+    # a feasible config other than the default, of the other backend
+    other = space.defaults()[1]
+    db = TuningDB(tmp_path / "db")
+    for b, s in ((1, 8192), (16, 131072)):
+        db.record(GPU, kernel_identity(kernel), {
+            "shape": {"batch": b, "seq_len": s}, "selected_blocks": 64,
+            "versions": library_versions(),
+            "best": {"backend": other.backend, "config": other.config, "median_ms": 0.02,
+                     "plain_ms": 0.05, "graph_ms": 0.02, "bandwidth_gbs": 2000.0},
+            "default": {"backend": default.backend, "config": default.config,
+                        "median_ms": 0.03},
+            "trials": {"measured": 10, "failed": 0, "infeasible": 0}, "study": "t",
+            "tuned_at": "2026-01-01T00:00:00Z"})
+    _, path, pkg = build(tmp_path, spec_file, db)
+    tuned = json.loads((path / "tuned_configs.json").read_text())["kernels"]["sparse_decode"]
+    buckets = tuned["tuned"][GPU.slug]["buckets"]
+    assert [(b["batch"], b["seq_len"]) for b in buckets] == [(1, 8192), (16, 131072)]
+    assert all((path / b["file"]).is_file() for b in buckets)
+    backend, config, source = pkg.pick_config(GPU.slug, 12, 100000)
+    assert (backend, config) == (other.backend, other.config) and "b16_s131072" in source
+    assert pkg.pick_config(GPU.slug, 1, 4096)[2].endswith("b1_s8192")
+    assert pkg.pick_config("some-other-gpu-sm80", 12, 100000)[:2] == (default.backend,
+                                                                    default.config)
+    # templates changed since the build: the tuned configs no longer apply
+    pkg._templates_current = lambda: False
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert pkg.pick_config(GPU.slug, 12, 100000)[2] == "default"
+    assert "templates or adapters changed" in str(w[0].message)
+
+
+def test_build_cli_and_refusals(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "sparsegen.cli", "build", str(SPECS / "raas-milestone.yaml"),
+           "-o", str(out), "--db", str(tmp_path / "db")]
+    for _ in range(2):  # building again replaces the package
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "no tuned configs" in r.stdout
+    assert (out / "raas_milestone" / "__init__.py").is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
+    (tmp_path / "mine" / "raas_milestone").mkdir(parents=True)
+    plan = make_plan(load_spec(SPECS / "raas-milestone.yaml"))
+    with pytest.raises(SparsegenError, match="not a package sparsegen built"):
+        build_package(plan, tmp_path / "mine", TuningDB(tmp_path / "db"))

@@ -1,0 +1,262 @@
+"""The tuner on the CPU: fake adapters and a CPU objective stand in for kernels and GPU."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from sparsegen.codegen.backend import _ADAPTERS
+from sparsegen.errors import SparsegenError
+from sparsegen.tune import tuner as tuner_mod
+from sparsegen.tune.db import GpuId, TuningDB, kernel_identity, library_versions
+from sparsegen.tune.space import CONSTRAINT, SearchSpace
+from sparsegen.tune.tuner import Targets, TuneOptions, open_storage, study_name, tune_plan
+from sparsegen.tune.worker import ChildWorker
+from tests import tune_fakes
+from tests.tune_fakes import FakeDecode, FakePlan, cost, fake_kernel
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU = GpuId("Fake GPU", "9.0")
+
+
+class FakeFailing(FakeDecode):
+    """A space small enough to be evaluated whole, holding every kind of failure
+    (with FAKE_FAILURES=1): (16,1) oom, (16,8) hang, (32,1) compile error, (64,8) wrong
+    result, (128,1) segfault; (32,8), (64,1) and (128,8) work."""
+
+    name = "fakefail"
+
+    @classmethod
+    def tunable_space(cls, static):
+        return {"tile": [16, 32, 64, 128], "warps": [1, 8], "stages": [1]}
+
+    @classmethod
+    def default_config(cls, static):
+        return {"tile": 128, "warps": 8, "stages": 1}
+
+
+_ADAPTERS.setdefault("fakefail", ("tests.test_tuner", "FakeFailing"))
+
+
+def options(tmp_path, **kw) -> TuneOptions:
+    kw.setdefault("trials", 8)
+    return TuneOptions(gpu=GPU, db=TuningDB(tmp_path / "db"), timeout_s=kw.pop("timeout_s", 5.0),
+                       workers=kw.pop("workers", 2), cache_dir=tmp_path / "cache",
+                       targets=Targets(**tune_fakes.TARGETS), stream=io.StringIO(), **kw)
+
+
+def evaluations(log: Path) -> list[dict]:
+    if not log.exists():
+        return []
+    return [r for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "evaluate"]
+
+
+def load_study(tmp_path, kernel, shape) -> optuna.Study:
+    name = study_name(kernel_identity(kernel), shape, GPU, library_versions())
+    return optuna.load_study(study_name=name, storage=open_storage(None, tmp_path / "cache"))
+
+
+@pytest.fixture
+def fake_log(tmp_path, monkeypatch):
+    log = tmp_path / "evals.jsonl"
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    return log
+
+
+def test_space_defaults_and_static_feasibility():
+    space = SearchSpace(fake_kernel())
+    assert [c.backend for c in space.defaults()] == ["fake", "fake2"]
+    assert space.defaults()[0].config == {"tile": 32, "warps": 2, "stages": 2}
+    bad = space.from_params({"backend": "fake", "fake.tile": 128, "fake.warps": 4,
+                             "fake.stages": 2})
+    assert "exceeds shared memory" in space.infeasibility(bad)
+    # fake: 4*4*3 = 48 configs, 8 with tile 128 and stages >= 2 infeasible; fake2: 3
+    assert space.feasible_count() == 40 + 3
+    cand = space.defaults()[1]
+    assert space.from_params(space.params(cand)) == cand and cand.key == space.from_params(
+        space.params(cand)).key
+
+
+def test_tune_enqueues_defaults_first_and_reports_infeasible_on_cpu(tmp_path, fake_log):
+    kernel = fake_kernel(shapes=((2, 2048),))
+    (r,) = tune_plan(FakePlan(kernel), options(tmp_path, trials=12))
+    assert r.status == "tuned"
+    study = load_study(tmp_path, kernel, kernel.shapes[0])
+    trials = study.get_trials()
+    assert SearchSpace.from_params(trials[0].params).config == {"tile": 32, "warps": 2, "stages": 2}
+    assert trials[1].params == {"backend": "fake2", "fake2.chunk": 16}
+    infeasible = [t for t in trials if t.user_attrs.get("outcome") == "infeasible"]
+    for t in infeasible:  # decided on the CPU: a constraint, pruned, never evaluated
+        assert t.state == TrialState.PRUNED and t.constraints[CONSTRAINT] > 0
+        assert "exceeds shared memory" in t.user_attrs["reason"]
+    evaluated = {(e["trial"]) for e in evaluations(fake_log)}
+    assert not evaluated & {t.number for t in infeasible}
+    measured = [t for t in trials if t.user_attrs.get("outcome") == "measured"]
+    assert len(measured) == 12 == len(evaluated)
+    # the winner is the best measured, never worse than the default
+    best = r.entry["best"]
+    assert best["median_ms"] == pytest.approx(min(t.value for t in measured))
+    assert best["median_ms"] <= r.entry["default"]["median_ms"] == pytest.approx(cost(
+        "fake", {"tile": 32, "warps": 2, "stages": 2}))
+    assert r.entry["trials"] == {"measured": 12, "failed": 0, "infeasible": len(infeasible)}
+
+
+def test_failed_children_are_failed_trials_and_tuning_goes_on(tmp_path, fake_log, monkeypatch):
+    monkeypatch.setenv("FAKE_FAILURES", "1")
+    kernel = fake_kernel(backends=("fakefail",), shapes=((1, 1024),))
+    t0 = time.monotonic()
+    (r,) = tune_plan(FakePlan(kernel), options(tmp_path, trials=20, timeout_s=2.0))
+    assert time.monotonic() - t0 < 60
+    study = load_study(tmp_path, kernel, kernel.shapes[0])
+    failed = {(t.params["fakefail.tile"], t.params["fakefail.warps"]):
+              (t.user_attrs["fail_kind"], t.user_attrs["reason"])
+              for t in study.get_trials(states=(TrialState.FAIL,))
+              if t.user_attrs.get("outcome") == "failed"}
+    assert failed[(16, 1)][0] == "oom" and "out of memory" in failed[(16, 1)][1]
+    assert failed[(16, 8)][0] == "timeout" and "2 s" in failed[(16, 8)][1]
+    assert failed[(32, 1)][0] == "compile" and "fake compile error" in failed[(32, 1)][1]
+    assert failed[(64, 8)][0] == "wrong" and "relative error" in failed[(64, 8)][1]
+    assert failed[(128, 1)][0] == "crash" and "SIGSEGV" in failed[(128, 1)][1]
+    assert len(failed) == 5
+    # the whole space (8 candidates) was evaluated once, then the study stopped
+    assert r.status == "tuned" and r.entry["trials"]["measured"] == 3
+    assert r.entry["trials"]["failed"] == 5
+    assert r.entry["best"]["config"] == {"tile": 64, "warps": 1, "stages": 1}
+    assert r.entry["default"]["median_ms"] == pytest.approx(
+        cost("fake", {"tile": 128, "warps": 8, "stages": 1}))
+
+
+def test_a_warm_database_does_no_gpu_work(tmp_path, fake_log, monkeypatch):
+    plan = FakePlan(fake_kernel())
+    first = tune_plan(plan, options(tmp_path, trials=4))
+    assert [r.status for r in first] == ["tuned", "tuned"]
+    n = len(evaluations(fake_log))
+
+    def no_session(*a, **k):
+        raise AssertionError("a warm database must not start workers")
+
+    monkeypatch.setattr(tuner_mod, "_Session", no_session)
+    t0 = time.monotonic()
+    second = tune_plan(plan, options(tmp_path, trials=4))
+    assert time.monotonic() - t0 < 5
+    assert [r.status for r in second] == ["warm", "warm"]
+    assert [{k: v for k, v in r.entry.items() if k != "checksum"} for r in second] == \
+        [r.entry for r in first]
+    assert len(evaluations(fake_log)) == n
+
+
+def test_an_interrupted_tune_resumes_where_it_stopped(tmp_path, fake_log):
+    cmd = [sys.executable, "-m", "tests.tune_fakes", "--db", str(tmp_path / "db"),
+           "--cache", str(tmp_path / "cache"), "--trials", "6", "--workers", "1",
+           "--result", str(tmp_path / "result.json")]
+    env = {**os.environ, "FAKE_KILL_PARENT_AFTER": "4"}
+    killed = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert len(evaluations(fake_log)) == 4
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [r["status"] for r in json.loads((tmp_path / "result.json").read_text())] == \
+        ["tuned", "tuned"]
+    evals = evaluations(fake_log)
+    # 3 evaluations finished before the kill and were kept; the 4th was cut off and re-run
+    assert len(evals) == 4 + (6 - 3) + 6
+    assert len({(e["study"], e["trial"]) for e in evals}) == len(evals)  # none run twice
+    kernel = fake_kernel()
+    study = load_study(tmp_path, kernel, kernel.shapes[0])
+    trials = study.get_trials()
+    assert not [t for t in trials if not t.state.is_finished()]
+    (lost,) = [t for t in trials if t.user_attrs.get("outcome") == "interrupted"]
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == lost.number]
+    assert retry.params == lost.params and retry.user_attrs["outcome"] == "measured"
+    assert sum(t.user_attrs.get("outcome") in ("measured", "failed") for t in trials) == 6
+
+
+def test_child_worker_survives_crash_and_hang(tmp_path):
+    w = ChildWorker("t", tmp_path)
+    try:
+        ok = w.call("os:getpgid", 0, 30)  # the child leads its own process group
+        assert ok.ok and ok.value != os.getpgid(0)
+        crash = w.call("os:_exit", 7, 30)
+        assert not crash.ok and crash.kind == "crash" and "exited with code 7" in crash.reason
+        hang = w.call("time:sleep", 60, 1.0)
+        assert not hang.ok and hang.kind == "timeout"
+        err = w.call("math:sqrt", -1, 30)
+        assert not err.ok and err.kind == "error" and "math domain error" in err.reason
+        again = w.call("os:getpgid", 0, 30)
+        assert again.ok and again.value != ok.value and w.starts == 3
+    finally:
+        w.close()
+
+
+def test_storage_errors_are_one_line_without_secrets(tmp_path):
+    with pytest.raises(SparsegenError, match="give an RDB URL"):
+        open_storage("redis://localhost/0")
+    with pytest.raises(SparsegenError) as e:
+        open_storage("postgresql://user:hunter2@127.0.0.1:1/db")
+    assert "hunter2" not in str(e.value) and "cannot open the study storage" in str(e.value)
+    assert open_storage(f"journal:{tmp_path / 'j.log'}") is not None
+
+
+# ---------------------------------------------------------------------------------------
+# The CLI, with a real spec (Triton only, so the test needs just that adapter)
+# ---------------------------------------------------------------------------------------
+SPEC = """
+name: cli_case
+model: {num_q_heads: 8, num_kv_heads: 2, head_dim: 64, dtype: bf16}
+selection: {rule: topk, block_size: 64, budget_tokens: 512}
+backends: [triton]
+tuning: {batch: [1, 4], seq_len: [1024, 4096]}
+"""
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "sparsegen.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_tune_without_gpu_needs_a_warm_database(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: `tune` would really tune")
+    from sparsegen.plan import make_plan
+    from sparsegen.spec import parse_spec
+
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(SPEC)
+    db_dir = tmp_path / "db"
+    env = {**os.environ, "SPARSEGEN_CACHE_DIR": str(tmp_path / "cache")}
+    cold = _cli("tune", str(spec_path), "--gpu-name", "Fake GPU@9.0", "--db", str(db_dir),
+                env=env)
+    assert cold.returncode == 2 and "needs a CUDA GPU" in cold.stderr, cold.stderr
+    assert "Traceback" not in cold.stderr
+
+    kernel = make_plan(parse_spec(SPEC)).kernels[0]
+    identity, versions = kernel_identity(kernel), library_versions()
+    db = TuningDB(db_dir)
+    default = SearchSpace(kernel).defaults()[0]
+    for shape in kernel.shapes:
+        db.record(GPU, identity, {
+            "shape": {"batch": shape.batch, "seq_len": shape.seq_len},
+            "selected_blocks": kernel.selected_blocks(shape.seq_len), "versions": versions,
+            "best": {"backend": "triton", "config": default.config, "median_ms": 0.01,
+                     "plain_ms": 0.02, "graph_ms": 0.01, "bandwidth_gbs": 1000.0},
+            "default": {"backend": "triton", "config": default.config, "median_ms": 0.01},
+            "trials": {"measured": 1, "failed": 0, "infeasible": 0}, "study": "manual",
+            "tuned_at": "2026-01-01T00:00:00Z"})
+    t0 = time.monotonic()
+    warm = _cli("tune", str(spec_path), "--gpu-name", "Fake GPU@9.0", "--db", str(db_dir),
+                "-o", str(tmp_path / "out"), env=env)
+    assert time.monotonic() - t0 < 5 + 2  # + interpreter start-up of this subprocess
+    assert warm.returncode == 0, warm.stderr
+    assert warm.stdout.count("warm") == 4
+    configs = json.loads((tmp_path / "out" / "cli_case" / "tuned_configs.json").read_text())
+    assert len(configs["kernels"]["sparse_decode"]["tuned"]["fake-gpu-sm90"]["buckets"]) == 4
