@@ -59,10 +59,8 @@ def cmd_compile(args) -> int:
 
 def _add_tuning_commands(sub) -> None:
     """tune / build / db live in sparsegen.tune and sparsegen.emit."""
-    try:
-        from .tune.commands import register
-    except ImportError:
-        return
+    from .tune.commands import register
+
     register(sub)
 
 
