@@ -20,7 +20,7 @@ def _rotating(fns):
     return call
 
 
-def time_plain(fns, warmup_ms=50, rep_ms=300) -> float:
+def time_plain(fns, warmup_ms=25, rep_ms=120) -> float:
     """Median ms of plain calls (Python launch overhead included), rotating over fns."""
     from triton.testing import do_bench
 
@@ -41,7 +41,7 @@ def capture(fn):
     return graph
 
 
-def time_graph(fns, warmup_ms=50, rep_ms=300) -> float:
+def time_graph(fns, warmup_ms=25, rep_ms=120) -> float:
     """Median ms of CUDA-graph replays (the GPU time a server sees), rotating over fns."""
     from triton.testing import do_bench
 

@@ -74,6 +74,10 @@ def _num_sms(device) -> int:
 class TritonSparseDecode(DecodeBackend):
     name = "triton"
     template = "triton/sparse_decode.py.j2"
+    # Subclass hook (class or instance attribute): True renders the split kernel with a
+    # per-selected-block logit bias, BIAS [B, Hkv, max_sel] fp32 in natural log, passed to
+    # _launch as block_bias (EntmaxDecodeTriton's prior). False renders the plain kernel.
+    has_block_bias = False
 
     def __init__(self, static: DecodeStatic, config: dict | None = None, build_dir=None):
         super().__init__(static, config, build_dir)
@@ -207,7 +211,7 @@ class TritonSparseDecode(DecodeBackend):
             "page_size": s.page_size, "block_n": c["block_n"], "num_warps": c["num_warps"],
             "num_stages": c["num_stages"], "merge_chunk": c["merge_chunk"],
             "merge_warps": c["merge_warps"], "interpret": interpret,
-            "pdl": bool(c.get("pdl", 0)),
+            "pdl": bool(c.get("pdl", 0)), "has_block_bias": bool(self.has_block_bias),
         }
 
     def render(self, interpret: bool = False):
@@ -232,16 +236,19 @@ class TritonSparseDecode(DecodeBackend):
 
     def _signatures(self):
         dt = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}[self.static.dtype]
+        bias = self.has_block_bias
         split = {"Q": dt, "K": dt, "V": dt, "IDX": "*i32", "CNT": "*i32", "SEQ": "*i32",
-                 "BT": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32", "qk_scale": "fp32"}
-        for a in ("num_splits", "max_sel", "stride_qb", "stride_qh", "stride_kb", "stride_ks",
-                  "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_ib", "stride_ih",
-                  "stride_cb", "stride_ch", "stride_btb"):
+                 "BT": "*i32", **({"BIAS": "*fp32"} if bias else {}),
+                 "O_PART": "*fp32", "LSE_PART": "*fp32", "qk_scale": "fp32"}
+        ints = ("num_splits", "max_sel", "stride_qb", "stride_qh", "stride_kb", "stride_ks",
+                "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_ib", "stride_ih",
+                "stride_cb", "stride_ch", "stride_btb")
+        for a in ints + (("stride_bb", "stride_bh") if bias else ()):
             split[a] = "i32"
         # what the runtime specializes for 16-byte-aligned tensors and strides divisible by 16
         split_div = ("Q", "K", "V", "IDX", "CNT", "SEQ", "BT", "O_PART", "LSE_PART",
                      "stride_qb", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
-                     "stride_vb", "stride_vs", "stride_vh")
+                     "stride_vb", "stride_vs", "stride_vh") + (("BIAS",) if bias else ())
         merge = {"O_PART": "*fp32", "LSE_PART": "*fp32", "OUT": dt, "num_splits": "i32",
                  "stride_ob": "i32", "stride_oh": "i32"}
         merge_div = ("O_PART", "LSE_PART", "OUT", "stride_ob", "stride_oh")
@@ -331,7 +338,8 @@ class TritonSparseDecode(DecodeBackend):
                             sm_scale, num_splits)
 
     def _launch(self, q, k, v, block_indices, block_counts, seq_lens, block_table, sm_scale,
-                num_splits):
+                num_splits, block_bias=None):
+        """block_bias: [B, Hkv, max_sel] fp32, required when has_block_bias, else ignored."""
         torch = _torch()
         if self._kernels is None:
             self._prepare()
@@ -358,6 +366,10 @@ class TritonSparseDecode(DecodeBackend):
             bt = block_table
         else:
             bt = block_counts  # unused by the contiguous kernel
+        if self.has_block_bias and (block_bias is None or block_bias.dtype != torch.float32
+                                    or block_bias.shape != block_indices.shape):
+            raise TypeError("this kernel was built with a block bias: pass block_bias, fp32, "
+                            f"of shape {tuple(block_indices.shape)}")
         max_sel = block_indices.shape[2]
         dev = q.device
         if num_splits is None:
@@ -373,6 +385,9 @@ class TritonSparseDecode(DecodeBackend):
         bis, bcs = block_indices.stride(), block_counts.stride()
         tail = (scale, num_splits, max_sel, qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1],
                 vs[2], bis[0], bis[1], bcs[0], bcs[1], bt.stride(0))
+        if self.has_block_bias:  # BIAS follows BT, its strides follow stride_btb
+            head += (block_bias,)
+            tail += (block_bias.stride(0), block_bias.stride(1))
         os_ = out.stride()
         o_part = ws[:n * D].view(B, Hq, num_splits, D)
         lse = ws[n * D:].view(B, Hq, num_splits)
