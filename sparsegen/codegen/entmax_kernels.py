@@ -3,9 +3,10 @@
 - EntmaxTauTriton (templates/triton/entmax_tau.py.j2): block scores against the summaries,
   tau per query head by Halley steps + bisection, group average, support -> ascending
   indices, counts and log p_bar. Same signature as a decoder's selector.
-- EntmaxDecodeTriton (templates/triton/entmax_decode.py.j2): the split-KV sparse decode of
-  triton_decode with the per-block prior added to the logits; tuning space, checks, split
-  count and sm_90 compilation are the sparse decode's (it subclasses that adapter).
+- EntmaxDecodeTriton (templates/triton/sparse_decode.py.j2 with has_block_bias): the
+  split-KV sparse decode of triton_decode with the per-block prior added to the logits;
+  tuning space, checks, split count, launch and sm_90 compilation are the sparse decode's
+  (it subclasses that adapter).
 - EntmaxPrefillTriton (templates/triton/entmax_prefill.py.j2): causal block-sparse token
   attention with the prior, forward and backward, as an autograd Function.
 
@@ -64,13 +65,15 @@ class EntmaxStatic:
 # ---------------------------------------------------------------------------------------
 class EntmaxDecodeTriton(TritonSparseDecode):
     """decode_api's sparse decode plus `block_bias` [B, Hkv, max_sel] fp32 (natural log),
-    added to the logits of each selected block's tokens. `static` is an EntmaxStatic."""
+    added to the logits of each selected block's tokens. `static` is an EntmaxStatic.
+    The kernel is the parent's template with has_block_bias on (off when prior=False: then
+    it is the plain sparse decode and block_bias is ignored)."""
 
     name = "triton-entmax"
-    template = "triton/entmax_decode.py.j2"
 
     def __init__(self, static: EntmaxStatic, config: dict | None = None, build_dir=None):
         self.entmax_static = static
+        self.has_block_bias = static.prior
         super().__init__(static.decode_static(), config, build_dir)
 
     @classmethod
@@ -85,80 +88,11 @@ class EntmaxDecodeTriton(TritonSparseDecode):
     def check_config(cls, static, config):
         return super().check_config(_as_decode(static), config)
 
-    def template_params(self, interpret: bool = False) -> dict:
-        return {**super().template_params(interpret), "has_bias": self.entmax_static.prior}
-
-    def _signatures(self):
-        sigs = super()._signatures()
-        name, split, div, kw = sigs[0]
-        args = {}
-        for a, t in split.items():  # BIAS after BT, its strides at the end
-            args[a] = t
-            if a == "BT":
-                args["BIAS"] = "*fp32"
-        args["stride_bb"] = "i32"
-        args["stride_bh"] = "i32"
-        return [(name, args, div + ("BIAS",), kw)] + sigs[1:]
-
     def __call__(self, q, k, v, block_indices, block_counts, seq_lens, block_table=None,
                  block_bias=None, sm_scale=None, num_splits=None):
         """out [B, Hq, D] in q's dtype; decode_api's contract plus the prior. No device sync."""
-        s = self.static
-        B, Hq, D = q.shape
-        Hkv = k.shape[2]
-        if D != s.head_dim or Hq != Hkv * s.group_size:
-            raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)} do not match head_dim="
-                             f"{s.head_dim}, group_size={s.group_size}")
-        if q.dtype != torch_dtype(s.dtype) or k.dtype != q.dtype or v.dtype != q.dtype:
-            raise TypeError(f"q/k/v must be {s.dtype}; got {q.dtype}, {k.dtype}, {v.dtype}")
-        if q.stride(2) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
-            raise ValueError("the last (head_dim) dimension of q, k and v must be contiguous")
-        if block_indices.dtype != torch.int32 or block_counts.dtype != torch.int32 \
-                or seq_lens.dtype != torch.int32:
-            raise TypeError("block_indices, block_counts and seq_lens must be int32")
-        if self.entmax_static.prior:
-            if block_bias is None or block_bias.dtype != torch.float32 \
-                    or block_bias.shape != block_indices.shape:
-                raise TypeError("this kernel was built with the prior: pass block_bias, fp32, "
-                                f"of shape {tuple(block_indices.shape)}")
-            bias = block_bias
-        else:
-            bias = None
-        if s.layout == "paged":
-            if block_table is None or block_table.dtype != torch.int32:
-                raise TypeError("the paged layout needs an int32 block_table [B, max_pages]")
-            if k.shape[1] != s.page_size:
-                raise ValueError(f"k has pages of {k.shape[1]} tokens; the kernel was built "
-                                 f"for page_size={s.page_size}")
-            bt = block_table
-        else:
-            bt = block_counts  # unused by the contiguous kernel
-        max_sel = block_indices.shape[2]
-        if num_splits is None:
-            num_splits = self.num_splits(B, Hkv, max_sel, q.device)
-        scale = (D ** -0.5 if sm_scale is None else sm_scale) * LOG2E
-        dev = q.device
-        o_part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=dev)
-        lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev)
-        out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
-        if bias is None:
-            bias = lse  # any fp32 tensor: the kernel built without the prior never reads it
-        mod = self.module
-        c = self.config
-        mod.sparse_decode_split[(num_splits, Hkv, B)](
-            q, k, v, block_indices, block_counts, seq_lens, bt, bias, o_part, lse,
-            scale, num_splits, max_sel,
-            q.stride(0), q.stride(1),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            block_indices.stride(0), block_indices.stride(1),
-            block_counts.stride(0), block_counts.stride(1),
-            bt.stride(0), bias.stride(0), bias.stride(1),
-            num_warps=c["num_warps"], num_stages=c["num_stages"])
-        mod.sparse_decode_merge[(Hq, B)](
-            o_part, lse, out, num_splits, out.stride(0), out.stride(1),
-            num_warps=c["merge_warps"], num_stages=1)
-        return out
+        return self._launch(q, k, v, block_indices, block_counts, seq_lens, block_table,
+                            sm_scale, num_splits, block_bias)[0]
 
 
 def _as_decode(static):

@@ -330,12 +330,12 @@ class TritonSparseDecode(DecodeBackend):
                             sm_scale, num_splits)[0]
 
     def partials(self, q, k, v, block_indices, block_counts, seq_lens, block_table=None,
-                 sm_scale=None, num_splits=None):
+                 sm_scale=None, num_splits=None, block_bias=None):
         """(out, o_part [B, Hq, num_splits, D] fp32, lse [B, Hq, num_splits] fp32): the split
         kernel's normalized partial outputs and base-2 log-sum-exps (of the scores times
         sm_scale * log2(e)); an empty split holds zeros and -inf. For tests and debugging."""
         return self._launch(q, k, v, block_indices, block_counts, seq_lens, block_table,
-                            sm_scale, num_splits)
+                            sm_scale, num_splits, block_bias)
 
     def _launch(self, q, k, v, block_indices, block_counts, seq_lens, block_table, sm_scale,
                 num_splits, block_bias=None):
