@@ -265,7 +265,18 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--quick", action="store_true", help="batch 1 and 16 at 128K, sparsity 0.9")
     ap.add_argument("--out", default=None, help="results stem (default bench/results/<GPU>-decode-attention)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="no GPU: merge earlier runs' JSON (e.g. one per dtype) into --out")
     args = ap.parse_args()
+    if args.merge:
+        runs = [json.loads(Path(p).read_text()) for p in args.merge]
+        facts = dict(runs[0]["facts"])
+        facts["command"] = "; ".join(r["facts"]["command"] for r in runs)
+        rows = [row for r in runs for row in r["rows"]]
+        stem = Path(args.out or ROOT / "bench" / "results" / f"{facts['gpu_slug']}-decode-attention")
+        stem.with_suffix(".json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
+        write_markdown(rows, facts, args, stem.with_suffix(".md"))
+        return
     if args.quick:
         args.batch, args.seq_len, args.sparsity = [1, 16], [131072], [0.9]
     if not torch.cuda.is_available():
