@@ -297,6 +297,9 @@ def main():
                     for sparsity in args.sparsity:
                         bench_case(dtype, layout, batch, seq_len, sparsity, args.backends, gen,
                                    rows, check_flex=not args.no_flex)
+                        if os.environ.get("OUT"):  # partial results survive a time limit
+                            Path(os.environ["OUT"], "partial-decode.json").write_text(
+                                json.dumps({"facts": facts, "rows": rows}, indent=1))
     stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         f"{facts['gpu_slug']}-decode-attention")
     stem.parent.mkdir(parents=True, exist_ok=True)
