@@ -194,6 +194,8 @@ def bench_case(dtype_name, layout, batch, seq_len, sparsity, backends, gen, rows
                 if calls[0].chunks > 1:
                     row["flex_chunks"] = calls[0].chunks
                 row["flex_err"] = rel_err(calls[0](), ref)
+                if not row["flex_err"] < 1e-2:
+                    raise RuntimeError(f"WRONG (rel err {row['flex_err']:.3g})")
                 row["flex_ms"] = time_plain(calls)
                 try:
                     row["flex_graph_ms"] = time_graph(calls)
@@ -272,7 +274,13 @@ def main():
         runs = [json.loads(Path(p).read_text()) for p in args.merge]
         facts = dict(runs[0]["facts"])
         facts["command"] = "; ".join(r["facts"]["command"] for r in runs)
-        rows = [row for r in runs for row in r["rows"]]
+        # a later run's row replaces an earlier one of the same case
+        keyed = {}
+        for r in runs:
+            for row in r["rows"]:
+                keyed[tuple(row[k] for k in ("dtype", "layout", "batch", "seq_len",
+                                             "sparsity"))] = row
+        rows = list(keyed.values())
         stem = Path(args.out or ROOT / "bench" / "results" / f"{facts['gpu_slug']}-decode-attention")
         stem.with_suffix(".json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
         write_markdown(rows, facts, args, stem.with_suffix(".md"))
@@ -287,6 +295,9 @@ def main():
     print(json.dumps(facts), flush=True)
     if not args.no_flex:
         from torch.nn.attention.flex_attention import flex_attention
+        # one compiled graph per shape and dtype: past dynamo's default recompile limit
+        # (8) flex silently falls back to eager, which is slow and gave wrong fp16 results
+        torch._dynamo.config.recompile_limit = 256
         flex_decode_fn.compiled = torch.compile(flex_attention, dynamic=False)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
