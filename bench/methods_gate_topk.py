@@ -1,0 +1,372 @@
+"""H100 benchmark of the gate (SeerAttention-R) and topk (Quest / NSA) rules (issue 5).
+
+    python bench/methods_gate_topk.py                 # every part
+    python bench/methods_gate_topk.py --quick         # one shape per figure
+    python bench/methods_gate_topk.py --parts step    # or: distill
+
+Every figure first checks the generated kernels against the plain-torch references, then times
+(triton.testing.do_bench medians of CUDA events; plain calls and CUDA-graph replays; several
+input sets rotated):
+- the whole decode step (append K/V, update the rule's metadata, score, select, attend with
+  the Triton sparse decode kernel) vs dense cuDNN SDPA over the same cache (the GQA group
+  folded into the query length), at batch 8/16, 32K/128K, 90 % of blocks skipped
+  (target: >= 7x), and the share of scoring + selection in the step (target: <= 10 %);
+- the gate distillation target kernel vs the plain-torch reference at 8K tokens (target:
+  >= 5x), with peak memory over 4K-16K showing the extra memory is linear in the length.
+Hq 32, Hkv 8, D 128, bf16. Writes bench/results/<GPU>-step-gate-topk.{md,json} (and $OUT).
+Quest per_head selects budget / G blocks per query head so that the union its KV head
+attends stays within the budget (the table shows the blocks actually attended).
+
+The scoring floor: the metadata a step reads is 1/block_size of the KV cache for Quest's
+upper bound (min and max per block), 1/(2 block_size) for mean pooling and for the gate's
+compression cache (d_gate = D); at 90 % sparsity the attention reads 1/10 of it, so the
+scoring share cannot drop below (meta)/(meta + 0.1): 38 % for Quest at block 16, 13.5 % at
+64 and 7.2 % at 128; 7.2 % for the gate and mean pooling at 64.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.timing import gpu_facts, time_graph, time_plain  # noqa: E402
+from sparsegen.codegen.backend import decode_backend  # noqa: E402
+from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
+from sparsegen.codegen.distill_kernels import DistillStatic, TritonDistillTarget  # noqa: E402
+from sparsegen.methods.decode_step import GateDecoder, TopkDecoder  # noqa: E402
+from sparsegen.methods.distill import distill_target_reference  # noqa: E402
+from sparsegen.methods.gate import AttnGate  # noqa: E402
+from sparsegen.methods.kv_cache import KVCache  # noqa: E402
+from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
+from sparsegen.spec import SelectionSpec, TopkParams  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+G = HQ // HKV
+DT = torch.bfloat16
+ROTATE = 4
+# (name, rule, block size, topk score, topk group)
+RULES = [("gate", "gate", 64, None, None),
+         ("quest-ub-per-head-b16", "topk", 16, "upper_bound", "per_head"),
+         ("quest-ub-per-head-b64", "topk", 64, "upper_bound", "per_head"),
+         ("nsa-mean-shared-b64", "topk", 64, "mean_pooled", "shared")]
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def note(row, key, e):
+    row[f"{key}_note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    traceback.print_exc()
+
+
+def sdpa_decode(q, cache, seq_len):
+    """Dense GQA decode through cuDNN over the cache's first seq_len tokens."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B = q.shape[0]
+    qf = q.view(B, HKV, G, D)
+    k = cache.k[:, :seq_len].transpose(1, 2)
+    v = cache.v[:, :seq_len].transpose(1, 2)
+
+    def run():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(qf, k, v).view(B, HQ, D)
+    return run
+
+
+def selection_spec(rule, bs, score, group, seq_len, sparsity):
+    """Budget for `sparsity` of the blocks skipped. Quest per_head selects k blocks per query
+    head and the KV head attends their union (up to G x k), so there k = budget / G."""
+    share = (1 - sparsity) / (G if group == "per_head" else 1)
+    budget = max(2, round(share * seq_len / bs)) * bs
+    if rule == "gate":
+        return SelectionSpec(rule="gate", block_size=bs, sink_blocks=1, local_blocks=1,
+                             budget_tokens=budget)
+    return SelectionSpec(rule="topk", block_size=bs, sink_blocks=1, local_blocks=1,
+                         budget_tokens=budget, topk=TopkParams(score, group))
+
+
+def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="triton"):
+    """A cache of seq_len - 1 random tokens per sequence, its rule state filled by prefill,
+    and the decoder."""
+    cap = seq_len + bs
+    cache = KVCache(batch, HKV, D, cap, dtype=DT, device="cuda", layout=layout,
+                    page_size=256 if layout == "paged" else 0)
+    n = seq_len - 1
+    sel = selection_spec(rule, bs, score, group, seq_len, sparsity)
+    if rule == "gate":
+        gate = AttnGate(HQ, HKV, D, bs, d_gate=128).cuda()
+        dec = GateDecoder(gate, sel, batch, cap, device="cuda", impl=impl, kc_dtype=DT)
+    else:
+        dec = TopkDecoder(sel, HQ, cache, impl=impl)
+    chunk = 8192
+    for b in range(batch):
+        for s in range(0, n, chunk):
+            m = min(chunk, n - s)
+            k = torch.randn(1, m, HKV, D, device="cuda", dtype=DT, generator=gen)
+            v = torch.randn(1, m, HKV, D, device="cuda", dtype=DT, generator=gen)
+            start, stop = cache.extend(b, k[0], v[0])
+            if rule == "gate":
+                dec.state.extend(b, k[0] * 0.5, start)   # stand-in for the pre-RoPE keys
+            else:
+                dec.meta.fill(cache, b, start, stop)
+    return cache, dec
+
+
+def step_fn(dec, cache, attend, q, k_new, v_new, qn, kn, n):
+    """One decode step at a fixed length: reset the cache to n tokens, then step (capturable:
+    the reset is a device fill, the rest never syncs)."""
+    is_gate = isinstance(dec, GateDecoder)
+
+    def run():
+        cache.lengths = [n] * cache.batch
+        cache.seq_lens.fill_(n)
+        if is_gate:
+            return dec.step(q, k_new, v_new, cache, attend, q_nope=qn, k_nope=kn)
+        return dec.step(q, k_new, v_new, cache, attend)
+    return run
+
+
+def select_fn(dec, cache, q, qn):
+    is_gate = isinstance(dec, GateDecoder)
+    return (lambda: dec.select(qn, cache)) if is_gate else (lambda: dec.select(q, cache))
+
+
+def check_rule(name, rule, bs, score, group, layout, gen, rows):
+    """Kernels vs references at a small shape: selection agreement over steps, outputs."""
+    row = {"part": "check", "rule": name, "layout": layout}
+    try:
+        cache, dec = build(rule, bs, score, group, 2, 8192 + 37, 0.9, layout, gen)
+        attend = decode_backend("triton")(DecodeStatic(bs, D, G, "bf16", layout,
+                                                       256 if layout == "paged" else 0))
+        agree = total = 0
+        worst = 0.0
+        for _ in range(20):
+            q, qn = (torch.randn(2, HQ, D, device="cuda", dtype=DT, generator=gen)
+                     for _ in range(2))
+            k, v, kn = (torch.randn(2, HKV, D, device="cuda", dtype=DT, generator=gen)
+                        for _ in range(3))
+            if rule == "gate":
+                out = dec.step(q, k, v, cache, attend, q_nope=qn, k_nope=kn)
+                want = dec.select(qn, cache, impl="torch")
+                got = dec.select(qn, cache, impl="triton")
+            else:
+                # the kernel path updated the metadata; the reference reads the same tensors
+                out = dec.step(q, k, v, cache, attend)
+                want = dec.select(q, cache, impl="torch")
+                got = dec.select(q, cache, impl="triton")
+            for b in range(2):
+                for h in range(HKV):
+                    a = set(got[0][b, h, : got[1][b, h]].tolist())
+                    w = set(want[0][b, h, : want[1][b, h]].tolist())
+                    agree += len(a & w)
+                    total += len(w)
+            ref = sparse_decode_reference(q, cache.k, cache.v, got[0], got[1], cache.seq_lens,
+                                          bs, block_table=cache.block_table, validate=True)
+            worst = max(worst, rel_err(out, ref))
+        row["selection_agreement"] = agree / max(1, total)
+        row["out_rel_err"] = worst
+        row["ok"] = bool(row["selection_agreement"] >= 0.999 and worst < 2e-2)
+    except Exception as e:  # a failure is a result, not the end of the run
+        note(row, "check", e)
+        row["ok"] = False
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    return row.get("ok", False)
+
+
+def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, gen, rows):
+    row = {"part": "step", "rule": name, "layout": layout, "batch": batch, "seq_len": seq_len,
+           "sparsity": sparsity, "block_size": bs}
+    try:
+        cache, dec = build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen)
+        attend = decode_backend("triton")(DecodeStatic(bs, D, G, "bf16", layout,
+                                                       256 if layout == "paged" else 0))
+        n = seq_len - 1
+        sets = []
+        for _ in range(ROTATE):
+            q, qn = (torch.randn(batch, HQ, D, device="cuda", dtype=DT, generator=gen)
+                     for _ in range(2))
+            k, v, kn = (torch.randn(batch, HKV, D, device="cuda", dtype=DT, generator=gen)
+                        for _ in range(3))
+            sets.append((q, k, v, qn, kn))
+        steps = [step_fn(dec, cache, attend, *s[:3], s[3], s[4], n) for s in sets]
+        steps[0]()
+        idx, cnt = select_fn(dec, cache, sets[0][0], sets[0][3])()
+        row["selected_blocks_mean"] = cnt.float().mean().item()
+        row["blocks"] = -(-seq_len // bs)
+        row["step_ms"] = time_plain(steps)
+        row["step_graph_ms"] = time_graph(steps)
+        sels = [select_fn(dec, cache, s[0], s[3]) for s in sets]
+        row["select_graph_ms"] = time_graph(sels)
+        row["select_share"] = row["select_graph_ms"] / row["step_graph_ms"]
+        if layout == "contiguous":
+            dense = [sdpa_decode(s[0], cache, seq_len) for s in sets]
+            row["sdpa_ms"] = time_plain(dense)
+            row["sdpa_graph_ms"] = time_graph(dense)
+            row["speedup"] = row["sdpa_graph_ms"] / row["step_graph_ms"]
+        meta = sum(t.numel() * t.element_size() for t in
+                   (dec.meta.tensors() if rule == "topk" else (dec.state.kc,)))
+        kv = 2 * cache.k.numel() * cache.k.element_size()
+        row["meta_share_of_kv"] = meta / kv
+        row["scoring_floor_share"] = (meta / kv) / (meta / kv + (1 - sparsity))
+    except Exception as e:
+        note(row, "step", e)
+    torch.cuda.empty_cache()
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def bench_distill(seq_lens, gen, rows, block_size=64, batch=1):
+    static = DistillStatic(block_size, D, G, "bf16")
+    kern = TritonDistillTarget(static)
+    for S in seq_lens:
+        row = {"part": "distill", "seq_len": S, "batch": batch, "block_size": block_size}
+        try:
+            q = torch.randn(batch, S, HQ, D, device="cuda", dtype=DT, generator=gen)
+            k = torch.randn(batch, S, HKV, D, device="cuda", dtype=DT, generator=gen)
+            got = kern(q, k)
+            want = distill_target_reference(q, k, block_size)
+            row["max_abs_err"] = (got - want).abs().max().item()
+            row["ok"] = bool(row["max_abs_err"] < 2e-2)
+            out_bytes = got.numel() * 4
+            del got, want
+            for key, fn in (("kernel", lambda: kern(q, k)),
+                            ("torch", lambda: distill_target_reference(q, k, block_size))):
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                fn()
+                torch.cuda.synchronize()
+                row[f"{key}_peak_extra_MB"] = (torch.cuda.max_memory_allocated() - base) / 1e6
+            row["output_MB"] = out_bytes / 1e6
+            row["kernel_ms"] = time_plain([lambda: kern(q, k)], rep_ms=500)
+            row["torch_ms"] = time_plain([lambda: distill_target_reference(q, k, block_size)],
+                                         rep_ms=1000)
+            row["speedup"] = row["torch_ms"] / row["kernel_ms"]
+            flops = 2 * 2.0 * batch * HQ * D * S * S / 2
+            row["kernel_TFLOPs"] = flops / row["kernel_ms"] / 1e9
+        except Exception as e:
+            note(row, "distill", e)
+        torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def write_markdown(rows, facts, path):
+    lines = [f"# gate / topk decode step and gate distillation on {facts['gpu']}", "",
+             f"- date: {facts['date']}", f"- versions: {facts['versions']}",
+             f"- command: `{facts['command']}`",
+             f"- Hq {HQ}, Hkv {HKV}, D {D}, bf16; medians in ms; `graph` = CUDA-graph replay",
+             "- step = append K/V + metadata update + scoring + selection + Triton sparse "
+             "attention; speedup = cuDNN SDPA graph time / step graph time (target >= 7x)",
+             "- select share = scoring + selection graph time / step graph time (target <= "
+             "10 %); floor = metadata bytes / (metadata + selected KV bytes)", ""]
+    checks = [r for r in rows if r["part"] == "check"]
+    if checks:
+        lines += ["## Kernel checks (before timing)", "",
+                  "| rule | layout | selection agreement | output rel err | ok |",
+                  "|---|---|---|---|---|"]
+        for r in checks:
+            agree = fmt(r.get("selection_agreement"), ".4f")
+            lines.append(f"| {r['rule']} | {r['layout']} | {agree}"
+                         f" | {fmt(r.get('out_rel_err'), '.2e')} | {r.get('ok')} "
+                         f"{r.get('check_note', '')} |")
+        lines.append("")
+    steps = [r for r in rows if r["part"] == "step"]
+    if steps:
+        lines += ["## Decode step vs dense cuDNN SDPA", "",
+                  "| rule | layout | B | len | blocks sel / total | step ms (graph) | select ms "
+                  "(graph) | select share | floor | cuDNN ms (graph) | speedup |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in steps:
+            if "step_ms" not in r:
+                lines.append(f"| {r['rule']} | {r['layout']} | {r['batch']} | {r['seq_len']} | "
+                             f"{r.get('step_note', '-')} | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['rule']} | {r['layout']} | {r['batch']} | {r['seq_len']} | "
+                f"{r['selected_blocks_mean']:.0f} / {r['blocks']} | {r['step_ms']:.4f} "
+                f"({r['step_graph_ms']:.4f}) | {r['select_graph_ms']:.4f} | "
+                f"{100 * r['select_share']:.1f} % | {100 * r['scoring_floor_share']:.1f} % | "
+                f"{fmt(r.get('sdpa_ms'), '.4f')} ({fmt(r.get('sdpa_graph_ms'), '.4f')}) | "
+                f"{fmt(r.get('speedup'), '.2f')}x |")
+        lines.append("")
+    dist = [r for r in rows if r["part"] == "distill"]
+    if dist:
+        lines += ["## Gate distillation target (B 1, block 64)", "",
+                  "| len | kernel ms | torch ms | speedup | kernel TFLOP/s | kernel extra MB "
+                  "(output MB) | torch extra MB | max abs err |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in dist:
+            lines.append(f"| {r['seq_len']} | {fmt(r.get('kernel_ms'))} | {fmt(r.get('torch_ms'))}"
+                         f" | {fmt(r.get('speedup'), '.1f')}x | "
+                         f"{fmt(r.get('kernel_TFLOPs'), '.0f')}"
+                         f" | {fmt(r.get('kernel_peak_extra_MB'), '.1f')} "
+                         f"({fmt(r.get('output_MB'), '.1f')}) | "
+                         f"{fmt(r.get('torch_peak_extra_MB'), '.1f')} | "
+                         f"{fmt(r.get('max_abs_err'), '.1e')} {r.get('distill_note', '')} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", default=["step", "distill"])
+    ap.add_argument("--rules", nargs="+", default=[r[0] for r in RULES])
+    ap.add_argument("--batch", nargs="+", type=int, default=[8, 16])
+    ap.add_argument("--seq-len", nargs="+", type=int, default=[32768, 131072])
+    ap.add_argument("--layouts", nargs="+", default=["contiguous"])
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--quick", action="store_true", help="batch 16 at 128K; distill at 8K")
+    ap.add_argument("--out", default=None, help="results stem")
+    args = ap.parse_args()
+    if args.quick:
+        args.batch, args.seq_len = [16], [131072]
+    if not torch.cuda.is_available():
+        sys.exit("bench/methods_gate_topk.py needs a CUDA GPU")
+    facts = gpu_facts()
+    facts["command"] = "python " + " ".join(sys.argv)
+    print(json.dumps(facts), flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    if "step" in args.parts:
+        for name, rule, bs, score, group in RULES:
+            if name not in args.rules:
+                continue
+            for layout in args.layouts:
+                if not check_rule(name, rule, bs, score, group, layout, gen, rows):
+                    continue  # never time a kernel that failed its check
+                for batch in args.batch:
+                    for seq_len in args.seq_len:
+                        bench_step(name, rule, bs, score, group, batch, seq_len, args.sparsity,
+                                   layout, gen, rows)
+    if "distill" in args.parts:
+        bench_distill([4096, 8192] if args.quick else [4096, 8192, 16384], gen, rows)
+    stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
+        f"{facts['gpu_slug']}-step-gate-topk")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
+    write_markdown(rows, facts, stem.with_suffix(".md"))
+    print(stem.with_suffix(".md").read_text())
+    out = os.environ.get("OUT")
+    if out:  # the device tool brings $OUT back
+        for suffix in (".md", ".json"):
+            Path(out, stem.name + suffix).write_text(stem.with_suffix(suffix).read_text())
+
+
+if __name__ == "__main__":
+    main()

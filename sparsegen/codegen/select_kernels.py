@@ -1,0 +1,178 @@
+"""Triton adapter of the block-selection kernel (templates/triton/block_select.py.j2).
+
+One program per (output head, batch) turns a row of block scores into the padded, ascending
+block indices and counts the decode attention takes. Top-k is an exact radix select over
+order-preserving integer keys (four 8-bit histogram passes over a row that stays in L1/L2,
+then one compaction pass), so the result equals sparsegen.methods.selection bit for bit, ties
+included; the threshold mode applies a softmax
+over the scored blocks first (the gate rule). Nothing depends on the sequence length at
+compile time, and nothing syncs the device, so the call can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .triton_kernel import TritonKernel, check_int_config, next_pow2, pow2
+
+MODES = ("topk", "softmax_threshold")
+_KEYS = ("chunk", "radix_chunk", "num_warps")
+
+
+@dataclass(frozen=True)
+class SelectStatic:
+    block_size: int
+    mode: str = "topk"
+    rows: int = 1                  # score rows unioned into one output head
+    exclude_current: bool = False  # softmax over blocks strictly before the current one
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+        if not pow2(self.block_size):
+            raise ValueError(f"block_size={self.block_size} must be a power of two")
+        if not 1 <= self.rows <= 16:
+            raise ValueError(f"rows={self.rows} out of [1, 16]")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class TritonBlockSelect(TritonKernel):
+    name = "block_select"
+    template = "triton/block_select.py.j2"
+
+    @classmethod
+    def tunable_space(cls, static: SelectStatic) -> dict[str, list]:
+        return {"chunk": [128, 256, 512, 1024, 2048], "radix_chunk": [256, 512, 1024, 2048],
+                "num_warps": [1, 2, 4, 8]}
+
+    @classmethod
+    def default_config(cls, static: SelectStatic) -> dict:
+        rows = next_pow2(static.rows)
+        # H100, B 16 x 128K at block 64 (2048 blocks a row): a resident row, 8 warps (one
+        # program per row) or 4 (per-row radix of a group union) was fastest
+        return {"chunk": max(128, 1024 // rows), "radix_chunk": 2048,
+                "num_warps": 8 if rows == 1 else 4}
+
+    @classmethod
+    def check_config(cls, static: SelectStatic, config: dict) -> str | None:
+        if reason := check_int_config(config, _KEYS):
+            return reason
+        chunk = config["chunk"]
+        if not pow2(chunk) or not 16 <= chunk <= 8192:
+            return f"chunk={chunk} must be a power of two in [16, 8192]"
+        rc = config["radix_chunk"]
+        if not pow2(rc) or not 32 <= rc <= 8192:
+            return f"radix_chunk={rc} must be a power of two in [32, 8192]"
+        if static.rows == 1 and rc < 32 * config["num_warps"]:
+            return f"radix_chunk={rc} leaves threads idle at num_warps={config['num_warps']}"
+        if next_pow2(static.rows) * chunk > 16384:
+            return f"rows x chunk = {next_pow2(static.rows) * chunk} elements per pass exceed 16384"
+        if next_pow2(static.rows) * chunk < 32 * config["num_warps"]:
+            return f"rows x chunk leaves threads idle at num_warps={config['num_warps']}"
+        return None
+
+    def template_params(self) -> dict:
+        s, c = self.static, self.config
+        return {"block_size": s.block_size, "mode": s.mode, "rows": s.rows,
+                "rows_pad": next_pow2(s.rows), "exclude_current": s.exclude_current,
+                "chunk": c["chunk"], "radix_chunk": c["radix_chunk"],
+                "num_warps": c["num_warps"]}
+
+    @property
+    def split(self) -> bool:
+        """Top-k over several rows: per-row radix kernel, then the union kernel."""
+        return self.static.mode == "topk" and self.static.rows > 1
+
+    def signatures(self):
+        kw = {"num_warps": self.config["num_warps"], "num_stages": 1}
+        sig = {"SCORES": "*fp32", "SEQ": "*i32", "IDX": "*i32", "CNT": "*i32", "THR": "*i32",
+               "k": "i32", "threshold": "fp32", "sink": "i32", "local": "i32", "width": "i32"}
+        for a in ("stride_sb", "stride_sh", "stride_ib", "stride_ih", "stride_cb", "stride_ch",
+                  "stride_tb", "stride_th"):
+            sig[a] = "i32"
+        out = [("block_select", sig, ("SCORES", "SEQ", "IDX", "CNT"), kw)]
+        if self.split:
+            thr = {"SCORES": "*fp32", "SEQ": "*i32", "THR": "*i32", "k": "i32", "sink": "i32",
+                   "local": "i32"}
+            for a in ("stride_sb", "stride_sh", "stride_tb", "stride_th"):
+                thr[a] = "i32"
+            out.insert(0, ("block_threshold", thr, ("SCORES", "SEQ", "THR"), kw))
+        return out
+
+    # --- runtime ---------------------------------------------------------------------------
+    def __call__(self, scores, seq_lens, *, k: int = 0, threshold: float = 0.0, sink: int = 0,
+                 local: int = 1, width: int, out=None):
+        """scores [B, H, NB] fp32 (last dim contiguous), seq_lens [B] int32 -> (indices
+        [B, H // rows, width] int32, counts [B, H // rows] int32)."""
+        import torch
+
+        B, H, NB = scores.shape
+        s = self.static
+        if scores.dtype != torch.float32 or scores.stride(2) != 1:
+            raise TypeError("scores must be fp32 with a contiguous last dimension")
+        if seq_lens.dtype != torch.int32:
+            raise TypeError("seq_lens must be int32")
+        if H % s.rows:
+            raise ValueError(f"{H} score rows do not split into groups of {s.rows}")
+        heads = H // s.rows
+        if out is None:
+            idx = torch.empty(B, heads, width, dtype=torch.int32, device=scores.device)
+            cnt = torch.empty(B, heads, dtype=torch.int32, device=scores.device)
+        else:
+            idx, cnt = out
+        kw = {"num_warps": self.config["num_warps"], "num_stages": 1}
+        mod = self.module
+        if self.split:
+            thr = torch.empty(B, H, 2, dtype=torch.int32, device=scores.device)
+            mod.block_threshold[(H, B)](
+                scores, seq_lens, thr, int(k), int(sink), int(local), scores.stride(0),
+                scores.stride(1), thr.stride(0), thr.stride(1), **kw)
+        else:
+            thr = cnt  # not read
+        mod.block_select[(heads, B)](
+            scores, seq_lens, idx, cnt, thr, int(k), float(threshold), int(sink), int(local),
+            int(width), scores.stride(0), scores.stride(1), idx.stride(0), idx.stride(1),
+            cnt.stride(0), cnt.stride(1), thr.stride(0), thr.stride(1) if thr.dim() > 1 else 0,
+            **kw)
+        return idx, cnt
+
+    # --- tuner protocol --------------------------------------------------------------------
+    @classmethod
+    def bench_inputs(cls, static: SelectStatic, batch: int, seq_len: int, heads: int = 8,
+                     budget_blocks: int = 64, device="cuda", seed: int = 0) -> dict:
+        import torch
+
+        gen = torch.Generator(device=device).manual_seed(seed)
+        nb = -(-seq_len // static.block_size)
+        scores = torch.randn(batch, heads * static.rows, nb, device=device, generator=gen)
+        if static.mode == "softmax_threshold":
+            threshold, k = 1.0 / nb * 2, 0
+        else:
+            threshold, k = 0.0, budget_blocks
+        width = nb if static.mode != "topk" else min(nb, static.rows * max(k, 2))
+        return {"scores": scores, "seq_lens": torch.full((batch,), seq_len, dtype=torch.int32,
+                                                         device=device),
+                "k": k, "threshold": threshold, "sink": 1, "local": 1, "width": width}
+
+    def reference(self, scores, seq_lens, *, k=0, threshold=0.0, sink=0, local=1, width):
+        from ..methods import selection as sel
+
+        nb = sel.num_blocks(seq_lens, self.static.block_size)
+        if self.static.mode == "topk":
+            return sel.select_topk(scores, nb, k, sink, local, self.static.rows, width)
+        probs = softmax_over_scored(scores, nb, self.static.exclude_current)
+        return sel.select_threshold(probs, nb, threshold, sink, local, self.static.rows, width)
+
+
+def softmax_over_scored(logits, nblocks, exclude_current: bool):
+    """Softmax of each row over its scored blocks (j < nb, or j < nb - 1 when the current
+    block is excluded); other entries are 0. The threshold mode's probabilities."""
+    import torch
+
+    NB = logits.shape[-1]
+    n_scored = nblocks.long() - (1 if exclude_current else 0)
+    scored = torch.arange(NB, device=logits.device)[None, :] < n_scored[:, None]
+    x = logits.float().masked_fill(~scored[:, None, :], float("-inf"))
+    p = torch.softmax(x, -1)
+    return torch.where(scored[:, None, :], p, torch.zeros_like(p))

@@ -1,0 +1,1 @@
+"""Bridges between sparsegen and model libraries (Hugging Face transformers)."""
