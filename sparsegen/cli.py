@@ -1,4 +1,4 @@
-"""`sparsegen` command line: check, render, compile, tune, build, db.
+"""`sparsegen` command line: check, compile, tune, build, db, distill.
 
 Every user error (SparsegenError) is printed as one line on stderr with exit code 2; a
 traceback only ever appears for a bug in sparsegen itself, and then with a request to
@@ -58,10 +58,12 @@ def cmd_compile(args) -> int:
 
 
 def _add_tuning_commands(sub) -> None:
-    """tune / build / db live in sparsegen.tune and sparsegen.emit."""
+    """tune / build / db live in sparsegen.tune and sparsegen.emit; distill in distill_cli."""
+    from .distill_cli import register as register_distill
     from .tune.commands import register
 
     register(sub)
+    register_distill(sub)
 
 
 def main(argv=None) -> int:

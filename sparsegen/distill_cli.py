@@ -98,6 +98,12 @@ def run_distill(spec_path, model, data, out, steps: int = 800, lr: float = 1e-3,
     from .spec import load_spec
 
     spec = load_spec(spec_path) if not hasattr(spec_path, "selection") else spec_path
+    # cheap checks first: a wrong spec or a missing data file must not wait for a model load
+    if spec.selection.rule != "gate":
+        raise SparsegenError(f"{spec.source}: selection.rule = {spec.selection.rule!r}: distill "
+                             "trains the gate rule's AttnGates; use a spec with rule: gate")
+    if not Path(data).is_file():
+        raise SparsegenError(f"{data}: no such data file (a text file or a token stream)")
     torch.manual_seed(seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(model, (str, Path)):
