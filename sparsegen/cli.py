@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from .codegen.backend import decode_backend
 from .errors import SparsegenError
 
 
@@ -32,17 +33,38 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _configs_to_compile(kernel, db) -> list[tuple[str, dict]]:
+    """Each backend's heuristic default, then every distinct config the database holds for
+    this kernel (on any GPU): what an emitted package may load."""
+    from .emit import _best_entries
+    from .tune.db import kernel_identity
+
+    out = [(b, decode_backend(b).default_config(kernel.static)) for b in kernel.backends]
+    for _gpu, entries in _best_entries(db, kernel_identity(kernel)):
+        for e in entries:
+            cand = (e["best"]["backend"], e["best"]["config"])
+            if cand[0] in kernel.backends and cand not in out:
+                out.append(cand)
+    return out
+
+
 def cmd_compile(args) -> int:
-    """Render every kernel of the plan with its default config (and any tuned configs in
-    the database) and compile it for Hopper; needs no GPU."""
-    from .codegen.backend import decode_backend
+    """Render every kernel of the plan with its default configs and the tuned configs in the
+    database, and compile each for Hopper; needs no GPU."""
+    from .tune.db import TuningDB
 
     spec, plan = _load(args.spec)
     build_dir = Path(args.build_dir) if args.build_dir else None
+    db = TuningDB(args.db)
     failures = 0
     for kernel in plan.kernels:
-        for backend in kernel.backends:
-            adapter = decode_backend(backend)(kernel.static, None, build_dir)
+        for backend, config in _configs_to_compile(kernel, db):
+            try:
+                adapter = decode_backend(backend)(kernel.static, config, build_dir)
+            except ValueError as e:  # a stored config today's adapter rejects
+                failures += 1
+                print(f"FAIL {kernel.name} [{backend}] {config}: {e}")
+                continue
             path = adapter.render()
             try:
                 facts = adapter.compile_sm90()
@@ -76,6 +98,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("compile", help="render and compile the plan's kernels for sm_90a (no GPU)")
     p.add_argument("spec")
     p.add_argument("--build-dir", default=None, help="where rendered kernels go")
+    p.add_argument("--db", default=None, help="tuning database (default: $SPARSEGEN_TUNING_DB "
+                   "or ./tuning_db)")
     p.set_defaults(func=cmd_compile)
     _add_tuning_commands(sub)
     args = parser.parse_args(argv)
