@@ -74,6 +74,15 @@ def cmd_compile(args) -> int:
                 continue
             print(f"ok   {kernel.name} [{backend}] {adapter.config} -> {path.name} "
                   f"{json.dumps(facts, default=str)}")
+    for name, adapter_cls, static in plan.rule_kernels:
+        adapter = adapter_cls(static, None, build_dir)
+        try:
+            facts = adapter.compile_sm90()
+        except Exception as e:
+            failures += 1
+            print(f"FAIL {name} [triton]: {str(e).splitlines()[0][:300]}")
+            continue
+        print(f"ok   {name} [triton] {adapter.config} {json.dumps(facts, default=str)[:300]}")
     if failures:
         raise SparsegenError(f"{failures} kernel(s) failed to compile for sm_90a")
     return 0

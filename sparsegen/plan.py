@@ -52,7 +52,9 @@ class KernelPlan:
 @dataclass(frozen=True)
 class Plan:
     spec: Spec
-    kernels: tuple[KernelPlan, ...]
+    kernels: tuple[KernelPlan, ...]  # tuned per shape bucket (the attention kernel)
+    # the rule's scoring / selection / cache kernels: (name, adapter class, static params)
+    rule_kernels: tuple = ()
 
     def describe(self) -> dict:
         out = []
@@ -66,6 +68,11 @@ class Plan:
                 "backends": {b: {"tunables": k.space(b), "default": k.default_config(b)}
                              for b in k.backends},
             })
+        for name, adapter, static in self.rule_kernels:
+            static_dict = static.as_dict() if hasattr(static, "as_dict") else vars(static)
+            out.append({"kernel": name, "static": dict(static_dict),
+                        "backends": {"triton": {"tunables": adapter.tunable_space(static),
+                                                "default": adapter.default_config(static)}}})
         return {"spec": self.spec.name, "kernels": out}
 
 
@@ -81,4 +88,6 @@ def make_plan(spec: Spec) -> Plan:
         selected_fraction=1.0 - spec.tuning.sparsity,
         budget_blocks=None if s.budget_tokens is None else s.budget_tokens // s.block_size,
         head_major=c.head_major)
-    return Plan(spec=spec, kernels=(decode,))
+    from .codegen.rule_kernels import rule_kernels
+
+    return Plan(spec=spec, kernels=(decode,), rule_kernels=tuple(rule_kernels(spec)))

@@ -1,11 +1,13 @@
-"""The selection-side kernels a gate or topk spec needs, beside the sparse decode attention:
+"""The selection-side kernels each rule's spec needs, beside the sparse decode attention:
 (name, adapter class, static params) for the plan, `sparsegen compile` and the tuner (each
 adapter has tunable_space / default_config / check_config, compile_sm90 and bench_inputs /
 reference / __call__)."""
 from __future__ import annotations
 
 from .distill_kernels import DistillStatic, TritonDistillTarget
+from .entmax_kernels import EntmaxDecodeTriton, EntmaxPrefillTriton, EntmaxStatic, EntmaxTauTriton
 from .gate_kernels import GateScoreStatic, GateStepStatic, TritonGateScore, TritonGateStep
+from .milestone_kernels import MilestoneScoreTriton, MilestoneStatic
 from .quest_kernels import QuestStatic, TritonQuestMeta, TritonQuestScore
 from .select_kernels import SelectStatic, TritonBlockSelect
 
@@ -33,4 +35,13 @@ def rule_kernels(spec) -> list[tuple[str, type, object]]:
         return [("quest_meta", TritonQuestMeta, static),
                 ("quest_score", TritonQuestScore, static),
                 ("block_select", TritonBlockSelect, SelectStatic(bs, "topk", rows))]
+    if s.rule == "entmax":
+        static = EntmaxStatic.from_spec(spec)
+        kernels = [("entmax_tau", EntmaxTauTriton, static),
+                   ("entmax_decode", EntmaxDecodeTriton, static)]
+        if "prefill" in spec.phases:
+            kernels.append(("entmax_prefill", EntmaxPrefillTriton, static))
+        return kernels
+    if s.rule == "milestone":
+        return [("milestone_score", MilestoneScoreTriton, MilestoneStatic.from_spec(spec))]
     return []
