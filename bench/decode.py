@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
-from bench.timing import copy_bandwidth, gpu_facts, time_graph, time_plain  # noqa: E402
+from bench.timing import copy_bandwidth, gpu_facts, save_results, time_graph, time_plain  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 64
 PAGE = 64
@@ -365,15 +365,7 @@ def main():
                                 json.dumps({"facts": facts, "rows": rows}, indent=1))
     stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         f"{facts['gpu_slug']}-decode-attention")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
-    write_markdown(rows, facts, args, stem.with_suffix(".md"))
-    print(stem.with_suffix(".md").read_text())
-    out = os.environ.get("OUT")
-    if out:  # the device tool brings $OUT back
-        for suffix in (".md", ".json"):
-            Path(out, stem.name + suffix).write_text(stem.with_suffix(suffix).read_text())
-
+    save_results(stem, facts, rows, lambda path: write_markdown(rows, facts, args, path))
 
 if __name__ == "__main__":
     main()

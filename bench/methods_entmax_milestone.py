@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 import traceback
@@ -33,14 +32,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import gpu_facts, time_graph, time_plain  # noqa: E402
+from bench.timing import gpu_facts, save_results, time_graph, time_plain  # noqa: E402
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxPrefillTriton,  # noqa: E402
                                               EntmaxStatic, EntmaxTauTriton)
 from sparsegen.codegen.milestone_kernels import MilestoneScoreTriton, MilestoneStatic  # noqa: E402
 from sparsegen.methods.entmax import (EntmaxRule, block_summaries,  # noqa: E402
-                                      entmax_decode_reference, entmax_prefill,
+                                      entmax_prefill,
                                       prefill_selection, select_blocks)
 from sparsegen.methods.kv_cache import KVCache  # noqa: E402
 from sparsegen.methods.milestone import MilestoneDecoder, MilestoneRule  # noqa: E402
@@ -121,7 +120,7 @@ def bench_entmax_decode(batch, seq_len, target, rows, gen):
         row["sparsity"] = 1 - sel.counts.float().mean().item() / nb
         row["ideal_speedup"] = 1 / (1 - row["sparsity"])
         out = att(qs[0], k, v, sel.indices, sel.counts, seq, block_bias=sel.bias)
-        ref = entmax_decode_reference(qs[0], k, v, sel.indices, sel.counts, seq, BLOCK,
+        ref = sparse_decode_reference(qs[0], k, v, sel.indices, sel.counts, seq, BLOCK,
                                       block_bias=sel.bias, validate=False)
         row["attn_err"] = rel_err(out, ref)
         if not row["attn_err"] < 1e-2:
@@ -407,15 +406,7 @@ def main():
         bench_milestone(8, 1024, 2048, 32768, 16384 if args.quick else 65536, rows, gen)
     stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         f"{facts['gpu_slug']}-entmax-milestone")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
-    write_markdown(rows, facts, stem.with_suffix(".md"))
-    print(stem.with_suffix(".md").read_text())
-    out = os.environ.get("OUT")
-    if out:  # the device tool brings $OUT back
-        for suffix in (".md", ".json"):
-            Path(out, stem.name + suffix).write_text(stem.with_suffix(suffix).read_text())
-
+    save_results(stem, facts, rows, lambda path: write_markdown(rows, facts, path))
 
 if __name__ == "__main__":
     main()

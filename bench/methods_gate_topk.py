@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import gpu_facts, time_graph, time_plain  # noqa: E402
+from bench.timing import gpu_facts, save_results, time_graph, time_plain  # noqa: E402
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.codegen.distill_kernels import DistillStatic, TritonDistillTarget  # noqa: E402
@@ -358,15 +357,7 @@ def main():
         bench_distill([4096, 8192] if args.quick else [4096, 8192, 16384], gen, rows)
     stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         f"{facts['gpu_slug']}-step-gate-topk")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
-    write_markdown(rows, facts, stem.with_suffix(".md"))
-    print(stem.with_suffix(".md").read_text())
-    out = os.environ.get("OUT")
-    if out:  # the device tool brings $OUT back
-        for suffix in (".md", ".json"):
-            Path(out, stem.name + suffix).write_text(stem.with_suffix(suffix).read_text())
-
+    save_results(stem, facts, rows, lambda path: write_markdown(rows, facts, path))
 
 if __name__ == "__main__":
     main()

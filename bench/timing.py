@@ -84,3 +84,21 @@ def gpu_facts() -> dict:
             "versions": f"torch {torch.__version__}, triton {triton.__version__}, "
                         f"tilelang {tl_version}, python {platform.python_version()}, "
                         f"CUDA {torch.version.cuda}"}
+
+
+def save_results(stem, facts: dict, rows: list, write_markdown) -> None:
+    """Write <stem>.json and <stem>.md (through write_markdown(path)), print the table and
+    copy both to $OUT when set (the device tool brings $OUT back)."""
+    import json
+    import os
+    from pathlib import Path
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
+    write_markdown(stem.with_suffix(".md"))
+    print(stem.with_suffix(".md").read_text())
+    out = os.environ.get("OUT")
+    if out:
+        for suffix in (".md", ".json"):
+            Path(out, stem.name + suffix).write_text(stem.with_suffix(suffix).read_text())

@@ -23,8 +23,9 @@ import torch  # noqa: E402
 
 from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxPrefillTriton,  # noqa: E402
                                               EntmaxStatic, EntmaxTauTriton)
+from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
 from sparsegen.methods.entmax import (EntmaxDecoder, EntmaxRule, block_summaries,  # noqa: E402
-                                      entmax, entmax_decode_reference, entmax_forward,
+                                      entmax, entmax_forward,
                                       entmax_prefill, select_blocks)
 from sparsegen.methods.kv_cache import KVCache  # noqa: E402
 from sparsegen.spec import load_spec  # noqa: E402
@@ -188,7 +189,7 @@ def test_decode_kernel_matches_reference(bs, block_n, layout, prior, dtype):
     summ = block_summaries(k, torch.zeros(Hkv, D), bs).contiguous()
     sel = select_blocks(q, summ, seq, rule, width=summ.shape[2] + 2)
     bias = sel.bias if prior else None
-    want = entmax_decode_reference(q, k, v, sel.indices, sel.counts, seq, bs, block_bias=bias)
+    want = sparse_decode_reference(q, k, v, sel.indices, sel.counts, seq, bs, block_bias=bias)
     st = EntmaxStatic(block_size=bs, head_dim=D, group_size=G, dtype=dtype, layout=layout,
                       page_size=2 * bs if layout == "paged" else 0, prior=prior)
     kern = EntmaxDecodeTriton(st, {**EntmaxDecodeTriton.default_config(st), "block_n": block_n,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .selection import always_on, mask_to_indices, num_blocks
-from .sparse_decode_ref import gather_token_positions, validate_block_indices
+from .sparse_decode_ref import sparse_decode_reference
 
 NEG_INF = float("-inf")
 
@@ -228,44 +228,6 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, lengths: torch.Tenso
     return (sel, pbar) if return_probs else sel
 
 
-def entmax_decode_reference(q, k, v, block_indices, block_counts, seq_lens, block_size,
-                            block_table=None, block_bias=None, sm_scale=None,
-                            compute_dtype=torch.float32, validate=True) -> torch.Tensor:
-    """sparse_decode_reference plus an additive bias per selected block (natural log
-    units), added to the logits of that block's tokens."""
-    B, Hq, D = q.shape
-    Hkv = k.shape[2]
-    G = Hq // Hkv
-    if validate:
-        validate_block_indices(block_indices, block_counts, seq_lens, block_size)
-    scale = D ** -0.5 if sm_scale is None else sm_scale
-    out = torch.zeros(B, Hq, D, dtype=compute_dtype, device=q.device)
-    for b in range(B):
-        n = int(seq_lens[b])
-        for h in range(Hkv):
-            count = int(block_counts[b, h])
-            if count == 0:
-                continue
-            pos = gather_token_positions(block_indices[b, h, :count], block_size)
-            keep = pos < n
-            pos = pos[keep]
-            if pos.numel() == 0:
-                continue
-            if block_table is None:
-                keys, vals = k[b, pos, h], v[b, pos, h]
-            else:
-                ps = k.shape[1]
-                pages = block_table[b].long()[pos // ps]
-                keys, vals = k[pages, pos % ps, h], v[pages, pos % ps, h]
-            qg = q[b, h * G:(h + 1) * G].to(compute_dtype)
-            logits = qg @ keys.to(compute_dtype).T * scale
-            if block_bias is not None:
-                tok_bias = block_bias[b, h, :count].to(compute_dtype).repeat_interleave(block_size)
-                logits = logits + tok_bias[keep]
-            out[b, h * G:(h + 1) * G] = torch.softmax(logits, -1) @ vals.to(compute_dtype)
-    return out
-
-
 # ---------------------------------------------------------------------------------------
 # Decoder state: summaries beside the KV cache
 # ---------------------------------------------------------------------------------------
@@ -275,7 +237,7 @@ class EntmaxDecoder:
     `selector(q, summaries, seq_lens, lengths)` -> Selection defaults to the torch rule
     (`select_blocks`); the Triton tau kernels (EntmaxTauTriton) have the same signature.
     `attend` follows decode_api plus `block_bias=` (the Triton EntmaxDecodeTriton; None is
-    entmax_decode_reference) and is called with keywords, as in decode_step.
+    sparse_decode_reference) and is called with keywords, as in decode_step.
     """
 
     def __init__(self, rule: EntmaxRule, num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -356,7 +318,7 @@ class EntmaxDecoder:
         sel = self.select(q, cache)
         self.last_selection = sel
         if attend is None:
-            out = entmax_decode_reference(q, cache.k, cache.v, sel.indices, sel.counts,
+            out = sparse_decode_reference(q, cache.k, cache.v, sel.indices, sel.counts,
                                           cache.seq_lens, self.rule.block_size,
                                           block_table=cache.block_table,
                                           block_bias=sel.bias if self.rule.prior else None,

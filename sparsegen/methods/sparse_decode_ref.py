@@ -64,10 +64,13 @@ def sparse_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             block_table: torch.Tensor | None = None,
                             sm_scale: float | None = None,
                             compute_dtype: torch.dtype = torch.float32,
-                            validate: bool = True) -> torch.Tensor:
+                            validate: bool = True,
+                            block_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Block-sparse decode attention; see decode_api for the contract.
 
-    With block_table given, k/v are pages [num_pages, page_size, Hkv, D].
+    With block_table given, k/v are pages [num_pages, page_size, Hkv, D]. block_bias
+    [B, Hkv, max_sel] (natural-log units, e.g. entmax's log p prior) is added to the logits
+    of every token of the corresponding selected block.
     """
     B, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -85,7 +88,8 @@ def sparse_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             if count == 0:
                 continue
             pos = gather_token_positions(block_indices[b, h, :count], block_size)
-            pos = pos[pos < n]
+            keep = pos < n
+            pos = pos[keep]
             if pos.numel() == 0:
                 continue
             if block_table is None:
@@ -96,6 +100,9 @@ def sparse_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 keys, vals = k[pages, pos % page_size, h], v[pages, pos % page_size, h]
             qg = q[b, h * group:(h + 1) * group].to(compute_dtype)  # [G, D]
             logits = qg @ keys.to(compute_dtype).T * scale  # [G, n_tok]
+            if block_bias is not None:
+                tok_bias = block_bias[b, h, :count].to(compute_dtype).repeat_interleave(block_size)
+                logits = logits + tok_bias[keep]
             out[b, h * group:(h + 1) * group] = torch.softmax(logits, -1) @ vals.to(compute_dtype)
     return out
 
