@@ -1,0 +1,69 @@
+"""From a spec to one layer's whole method: the KV cache its rule needs and the rule's
+decoder (metadata, scoring, selection), whatever the rule.
+
+Each decoder's `prefill(cache, k, v, ...)` fills the cache and the rule's state in one pass and
+its `step(q, k_new, v_new, cache, attend, ...)` is one decode step: append, update the
+metadata, score, select, attend. The emitted package wraps these in `SparseAttentionLayer`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kv_cache import KVCache
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_cache(spec, batch: int, capacity: int, device="cpu", dtype=None,
+               num_pages: int | None = None) -> KVCache:
+    """The cache layout the spec names, sized for `capacity` tokens per sequence.
+
+    Paged caches get `num_pages` pages (default: every sequence at full capacity); a
+    milestone cache needs only prefill + budget pages per sequence, which is its point."""
+    m, c = spec.model, spec.cache
+    dtype = dtype or _DTYPES[m.dtype]
+    if c.layout == "paged" and num_pages is None:
+        num_pages = batch * math.ceil(capacity / c.page_size)
+    return KVCache(batch, m.num_kv_heads, m.head_dim, capacity, dtype=dtype, device=device,
+                   layout=c.layout, page_size=c.page_size or 0, num_pages=num_pages)
+
+
+def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, gate=None):
+    """The rule's decoder for `layer`. impl "triton" uses the generated scoring/selection
+    kernels (the default on CUDA), "torch" the method reference (the default elsewhere).
+    A gate rule takes its trained AttnGate (`gate`); without one it starts untrained."""
+    impl = impl or ("triton" if cache.device.type == "cuda" else "torch")
+    rule = spec.selection.rule
+    if rule == "gate":
+        from .decode_step import GateDecoder
+        from .gate import AttnGate
+
+        gate = (gate if gate is not None else AttnGate.from_spec(spec)).to(cache.device)
+        return GateDecoder.from_spec(spec, gate, cache.batch, cache.capacity, layer,
+                                     device=cache.device, impl=impl, kc_dtype=cache.k.dtype)
+    if rule == "topk":
+        from .decode_step import TopkDecoder
+
+        return TopkDecoder.from_spec(spec, cache, layer, impl=impl)
+    if rule == "entmax":
+        from .entmax import EntmaxDecoder
+
+        selector = None
+        if impl == "triton":
+            from ..codegen.entmax_kernels import EntmaxStatic, EntmaxTauTriton
+
+            selector = EntmaxTauTriton(EntmaxStatic.from_spec(spec),
+                                       scale=spec.selection.entmax.scale)
+        return EntmaxDecoder.from_spec(spec, selector=selector)
+    if rule == "milestone":
+        from .milestone import MilestoneDecoder
+
+        scorer = None
+        if impl == "triton":
+            from ..codegen.milestone_kernels import MilestoneScoreTriton, MilestoneStatic
+
+            scorer = MilestoneScoreTriton(MilestoneStatic.from_spec(spec))
+        return MilestoneDecoder.from_spec(spec, scorer=scorer)
+    raise ValueError(f"unknown rule {rule!r}")
