@@ -117,6 +117,10 @@ def main(argv=None) -> int:
     except SparsegenError as e:
         print(f"sparsegen: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unwritable output dir, a full disk: the path and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sparsegen: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("sparsegen: interrupted", file=sys.stderr)
         return 130

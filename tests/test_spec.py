@@ -197,3 +197,11 @@ def test_fuzz_raw_text_never_traceback():
             parse_spec("".join(t), "raw.yaml")
         except SpecError as e:
             assert "\n" not in str(e)
+
+
+def test_unwritable_output_is_one_line_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli_main(["build", str(EXAMPLES[0]), "-o", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(blocker) in err
