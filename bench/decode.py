@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
+from bench.baselines import cudnn_decode_variants  # noqa: E402
 from bench.timing import copy_bandwidth, gpu_facts, save_results, time_graph, time_plain  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 64
@@ -101,38 +102,6 @@ def flex_decode_fn(q, k, v, idx, counts, seq_len):
     return run
 
 
-def sdpa_variants(qs, k, v):
-    """Dense cuDNN SDPA in each formulation a server might use; the bench keeps the fastest.
-
-    fold: the group folded into the query length, q [B, Hkv, G, D] over the [B, S, Hkv, D]
-    cache viewed head-major; gqa: q [B, Hq, 1, D] with enable_gqa on the same view;
-    gqa-hm: the same on a head-major contiguous copy of the cache.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    B = qs[0].shape[0]
-    G = HQ // HKV
-    kv_view = (k.transpose(1, 2), v.transpose(1, 2))
-
-    def fold(q, kk, vv):
-        return sdpa(q.view(B, HKV, G, D), kk, vv).view(B, HQ, D)
-
-    def gqa(q, kk, vv):
-        return sdpa(q.view(B, HQ, 1, D), kk, vv, enable_gqa=True).view(B, HQ, D)
-
-    def bind(fn, q, kk, vv):
-        def run():
-            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                return fn(q, kk, vv)
-        return run
-    yield "fold", [bind(fold, q, *kv_view) for q in qs]
-    yield "gqa", [bind(gqa, q, *kv_view) for q in qs]
-    kv_hm = (kv_view[0].contiguous(), kv_view[1].contiguous())
-    yield "gqa-hm", [bind(gqa, q, *kv_hm) for q in qs]
-    del kv_hm
-
-
 def rel_err(out, ref):
     return ((out.float() - ref).norm() / ref.norm()).item()
 
@@ -173,7 +142,7 @@ def bench_case(dtype_name, layout, batch, seq_len, sparsity, backends, gen, rows
             row[f"{name}_note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             traceback.print_exc()
     if layout == "contiguous":
-        for variant, calls in sdpa_variants([q for q, _ in sets], k, v):
+        for variant, calls in cudnn_decode_variants([q for q, _ in sets], k, v):
             try:
                 out = calls[0]()
                 if count == num_blocks:
