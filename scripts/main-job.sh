@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-build/main-job}
+# through the interpreter pip installed into: a pyenv shim for the console script may not
+# exist yet right after `pip install`
+sparsegen() { python3 -m sparsegen.cli "$@"; }
 mkdir -p "$out"
 for spec in examples/specs/*.yaml; do
   name=$(basename "$spec" .yaml)
