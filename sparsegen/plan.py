@@ -36,6 +36,9 @@ class KernelPlan:
     budget_blocks: int | None = None  # blocks a budgeted rule selects, whatever the length
     head_major: bool = False
 
+    def adapter_cls(self, backend: str):
+        return decode_backend(backend)
+
     def space(self, backend: str) -> dict[str, list]:
         return decode_backend(backend).tunable_space(self.static)
 
@@ -47,6 +50,60 @@ class KernelPlan:
         num_blocks = math.ceil(seq_len / self.static.block_size)
         want = self.budget_blocks or round(self.selected_fraction * num_blocks)
         return max(1, min(num_blocks, want))
+
+
+@dataclass(frozen=True)
+class RuleKernelPlan:
+    """A selection-side kernel of the rule (one Triton adapter class) as the tuner sees it:
+    the same shape buckets and workload (heads, selected blocks) as the attention kernel."""
+
+    name: str
+    adapter: type
+    static: object
+    num_q_heads: int
+    num_kv_heads: int
+    shapes: tuple[ShapeBucket, ...]
+    block_size: int
+    selected_fraction: float
+    budget_blocks: int | None = None
+    head_major: bool = False
+    backends: tuple[str, ...] = ("triton",)
+
+    def adapter_cls(self, backend: str):
+        return self.adapter
+
+    @property
+    def tunable(self) -> bool:
+        """Whether the adapter offers the tuner's GPU protocol (bench_inputs, reference)."""
+        return callable(getattr(self.adapter, "bench_inputs", None)) and \
+            callable(getattr(self.adapter, "reference", None))
+
+    def selected_blocks(self, seq_len: int) -> int:
+        num_blocks = math.ceil(seq_len / self.block_size)
+        want = self.budget_blocks or round(self.selected_fraction * num_blocks)
+        return max(1, min(num_blocks, want))
+
+    def bench_kwargs(self, shape: ShapeBucket) -> dict:
+        """Keyword arguments of adapter.bench_inputs this workload decides (those it takes)."""
+        import inspect
+
+        params = inspect.signature(self.adapter.bench_inputs).parameters
+        known = {"heads": self.num_kv_heads, "kv_heads": self.num_kv_heads,
+                 "budget_blocks": self.selected_blocks(shape.seq_len)}
+        return {k: v for k, v in known.items() if k in params}
+
+
+def rule_kernel_plans(plan) -> list[RuleKernelPlan]:
+    """The plan's rule kernels, tuned over the attention kernel's shape buckets."""
+    rules = getattr(plan, "rule_kernels", ())
+    if not rules or not plan.kernels:
+        return []
+    d = plan.kernels[0]
+    return [RuleKernelPlan(name=name, adapter=cls, static=static, num_q_heads=d.num_q_heads,
+                           num_kv_heads=d.num_kv_heads, shapes=d.shapes,
+                           block_size=d.static.block_size, selected_fraction=d.selected_fraction,
+                           budget_blocks=d.budget_blocks)
+            for name, cls, static in rules]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from sparsegen.tune.space import CONSTRAINT, SearchSpace
 from sparsegen.tune.tuner import Targets, TuneOptions, open_storage, study_name, tune_plan
 from sparsegen.tune.worker import ChildWorker
 from tests import tune_fakes
-from tests.tune_fakes import FakeDecode, FakePlan, cost, fake_kernel
+from tests.tune_fakes import (FakeDecode, FakePlan, FakeRule, FakeRuleNoBench, FakeRuleStatic,
+                              cost, fake_kernel)
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = GpuId("Fake GPU", "9.0")
@@ -107,6 +108,79 @@ def test_tune_enqueues_defaults_first_and_reports_infeasible_on_cpu(tmp_path, fa
     assert best["median_ms"] <= r.entry["default"]["median_ms"] == pytest.approx(cost(
         "fake", {"tile": 32, "warps": 2, "stages": 2}))
     assert r.entry["trials"] == {"measured": 12, "failed": 0, "infeasible": len(infeasible)}
+
+
+def test_rule_kernels_are_tuned_per_shape_and_recorded(tmp_path, fake_log, monkeypatch):
+    """plan.rule_kernels get a study per shape bucket of the spec, through the same path:
+    default enqueued first, check_config rejections pruned on the CPU, winners in the db
+    under the rule kernel's own identity; an adapter without bench_inputs is skipped."""
+    from sparsegen.plan import rule_kernel_plans
+
+    kernel = fake_kernel(shapes=((1, 1024), (4, 4096)))
+    plan = FakePlan(kernel, rule_kernels=(
+        ("fake_select", FakeRule, FakeRuleStatic(64)),
+        ("fake_step", FakeRuleNoBench, FakeRuleStatic(64))))
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    results = tune_plan(plan, options(tmp_path, trials=6))
+    tuner_mod.print_summary(results)
+    by = {(r.kernel, r.shape): r for r in results}
+    assert by[("fake_step", "-")].status == "skipped"
+    assert "skipped fake_step: FakeRuleNoBench has no bench_inputs" in out.getvalue()
+    rule, _ = rule_kernel_plans(plan)
+    assert rule.shapes == kernel.shapes and rule.bench_kwargs(kernel.shapes[1]) == {
+        "heads": 2, "budget_blocks": kernel.selected_blocks(4096)}
+    identity = kernel_identity(rule)
+    assert identity["name"] == "fake_select" and identity["static"] == {"block_size": 64,
+                                                                        "rows": 1}
+    assert identity["templates"]["triton"]["adapter"] == "tests.tune_fakes"
+    assert identity["templates"]["triton"]["adapter_hash"]
+    db = TuningDB(tmp_path / "db")
+    for shape in kernel.shapes:
+        r = by[("fake_select", shape.key)]
+        assert r.status == "tuned"
+        study = load_study(tmp_path, rule, shape)
+        trials = study.get_trials()
+        assert trials[0].user_attrs["default"] and trials[0].params == {
+            "backend": "triton", "triton.block": 32, "triton.num_warps": 2}
+        infeasible = [t for t in trials if t.user_attrs.get("outcome") == "infeasible"]
+        for t in infeasible:
+            assert t.state == TrialState.PRUNED and t.constraints[CONSTRAINT] > 0
+            assert "exceeds registers" in t.user_attrs["reason"]
+        measured = [t for t in trials if t.user_attrs.get("outcome") == "measured"]
+        assert len(measured) == 6
+        assert r.entry["best"]["median_ms"] == pytest.approx(min(t.value for t in measured))
+        assert r.entry["default"]["median_ms"] == pytest.approx(
+            cost("triton", {"block": 32, "num_warps": 2}))
+        assert r.entry["trials"]["infeasible"] == len(infeasible)
+        entry = db.lookup(GPU, identity, {"batch": shape.batch, "seq_len": shape.seq_len},
+                          library_versions())
+        assert entry["best"] == r.entry["best"]
+    assert db.path_for(GPU, identity).name.startswith("fake_select-")
+    # rule-kernel evaluations got their own workload and static class
+    rule_evals = [e for e in evaluations(fake_log) if "block" in e["config"]]
+    assert len(rule_evals) == 12
+    # the attention kernel is tuned as before, and a second run is warm throughout
+    assert all(by[("fake_decode", s.key)].status == "tuned" for s in kernel.shapes)
+    again = tune_plan(plan, options(tmp_path, trials=6))
+    assert sorted(r.status for r in again) == ["skipped"] + ["warm"] * 4
+
+
+def test_rule_kernel_gate_compares_with_the_reference():
+    import torch
+
+    from sparsegen.tune.bench import _check_rule
+    from sparsegen.tune.worker import CandidateError
+
+    idx = torch.tensor([[0, 2, -1]], dtype=torch.int32)
+    logits = torch.tensor([1.0, float("-inf"), 2.0])
+    assert _check_rule(torch, (idx, logits), (idx.clone(), logits.double()), 1e-2, "c") == 0
+    with pytest.raises(CandidateError, match="differs from the reference"):
+        _check_rule(torch, (idx + 1, logits), (idx, logits), 1e-2, "c")
+    with pytest.raises(CandidateError, match="non-finite"):
+        _check_rule(torch, (idx, logits.nan_to_num(neginf=0.0)), (idx, logits), 1e-2, "c")
+    with pytest.raises(CandidateError, match="relative error"):
+        _check_rule(torch, (idx, logits * 1.1), (idx, logits), 1e-2, "c")
 
 
 def test_failed_children_are_failed_trials_and_tuning_goes_on(tmp_path, fake_log, monkeypatch):
@@ -239,14 +313,21 @@ def test_cli_tune_without_gpu_needs_a_warm_database(tmp_path):
     assert cold.returncode == 2 and "needs a CUDA GPU" in cold.stderr, cold.stderr
     assert "Traceback" not in cold.stderr
 
-    kernel = make_plan(parse_spec(SPEC)).kernels[0]
-    identity, versions = kernel_identity(kernel), library_versions()
+    from sparsegen.plan import rule_kernel_plans
+
+    plan = make_plan(parse_spec(SPEC))
+    kernel = plan.kernels[0]
+    # the rule's kernels: quest_meta and quest_score cannot be measured (skipped), and
+    # block_select is tuned per shape like the attention kernel
+    rules = [k for k in rule_kernel_plans(plan) if k.tunable]
+    assert [k.name for k in rules] == ["block_select"]
+    versions = library_versions()
     db = TuningDB(db_dir)
-    default = SearchSpace(kernel).defaults()[0]
-    for shape in kernel.shapes:
+    for k, shape in [(k, s) for k in [kernel, *rules] for s in k.shapes]:
+        identity, default = kernel_identity(k), SearchSpace(k).defaults()[0]
         db.record(GPU, identity, {
             "shape": {"batch": shape.batch, "seq_len": shape.seq_len},
-            "selected_blocks": kernel.selected_blocks(shape.seq_len), "versions": versions,
+            "selected_blocks": k.selected_blocks(shape.seq_len), "versions": versions,
             "best": {"backend": "triton", "config": default.config, "median_ms": 0.01,
                      "plain_ms": 0.02, "graph_ms": 0.01, "bandwidth_gbs": 1000.0},
             "default": {"backend": "triton", "config": default.config, "median_ms": 0.01},
@@ -257,6 +338,7 @@ def test_cli_tune_without_gpu_needs_a_warm_database(tmp_path):
                 "-o", str(tmp_path / "out"), env=env)
     assert time.monotonic() - t0 < 5 + 2  # + interpreter start-up of this subprocess
     assert warm.returncode == 0, warm.stderr
-    assert warm.stdout.count("warm") == 4
+    assert warm.stdout.count("warm") == 8 and warm.stdout.count("skipped") == 2
+    assert "skipped quest_meta: TritonQuestMeta has no bench_inputs" in warm.stdout
     configs = json.loads((tmp_path / "out" / "cli_case" / "tuned_configs.json").read_text())
     assert len(configs["kernels"]["sparse_decode"]["tuned"]["fake-gpu-sm90"]["buckets"]) == 4

@@ -6,6 +6,9 @@
   deterministic function of the config. With FAKE_FAILURES=1 some configs crash (SIGSEGV),
   hang, run out of memory or give wrong results. Every evaluation is appended to $FAKE_LOG
   (one JSON line: study, trial, pid, candidate) so tests can count GPU work.
+* `FakeRule` / `FakeRuleNoBench`: rule (selection-side) kernel adapters in the shape of
+  sparsegen.codegen.triton_kernel.TritonKernel ("block"/"num_warps" tiles, infeasible when
+  block * num_warps > 256); the second lacks bench_inputs, so the tuner must skip it.
 * Run as `python -m tests.tune_fakes`, it tunes `fake_plan()` (a worker process for the shared-storage tests).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sparsegen.codegen import backend as _backend
@@ -82,6 +86,63 @@ class FakeDecode2(FakeDecode):
         return None
 
 
+@dataclass(frozen=True)
+class FakeRuleStatic:
+    block_size: int
+    rows: int = 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class FakeRuleNoBench:
+    """A rule kernel adapter without the tuner's GPU protocol (like the gate step)."""
+
+    name = "fake_rule"
+    template = FAKE_TEMPLATE
+
+    def __init__(self, static, config=None, build_dir=None):
+        self.static = static
+        self.config = dict(self.default_config(static) if config is None else config)
+        reason = self.check_config(static, self.config)
+        if reason:
+            raise ValueError(reason)
+        self.build_dir = build_dir
+
+    @classmethod
+    def tunable_space(cls, static):
+        return {"block": [16, 32, 64, 128], "num_warps": [1, 2, 4]}
+
+    @classmethod
+    def default_config(cls, static):
+        return {"block": 32, "num_warps": 2}
+
+    @classmethod
+    def check_config(cls, static, config):
+        if config["block"] * config["num_warps"] > 256:
+            return f"block*num_warps={config['block'] * config['num_warps']} exceeds registers"
+        return None
+
+    def render(self):
+        return FakeDecode.render(self)
+
+    def compile_sm90(self, keep_asm=False):
+        return {"k": {"n_regs": 24, "shared": 0}}
+
+
+class FakeRule(FakeRuleNoBench):
+    @classmethod
+    def bench_inputs(cls, static, batch, seq_len, heads=8, budget_blocks=64, device="cuda",
+                     seed=0):
+        return {"scores": [[seed] * heads] * batch, "k": budget_blocks}
+
+    def reference(self, scores, k):
+        return scores
+
+    def __call__(self, scores, k):
+        return scores
+
+
 MODULE = "tests.tune_fakes"  # by name, not __name__ (which is __main__ in a script)
 _backend._ADAPTERS.setdefault("fake", (MODULE, "FakeDecode"))
 _backend._ADAPTERS.setdefault("fake2", (MODULE, "FakeDecode2"))
@@ -95,14 +156,18 @@ def fake_kernel(name="fake_decode", backends=("fake", "fake2"), shapes=((1, 1024
 
 
 class FakePlan:
-    def __init__(self, *kernels):
+    def __init__(self, *kernels, rule_kernels=()):
         self.kernels = kernels
+        self.rule_kernels = tuple(rule_kernels)
 
 
 def cost(backend: str, config: dict) -> float:
     """The fake objective: best at fake tile=64 warps=4 stages=1."""
     if backend == "fake2":
         return 2.0 + config["chunk"] / 100
+    if "block" in config:  # FakeRule: best at block=64 num_warps=4
+        return 0.5 + 0.1 * abs(math.log2(config["block"] / 64)) + 0.05 * abs(
+            config["num_warps"] - 4)
     return (1.0 + 0.3 * abs(math.log2(config["tile"] / 64)) + 0.1 * abs(config["warps"] - 4)
             + 0.05 * config["stages"])
 

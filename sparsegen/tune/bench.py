@@ -14,6 +14,12 @@ L2. `evaluate(task)` then
      launch overhead included) and CUDA-graph replays of one call per set (median per
      call: the GPU time). The objective is the graph time, the plain time where capture
      fails; bandwidth is selected KV bytes over that time.
+
+A rule's selection-side kernel (a RuleKernelPlan: block selection, gate scoring, ...) has a
+workload of kind "rule": its input sets come from the adapter's own `bench_inputs`, the gate
+compares every output with the adapter's `reference` on the first and last set (integer
+outputs exactly, float outputs within the tolerance, with the same non-finite entries), and
+the timing is the same; bandwidth there is input bytes over the time.
 """
 from __future__ import annotations
 
@@ -54,6 +60,20 @@ class Workload:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def workload_of(kernel, shape, seed: int = 0) -> dict:
+    """The workload (plain data) of one shape bucket of an attention or rule kernel."""
+    if not hasattr(kernel, "bench_kwargs"):
+        return Workload.of(kernel, shape, seed=seed).as_dict()
+    return {"kind": "rule", "adapter": _class_path(kernel.adapter),
+            "static_cls": _class_path(type(kernel.static)), "static": kernel.static.as_dict(),
+            "batch": shape.batch, "seq_len": shape.seq_len,
+            "inputs": kernel.bench_kwargs(shape), "seed": seed}
+
+
+def _class_path(cls) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,6 +185,8 @@ def prepare(workload: dict) -> dict:
     """Build (once per child) the inputs and reference outputs of a workload."""
     import torch
 
+    if workload.get("kind") == "rule":
+        return _prepare_rule(torch, workload)
     w = Workload(**workload)
     if _STATE.get("workload") == w:
         return _STATE["summary"]
@@ -250,28 +272,28 @@ def _reps(torch, run, n: int) -> int:
     return max(10, min(2000, int(TARGET_MS / per)))
 
 
-def time_plain(torch, adapter, sets) -> float:
+def time_plain(torch, adapter, sets, call=_call) -> float:
     """Median ms of one plain call, rotating the input sets (launch overhead included)."""
     def run(i):
-        _call(adapter, sets[i % len(sets)])
+        call(adapter, sets[i % len(sets)])
 
     for i in range(len(sets)):
         run(i)
     return _median_ms(torch, run, _reps(torch, run, len(sets)))
 
 
-def time_graph(torch, adapter, sets) -> float:
+def time_graph(torch, adapter, sets, call=_call) -> float:
     """Median ms per call of a CUDA graph that calls the kernel once per input set."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture stream, as capture requires
         for s in sets:
-            _call(adapter, s)
+            call(adapter, s)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for s in sets:
-            _call(adapter, s)
+            call(adapter, s)
     graph.replay()
 
     def run(_):
@@ -286,6 +308,8 @@ def evaluate(task: dict) -> dict:
     """Gate, then time one candidate; raises CandidateError(kind='wrong') if incorrect."""
     import torch
 
+    if task["workload"].get("kind") == "rule":
+        return _evaluate_rule(torch, task)
     w = Workload(**task["workload"])
     summary = prepare(task["workload"])
     adapter = make_adapter(task)
@@ -308,3 +332,105 @@ def evaluate(task: dict) -> dict:
         "max_rel_err": max(ragged_err, full_err), "input_sets": summary["sets"],
         "graph_error": graph_error,
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Rule kernels: inputs from the adapter's bench_inputs, gate against its reference
+# ---------------------------------------------------------------------------------------
+def _tensors(obj) -> list:
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    return [obj] if hasattr(obj, "untyped_storage") else []
+
+
+def _call_rule(adapter, inputs: dict):
+    return adapter(**inputs)
+
+
+def _prepare_rule(torch, workload: dict) -> dict:
+    from .worker import resolve
+
+    if _STATE.get("workload") == workload:
+        return _STATE["summary"]
+    _STATE.clear()
+    torch.cuda.empty_cache()
+    if not torch.cuda.is_available():
+        raise CandidateError("no CUDA device in the GPU worker", kind="error")
+    cls = resolve(workload["adapter"])
+    static = resolve(workload["static_cls"])(**workload["static"])
+
+    def make(i):
+        return cls.bench_inputs(static, workload["batch"], workload["seq_len"],
+                                **workload["inputs"], device="cuda", seed=workload["seed"] + i)
+
+    first = make(0)
+    set_bytes = sum(t.untyped_storage().nbytes() for t in _tensors(first))
+    props = torch.cuda.get_device_properties(torch.device("cuda"))
+    l2 = getattr(props, "L2_cache_size", 0) or DEFAULT_L2_BYTES
+    free, _ = torch.cuda.mem_get_info()
+    want = math.ceil(L2_MULTIPLE * l2 / max(1, set_bytes))
+    fit = int(MEMORY_SHARE * free // max(1, set_bytes)) + 1
+    sets = [first] + [make(i) for i in range(1, max(1, min(want, fit, MAX_SETS)))]
+    # the reference does not depend on the tile config: any feasible instance computes it
+    ref = cls(static, cls.default_config(static), None)
+    checks = [0] if len(sets) == 1 else [0, len(sets) - 1]
+    refs = {i: ref.reference(**sets[i]) for i in checks}
+    summary = {"sets": len(sets), "set_bytes": set_bytes, "l2_bytes": l2,
+               "rotation_bytes": set_bytes * len(sets)}
+    _STATE.update(workload=workload, sets=sets, refs=refs, summary=summary)
+    torch.cuda.synchronize()
+    return summary
+
+
+def _check_rule(torch, out, ref, tolerance: float, what: str) -> float:
+    outs, want = _tensors(out), _tensors(ref)
+    if len(outs) != len(want):
+        raise CandidateError(f"{what}: {len(outs)} output tensor(s), the reference has "
+                             f"{len(want)}", kind="wrong")
+    err = 0.0
+    for i, (o, r) in enumerate(zip(outs, want)):
+        if tuple(o.shape) != tuple(r.shape):
+            raise CandidateError(f"{what}: output {i} has shape {tuple(o.shape)}, want "
+                                 f"{tuple(r.shape)}", kind="wrong")
+        if not r.is_floating_point():
+            if not torch.equal(o.to(r.dtype), r):
+                raise CandidateError(f"{what}: output {i} differs from the reference "
+                                     f"({int((o.to(r.dtype) != r).sum())} entries)",
+                                     kind="wrong")
+            continue
+        o, r = o.float(), r.float()
+        finite = torch.isfinite(r)
+        if not torch.equal(torch.isfinite(o), finite) or not torch.equal(
+                torch.nan_to_num(o[~finite], nan=0.0), torch.nan_to_num(r[~finite], nan=0.0)):
+            raise CandidateError(f"{what}: output {i} has non-finite entries where the "
+                                 "reference has none (or the reverse)", kind="wrong")
+        e = relative_error(o[finite], r[finite]) if bool(finite.any()) else 0.0
+        if not e < tolerance:
+            raise CandidateError(f"{what}: output {i} max relative error {e:.3g} >= "
+                                 f"{tolerance:g} against the reference", kind="wrong")
+        err = max(err, e)
+    return err
+
+
+def _evaluate_rule(torch, task: dict) -> dict:
+    summary = prepare(task["workload"])
+    adapter = make_adapter(task)
+    tol = task.get("tolerance", 1e-2)
+    sets = _STATE["sets"]
+    err = 0.0
+    for i, ref in _STATE["refs"].items():
+        out = _call_rule(adapter, sets[i])
+        err = max(err, _check_rule(torch, out, ref, tol, f"check on input set {i}"))
+    plain = time_plain(torch, adapter, sets, _call_rule)
+    graph_error = None
+    try:
+        graph = time_graph(torch, adapter, sets, _call_rule)
+    except Exception as e:  # noqa: BLE001 - an uncapturable call still has a plain time
+        graph, graph_error = None, f"{type(e).__name__}: {str(e)[:200]}"
+        torch.cuda.synchronize()
+    median = graph if graph is not None else plain
+    return {"median_ms": median, "plain_ms": plain, "graph_ms": graph,
+            "bandwidth_gbs": summary["set_bytes"] / (median * 1e-3) / 1e9,
+            "max_rel_err": err, "input_sets": summary["sets"], "graph_error": graph_error}

@@ -121,13 +121,13 @@ def library_versions() -> dict:
 
 
 def kernel_identity(kernel) -> dict:
-    """Everything besides GPU, shape and versions that decides a KernelPlan's winner."""
-    from ..codegen.backend import decode_backend
+    """Everything besides GPU, shape and versions that decides a KernelPlan's (or a
+    RuleKernelPlan's) winner."""
     from ..codegen.render import template_hash
 
     templates = {}
     for backend in kernel.backends:
-        cls = decode_backend(backend)
+        cls = kernel.adapter_cls(backend)
         # the adapter's Python decides launch parameters (split counts, ...) too
         templates[backend] = {"path": cls.template, "hash": template_hash(cls.template),
                               "adapter": cls.__module__, "adapter_hash": source_hash(cls.__module__)}

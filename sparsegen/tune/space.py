@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 
 import optuna
 
-from ..codegen.backend import decode_backend
-
 CONSTRAINT = "static_feasibility"  # > 0: the config cannot run on the target
 ENUMERATE_LIMIT = 200_000          # spaces up to this size are counted exactly
 
@@ -37,7 +35,7 @@ class Candidate:
 class SearchSpace:
     def __init__(self, kernel):
         self.kernel = kernel
-        self.adapters = {b: decode_backend(b) for b in kernel.backends}
+        self.adapters = {b: kernel.adapter_cls(b) for b in kernel.backends}
         self.choices = {}
         for b, cls in self.adapters.items():
             space = {name: list(values) for name, values in

@@ -1,5 +1,9 @@
 """Optuna studies, one per (kernel, shape bucket): the search loop of `sparsegen tune`.
 
+The kernels are the attention kernel (plan.kernels) and the rule's selection-side kernels
+(plan.rule_kernels, over the same shape buckets); a rule kernel whose adapter has no
+bench_inputs / reference cannot be measured and is skipped with a note.
+
 Per study:
   * skipped entirely when the tuning database already holds a winner for this GPU, kernel
     identity, shape and library versions (a warm database does no GPU work);
@@ -35,7 +39,8 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import SparsegenError
-from .bench import Workload
+from ..plan import rule_kernel_plans
+from .bench import workload_of
 from .db import GpuId, TuningDB, identity_key, kernel_identity, library_versions
 from .progress import Progress, tally
 from .space import Candidate, SearchSpace
@@ -76,7 +81,7 @@ class TuneOptions:
 class ShapeResult:
     kernel: str
     shape: str
-    status: str           # warm | tuned | failed
+    status: str           # warm | tuned | failed | skipped
     entry: dict | None = None
     message: str = ""
 
@@ -164,7 +169,12 @@ def tune_plan(plan, opts: TuneOptions) -> list[ShapeResult]:
     """Tune every (kernel, shape) of the plan that the database lacks; record winners."""
     versions = library_versions()
     results, todo = [], []
-    for kernel in plan.kernels:
+    for kernel in list(plan.kernels) + rule_kernel_plans(plan):
+        if not getattr(kernel, "tunable", True):
+            note = (f"{kernel.adapter.__name__} has no bench_inputs/reference to measure it "
+                    "with; not tuned (its default config is used)")
+            results.append(ShapeResult(kernel.name, "-", "skipped", None, note))
+            continue
         identity = kernel_identity(kernel)
         for shape in kernel.shapes:
             entry = opts.db.lookup(opts.gpu, identity, _shape(shape), versions)
@@ -182,7 +192,7 @@ def tune_plan(plan, opts: TuneOptions) -> list[ShapeResult]:
     try:
         spaces = {}
         for kernel, identity, shape in todo:
-            space = spaces.setdefault(kernel.name, SearchSpace(kernel))
+            space = spaces.setdefault(id(kernel), SearchSpace(kernel))
             results.append(session.tune_shape(kernel, identity, shape, space))
     finally:
         session.close()
@@ -233,7 +243,7 @@ class _ShapeStudy:
         self.opts = session.opts
         self.kernel, self.identity, self.shape, self.space = kernel, identity, shape, space
         self.name = name
-        self.workload = Workload.of(kernel, shape, seed=self.opts.seed).as_dict()
+        self.workload = workload_of(kernel, shape, seed=self.opts.seed)
         self.budget = self.opts.trials
         self.cap = self.budget * 5 + 50    # repeats and infeasible draws included
         self.abort: str | None = None
@@ -280,8 +290,9 @@ class _ShapeStudy:
         best, default = entry["best"], entry["default"]
         gain = (f", {default['median_ms'] / best['median_ms']:.2f}x the default"
                 if default["median_ms"] else "")
-        self.progress.message(f"best {best['median_ms']:.4f} ms, {best['bandwidth_gbs'] or 0:.0f} "
-                              f"GB/s ({best['backend']} {best['config']}){gain}")
+        bw = f", {best['bandwidth_gbs']:.0f} GB/s" if best["bandwidth_gbs"] else ""
+        self.progress.message(f"best {best['median_ms']:.4f} ms{bw} "
+                              f"({best['backend']} {best['config']}){gain}")
         return ShapeResult(self.kernel.name, self.shape.key, "tuned", entry)
 
     def _objective(self, trial: optuna.Trial) -> float:
@@ -307,7 +318,8 @@ class _ShapeStudy:
 
     def _evaluate(self, trial, cand: Candidate) -> float:
         task = {"adapter": _class_path(self.space.adapters[cand.backend]),
-                "static": self.kernel.static.as_dict(), "config": cand.config,
+                "static": self.kernel.static.as_dict(),
+                "static_cls": _class_path(type(self.kernel.static)), "config": cand.config,
                 "backend": cand.backend,
                 "build_dir": str(self.opts.build_dir) if self.opts.build_dir else None,
                 "workload": self.workload, "trial": trial.number, "study": self.name,
@@ -564,7 +576,9 @@ def _compact(facts) -> dict:
 def print_summary(results: list[ShapeResult], stream=None) -> None:
     stream = stream or sys.stdout
     for r in results:
-        if r.entry:
+        if r.status == "skipped":
+            print(f"{r.status:6} {r.kernel}: {r.message}", file=stream)
+        elif r.entry:
             b, d = r.entry["best"], r.entry["default"]
             gain = f" {d['median_ms'] / b['median_ms']:.2f}x vs default" if d["median_ms"] else ""
             bw = f" {b['bandwidth_gbs']:.0f} GB/s" if b.get("bandwidth_gbs") else ""

@@ -280,12 +280,14 @@ def _serve() -> None:
 # Compile targets (run in CPU workers)
 # ---------------------------------------------------------------------------------------
 def make_adapter(task: dict):
-    """The backend adapter of a candidate task (adapter given as 'module:Class')."""
+    """The backend adapter of a candidate task (adapter, and the static parameters' class
+    where it is not DecodeStatic, given as 'module:Class')."""
     from ..codegen.decode_api import DecodeStatic
 
     cls = resolve(task["adapter"])
+    static_cls = resolve(task["static_cls"]) if task.get("static_cls") else DecodeStatic
     build_dir = Path(task["build_dir"]) if task.get("build_dir") else None
-    return cls(DecodeStatic(**task["static"]), dict(task["config"]), build_dir)
+    return cls(static_cls(**task["static"]), dict(task["config"]), build_dir)
 
 
 def compile_candidate(task: dict) -> dict:
