@@ -83,7 +83,7 @@ def selection_spec(rule, bs, score, group, seq_len, sparsity):
 def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="triton"):
     """A cache of seq_len - 1 random tokens per sequence, its rule state filled by prefill,
     and the decoder."""
-    cap = seq_len + bs
+    cap = seq_len + 256  # room for the check loop's steps at any block size
     cache = KVCache(batch, HKV, D, cap, dtype=DT, device="cuda", layout=layout,
                     page_size=256 if layout == "paged" else 0)
     n = seq_len - 1
