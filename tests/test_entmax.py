@@ -137,10 +137,12 @@ def test_prefill_selection_is_causal_with_always_on_blocks():
 # Triton kernels under the interpreter
 # ---------------------------------------------------------------------------------------
 @needs_interp
-@pytest.mark.parametrize("alpha,sink,local,chunk,scale", [
-    (1.5, 1, 1, 16, 6.0), (1.5, 0, 2, 64, 2.0), (1.25, 2, 1, 16, 6.0), (2.0, 1, 3, 32, 8.0)])
-def test_tau_kernel_matches_torch(alpha, sink, local, chunk, scale):
-    B, Hkv, G, D, bs = 3, 2, 4, 32, 16
+@pytest.mark.parametrize("alpha,sink,local,chunk,scale,G", [
+    (1.5, 1, 1, 16, 6.0, 4), (1.5, 0, 2, 64, 2.0, 4), (1.25, 2, 1, 16, 6.0, 4),
+    (2.0, 1, 3, 32, 8.0, 4), (1.5, 1, 1, 64, 6.0, 1), (1.5, 1, 2, 16, 4.0, 8),
+    (1.5, 1, 1, 32, 6.0, 3)])
+def test_tau_kernel_matches_torch(alpha, sink, local, chunk, scale, G):
+    B, Hkv, D, bs = 3, 2, 32, 16
     st = EntmaxStatic(block_size=bs, head_dim=D, group_size=G, dtype="fp32",
                       sink_blocks=sink, local_blocks=local, alpha=alpha)
     rule = EntmaxRule(block_size=bs, sink_blocks=sink, local_blocks=local, alpha=alpha,
