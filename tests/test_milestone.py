@@ -13,10 +13,12 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sparsegen.codegen.milestone_kernels import MilestoneScoreTriton, MilestoneStatic  # noqa: E402
+from sparsegen.codegen.milestone_kernels import (MilestoneScoreTriton,  # noqa: E402
+                                                 MilestoneSelectStatic, MilestoneSelectTriton,
+                                                 MilestoneStatic)
 from sparsegen.methods.kv_cache import CacheFullError, KVCache  # noqa: E402
 from sparsegen.methods.milestone import (MilestoneDecoder, MilestoneRule,  # noqa: E402
-                                         torch_page_scores)
+                                         rank_order, torch_page_scores)
 from sparsegen.spec import load_spec  # noqa: E402
 from tests.interp import (needs_interp, only_if_not_interpreted,  # noqa: E402
                           rerun_in_interpreter)
@@ -225,6 +227,117 @@ def test_decoder_on_triton_kernels_matches_reference():
                                                                   "num_warps": 2})
     run_pair(rule, 50, [20, 9], D=D, G=G, seed=5, scorer=scorer, attend=attend,
              dtype=torch.float32)
+
+
+def _fast_vs_general(rule, pre, steps, *, Hkv=2, G=3, D=16, seed=0):
+    """One randomized decode driven through two decoders on two identical caches: the fast
+    path (bounds kernel + one refresh/select launch, the block rows kept by the decoder) and
+    the general path (torch ranking by two stable sorts, sort-and-dedupe selection) fed the
+    page scores the fast path ranked by, so every selection, eviction and timestamp must
+    agree exactly, ties included: most pages are copies of one of the first three, so they
+    share their min/max and their score exactly."""
+    g = torch.Generator().manual_seed(seed)
+    B, P = len(pre), rule.page_size
+    cap = max(pre) + steps + P
+    cap = -(-cap // P) * P
+    K = torch.randn(B, cap // P, P, Hkv, D, generator=g)
+    rep = torch.rand(B, cap // P, 1, 1, 1, generator=g) < 0.6  # pages copied from page 0..2
+    K = torch.where(rep, K[:, torch.arange(cap // P) % 3], K).reshape(B, cap, Hkv, D)
+    V = torch.randn(B, cap, Hkv, D, generator=g)
+    scorer = MilestoneScoreTriton(MilestoneStatic(D, G, "fp32"), {"slot_chunk": 8,
+                                                                  "num_warps": 1})
+    decs, caches = [], []
+    for fast in (True, False):
+        pool = sum(math.ceil(n / P) + rule.budget_pages for n in pre)
+        cache = KVCache(B, Hkv, D, cap, dtype=torch.float32, layout="paged", page_size=P,
+                        num_pages=pool)
+        dec = MilestoneDecoder(rule, Hkv * G, Hkv, D, fast=fast, scorer=scorer if fast else (
+            lambda q, kmin, kmax, slot: decs[0].last_scores.clone()))
+        dec.prefill(cache, K[:, : max(pre)], V[:, : max(pre)], lengths=pre)
+        decs.append(dec), caches.append(cache)
+    fast, gen = decs
+    assert fast.fast and not gen.fast and isinstance(fast.selector, MilestoneSelectTriton)
+    evictions = 0
+    for t in range(steps):
+        q = torch.randn(B, Hkv * G, D, generator=g) * (0.5 + (t % 4))
+        pos = [caches[0].lengths[b] for b in range(B)]
+        kv = [torch.stack([X[b, pos[b]] for b in range(B)]) for X in (K, V)]
+        outs = [dec.step(q, kv[0], kv[1], cache) for dec, cache in zip(decs, caches)]
+        assert fast.last_evictions == gen.last_evictions, t
+        evictions += len(fast.last_evictions)
+        assert torch.equal(fast.slot_logical, gen.slot_logical), t
+        assert torch.equal(fast.slot_ts, gen.slot_ts), t
+        (fi, fc), (gi, gc) = fast.last_selection, gen.last_selection
+        assert torch.equal(fc, gc), t
+        for b in range(B):
+            for h in range(Hkv):
+                n = int(fc[b, h])
+                assert torch.equal(fi[b, h, :n], gi[b, h, :n]), (t, b, h)
+                if not rule.hybrid:  # the fast path pads with -1 too
+                    assert (fi[b, h, n:] == -1).all(), (t, b, h)
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert evictions == fast.num_evictions > 0
+    if not rule.hybrid:  # select() with no pending refresh: the selection-only launch
+        assert fast._pending is None
+        idx, counts = fast.select(None, caches[0])
+        assert torch.equal(idx, fi) and torch.equal(counts, fc)
+    return fast
+
+
+@needs_interp
+@pytest.mark.parametrize("mode", ["fraction", "threshold", "hybrid"])
+def test_fast_path_matches_general_path(mode):
+    """Batch of mixed prefill lengths (one ending mid-page, one empty, one on a page
+    boundary), pages of 2 blocks (partly filled pages), evictions from early on."""
+    kw = {"fraction": dict(refresh_fraction=0.4),
+          "threshold": dict(refresh_fraction=None, refresh_threshold=0.3),
+          "hybrid": dict(refresh_fraction=0.5, prefill_budget_tokens=16, sink_blocks=1,
+                         local_blocks=2)}[mode]
+    steps = {"fraction": 72, "threshold": 40, "hybrid": 40}[mode]
+    rule = MilestoneRule(page_size=8, block_size=4, budget_tokens=24, **kw)
+    dec = _fast_vs_general(rule, [29, 0, 16], steps, seed={"fraction": 6, "threshold": 7,
+                                                           "hybrid": 8}[mode])
+    assert dec.num_evictions >= 3 * (steps // 8 - rule.budget_pages) - 3
+
+
+@needs_interp
+@pytest.mark.parametrize("rank_sort", [0, 1])
+def test_refresh_kernel_ranks_like_torch(rank_sort):
+    """The refresh kernel alone, both rankings ([L, L] comparison, bitonic sort), against
+    rank_order on the kernel's own scores: holes, unordered logical pages, exact score ties
+    (duplicated bound columns), k = 0 and k past the live count."""
+    B, Hq, L, P = 5, 6, 12, 8
+    g = torch.Generator().manual_seed(10)
+    bounds = torch.randn(B, Hq, L, generator=g) * 3
+    bounds[1, :, 2] += 8  # sequence 1: three tied top pages, k = 2 (a tie at the cut)
+    bounds[:, :, 7] = bounds[:, :, 2]
+    bounds[:, :, 9] = bounds[:, :, 2]
+    logical = torch.stack([torch.randperm(L, generator=g) + 4 for _ in range(B)])
+    logical[1] = torch.arange(L + 3, 3, -1)  # its current page (the last) is slot 0
+    logical[0, [1, 5]] = -1
+    logical[3] = -1  # no live page
+    bounds = bounds.masked_fill(logical[:, None, :] < 0, float("-inf"))
+    live = logical >= 0
+    refresh_k = torch.tensor([0, 2, 5, 4, 40])
+    seq = ((logical.max(-1).values.clamp_min(0) * P) + 3).to(torch.int32)
+    ts = torch.randint(0, 50, (B, L), generator=g)
+    t_now = torch.tensor([99])
+    sel = MilestoneSelectTriton(MilestoneSelectStatic(L), {
+        "head_chunk": 4, "block_chunk": 16, "rank_sort": rank_sort, "num_warps": 1})
+    got_ts, scores = ts.clone(), torch.empty(B, L)
+    assert sel.refresh(bounds, logical, got_ts, refresh_k, seq, t_now, P,
+                       scores=scores) is None
+    assert torch.equal(scores, sel.scores(bounds))
+    want = torch.softmax(bounds * math.log(2), -1).nan_to_num(0).mean(1)  # bounds: log2 units
+    torch.testing.assert_close(scores, want.masked_fill(~live, 0), rtol=1e-5, atol=1e-6)
+    order = rank_order(scores.masked_fill(~live, float("-inf")),
+                       torch.where(live, logical, 1 << 40))
+    take = torch.arange(L)[None, :] < refresh_k[:, None]
+    hit = torch.zeros_like(live).scatter(-1, order, take) & live
+    hit |= live & (logical == ((seq.long() - 1) // P)[:, None])
+    assert torch.equal(got_ts, torch.where(hit, 99, ts))
+    assert scores[1, 7] == scores[1, 2] == scores[1, 9] and hit[1].tolist() == [
+        s in (0, 7, 9) for s in range(L)]  # the tie goes to the lower logical pages
 
 
 def test_configs_and_spec():

@@ -7,7 +7,8 @@ from __future__ import annotations
 from .distill_kernels import DistillStatic, TritonDistillTarget
 from .entmax_kernels import EntmaxDecodeTriton, EntmaxPrefillTriton, EntmaxStatic, EntmaxTauTriton
 from .gate_kernels import GateScoreStatic, GateStepStatic, TritonGateScore, TritonGateStep
-from .milestone_kernels import MilestoneScoreTriton, MilestoneStatic
+from .milestone_kernels import (MilestoneScoreTriton, MilestoneSelectStatic,
+                                MilestoneSelectTriton, MilestoneStatic)
 from .quest_kernels import QuestStatic, TritonQuestMeta, TritonQuestScore
 from .select_kernels import SelectStatic, TritonBlockSelect
 
@@ -43,5 +44,6 @@ def rule_kernels(spec) -> list[tuple[str, type, object]]:
             kernels.append(("entmax_prefill", EntmaxPrefillTriton, static))
         return kernels
     if s.rule == "milestone":
-        return [("milestone_score", MilestoneScoreTriton, MilestoneStatic.from_spec(spec))]
+        return [("milestone_score", MilestoneScoreTriton, MilestoneStatic.from_spec(spec)),
+                ("milestone_select", MilestoneSelectTriton, MilestoneSelectStatic.from_spec(spec))]
     return []

@@ -131,14 +131,36 @@ class MilestoneDecoder:
     keywords as in decode_step (None: the torch reference). After each step
     `last_evictions` lists the (b, logical page) evicted and `last_selection` holds
     (indices, counts).
+
+    Two device paths, same results: the general one (torch ops: scores, two stable sorts
+    to rank, a sort-and-dedupe selection; any scorer, CPU included), and the fast one
+    (`fast`, the default when the scorer offers `bounds`, i.e. MilestoneScoreTriton): the
+    bounds kernel, then one launch of MilestoneSelectTriton per step that scores, ranks,
+    refreshes the timestamps and (non-hybrid) writes the selection from an ascending
+    block row per sequence, which the decoder rebuilds on the host only when a page
+    opens. Both keep `_refresh` + `select` free of host syncs and CUDA-graph capturable
+    (the fast path reads the step number from a device tensor).
     """
 
     def __init__(self, rule: MilestoneRule, num_q_heads: int, num_kv_heads: int,
-                 head_dim: int, scorer=None, compute_dtype=torch.float32):
+                 head_dim: int, scorer=None, compute_dtype=torch.float32, fast=None,
+                 selector=None):
         self.rule = rule
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.scorer = scorer or torch_page_scores
         self.compute_dtype = compute_dtype
+        has_bounds = callable(getattr(self.scorer, "bounds", None))
+        self.fast = has_bounds if fast is None else bool(fast)
+        if self.fast and not has_bounds:
+            raise ValueError("the fast path needs a scorer with `bounds` "
+                             "(MilestoneScoreTriton)")
+        if self.fast and selector is None:
+            from ..codegen.milestone_kernels import MilestoneSelectStatic, MilestoneSelectTriton
+
+            selector = MilestoneSelectTriton(MilestoneSelectStatic.from_rule(rule),
+                                             build_dir=getattr(self.scorer, "build_dir", None))
+        self.selector = selector
+        self._pending = None  # (indices, counts) the fast _refresh already wrote
         self.t = 0
         self.last_evictions: list[tuple[int, int]] = []
         self.num_evictions = 0
@@ -172,6 +194,22 @@ class MilestoneDecoder:
         self._live = [0] * B  # live decode pages per sequence (host)
         self._refresh_k = torch.zeros(B, dtype=torch.long, device=dev)  # pages refreshed
         self._prefill_pages_t = torch.tensor(self.prefill_pages, device=dev)
+        bpp = r.blocks_per_page
+        # the fast path's selection row per sequence: prefill blocks, then the live decode
+        # pages' blocks, ascending, -1 padded (rebuilt on the host when a page opens)
+        self._block_width = max(1, (max(self.prefill_pages, default=0) + L) * bpp)
+        self._block_rows = [list(range(n * bpp)) for n in self.prefill_pages]
+        self._blocks = torch.tensor(
+            [row + [-1] * (self._block_width - len(row)) for row in self._block_rows],
+            dtype=torch.int32, device=dev).reshape(B, self._block_width)
+        # one upload per step: [t, current page of each sequence (B), fresh page (B),
+        # opened pages (b, slot, logical, physical: 4 B), refresh_k (B), block rows (B W)]
+        self._step_buf = torch.zeros(1 + 7 * B + B * self._block_width, dtype=torch.long,
+                                     device=dev)
+        self._t_dev = self._step_buf[:1]  # the step number, for the captured fast refresh
+        # the fast path's page scores of the last refresh (what it ranked by)
+        self.last_scores = torch.zeros(B, L, dtype=torch.float32, device=dev)
+        self._pending = None
         self.t = 0
         for b, n in enumerate(lengths):
             cache.extend(b, k[b, :n], v[b, :n])
@@ -224,10 +262,25 @@ class MilestoneDecoder:
         self._opening = [(b, victims[b] if b in victims else self._slots_host[b].index(-1))
                          for b in opening]
 
+    def _upload(self, values: list[int]) -> torch.Tensor:
+        """values -> the head of the persistent step buffer, one host-to-device copy (from
+        pinned memory on CUDA: no sync)."""
+        host = torch.tensor(values, dtype=torch.long)
+        out = self._step_buf[: len(values)]
+        if out.is_cuda:
+            out.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            out.copy_(host)
+        return out
+
     def _after_append(self, cache, k_new) -> torch.Tensor:
         """Record opened pages in their slots; update the min/max of each token's page.
         Returns the physical page of every sequence's current token [B]."""
-        P = self.rule.page_size
+        r, P, B = self.rule, self.rule.page_size, cache.batch
+        cur = [cache.physical_page(b, (n - 1) // P) for b, n in enumerate(cache.lengths)]
+        first = [int((n - 1) % P == 0) for n in cache.lengths]
+        vals = [self.t] + cur + first
+        opened = []
         if self._opening:
             bs_, slots, logical, phys = [], [], [], []
             for b, s in self._opening:
@@ -236,20 +289,33 @@ class MilestoneDecoder:
                 self._slots_host[b][s] = page
                 bs_.append(b), slots.append(s), logical.append(page)
                 phys.append(cache.physical_page(b, page))
-            dev = self.slot_ts.device
-            bi, si = torch.tensor(bs_, device=dev), torch.tensor(slots, device=dev)
-            self.slot_logical[bi, si] = torch.tensor(logical, device=dev)
-            self.slot_phys[bi, si] = torch.tensor(phys, dtype=torch.int32, device=dev)
+            opened = bs_
+            vals += bs_ + slots + logical + phys
+            if r.refresh_fraction is not None:
+                vals += [math.ceil(r.refresh_fraction * c) for c in self._live]
+            if self.fast and not r.hybrid:
+                bpp, W = r.blocks_per_page, self._block_width
+                for b in bs_:
+                    row = self._block_rows[b] + [p * bpp + i for p in self.decode_pages(b)
+                                                 for i in range(bpp)]
+                    vals += row + [-1] * (W - len(row))
+        buf = self._upload(vals)
+        pages, fresh = buf[1: 1 + B], buf[1 + B: 1 + 2 * B]
+        if opened:
+            n, o = len(opened), 1 + 2 * B
+            bi, si = buf[o: o + n], buf[o + n: o + 2 * n]
+            self.slot_logical[bi, si] = buf[o + 2 * n: o + 3 * n]
+            self.slot_phys[bi, si] = buf[o + 3 * n: o + 4 * n].to(torch.int32)
             self.slot_ts[bi, si] = self.t
-            if self.rule.refresh_fraction is not None:
-                self._refresh_k.copy_(torch.tensor(
-                    [math.ceil(self.rule.refresh_fraction * c) for c in self._live]))
-        cur = [cache.physical_page(b, (n - 1) // P) for b, n in enumerate(cache.lengths)]
-        first = [(n - 1) % P == 0 for n in cache.lengths]
-        dev = self.kmin.device
-        pages = torch.tensor(cur, device=dev)
-        fresh = torch.tensor(first, device=dev)[:, None, None]
+            o += 4 * n
+            if r.refresh_fraction is not None:
+                self._refresh_k.copy_(buf[o: o + B])
+                o += B
+            if self.fast and not r.hybrid:
+                W = self._block_width
+                self._blocks[bi] = buf[o: o + n * W].view(n, W).to(torch.int32)
         kn = k_new.to(self.kmin.dtype)
+        fresh = (fresh != 0)[:, None, None]
         self.kmin[pages] = torch.where(fresh, kn, torch.minimum(self.kmin[pages], kn))
         self.kmax[pages] = torch.where(fresh, kn, torch.maximum(self.kmax[pages], kn))
         return pages
@@ -257,6 +323,14 @@ class MilestoneDecoder:
     def _refresh(self, q, cache) -> None:
         """Device work only (no host tensors): CUDA-graph capturable with `select`."""
         r = self.rule
+        if self.fast:  # bounds, then one launch: scores, ranking, timestamps (+ selection)
+            bounds = self.scorer.bounds(q, self.kmin, self.kmax, self.slot_phys)
+            self._pending = self.selector.refresh(
+                bounds, self.slot_logical, self.slot_ts, self._refresh_k, cache.seq_lens,
+                self._t_dev, r.page_size, threshold=r.refresh_threshold,
+                blocks=None if r.hybrid else self._blocks, kv_heads=self.num_kv_heads,
+                block_size=r.block_size, scores=self.last_scores)
+            return
         live = self.slot_logical >= 0
         score = self.scorer(q, self.kmin, self.kmax, self.slot_phys)
         if r.refresh_threshold is not None:
@@ -270,7 +344,7 @@ class MilestoneDecoder:
             hit = torch.zeros_like(live).scatter(-1, order, take) & live
         cur = (cache.seq_lens.long() - 1) // r.page_size  # the page of the current token
         hit |= live & (self.slot_logical == cur[:, None])
-        self.slot_ts.masked_fill_(hit, self.t)
+        torch.where(hit, self._t_dev, self.slot_ts, out=self.slot_ts)  # t: read on device
 
     def _hybrid_prefill_blocks(self, q, block_table) -> torch.Tensor:
         """[B, Hkv, kept * blocks_per_page]: blocks of the top prefill pages per KV head."""
@@ -299,6 +373,12 @@ class MilestoneDecoder:
     def select(self, q, cache):
         """Selected blocks [B, Hkv, W] int32 ascending (-1 padded) and counts [B, Hkv]."""
         r = self.rule
+        if self._pending is not None:  # written by the fast _refresh of this step
+            out, self._pending = self._pending, None
+            return out
+        if self.fast and not r.hybrid:
+            return self.selector.select(self._blocks, cache.seq_lens, self.num_kv_heads,
+                                        r.block_size)
         B, dev = cache.batch, q.device
         Hkv, bpp = self.num_kv_heads, r.blocks_per_page
         nb = (cache.seq_lens.long() + r.block_size - 1) // r.block_size  # [B]
