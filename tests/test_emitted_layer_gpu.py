@@ -1,6 +1,6 @@
 """The emitted SparseAttentionLayer on a CUDA GPU: the generated scoring / selection kernels
 and the tuned attention (impl "triton") against the same layer with the torch method
-reference for scoring and selection (impl "torch"), bf16, over a decode with mixed lengths.
+reference for scoring and selection (impl "torch"), in the spec's dtype, over a decode with mixed lengths.
 Skipped without a GPU (CI has none); run on an H100 with
 `python -m pytest -q tests/test_emitted_layer_gpu.py`."""
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from sparsegen.codegen.triton_kernel import torch_dtype
 from sparsegen.emit import build_package
 from sparsegen.plan import make_plan
 from sparsegen.spec import load_spec
@@ -34,7 +35,8 @@ def test_layer_on_gpu_matches_torch_selection(spec_path, tmp_path):
     finally:
         sys.path.remove(str(pkg.parent))
     m, rule = spec.model, spec.selection.rule
-    batch, capacity, prompt, dt = 3, 8192, 5000, torch.bfloat16
+    batch, capacity, prompt = 3, 8192, 5000
+    dt = torch_dtype(m.dtype)
     torch.manual_seed(0)
     fast = mod.SparseAttentionLayer(batch, capacity, device="cuda", dtype=dt)
     ref = mod.SparseAttentionLayer(batch, capacity, device="cuda", dtype=dt, impl="torch",

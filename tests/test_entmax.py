@@ -387,7 +387,10 @@ def test_compile_sm90_in_subprocess():
     for name, kernels in facts.items():
         for kernel, f in kernels.items():
             assert f["cubin_bytes"] > 0, (name, kernel)
-            if "local" in f:  # defaults are spill-free (cuobjdump figures)
+            # defaults are spill-free (cuobjdump figures), except the prefill's: its 64-row
+            # tiles at 4 warps spill at D 128 and still measured 3.6x faster than the
+            # spill-free 32-row tiles (bench/results/H100-entmax-prefill-probe.md)
+            if "local" in f and "entmax_prefill" not in kernel:
                 assert f["local"] == 0 and f.get("stack", 0) == 0, (name, kernel, f)
 
 

@@ -82,7 +82,10 @@ class EntmaxDecodeTriton(TritonSparseDecode):
 
     @classmethod
     def default_config(cls, static):
-        return super().default_config(_as_decode(static))
+        # the support varies per KV head (widest row ~1.3x the mean at 90 % skipped): four
+        # programs per SM balance it (H100, B 8 x 128K: 0.174 ms vs 0.188 at one per SM,
+        # bench/results/H100-entmax-decode-probe.md)
+        return {**super().default_config(_as_decode(static)), "waves": 4}
 
     @classmethod
     def check_config(cls, static, config):
@@ -245,11 +248,13 @@ class EntmaxPrefillTriton(TritonKernel):
     def default_config(cls, static) -> dict:
         # spill-free on sm_90 at D 128, bf16 (ptxas): the forward keeps a 64-row query tile;
         # both backward kernels hold two fp32 accumulators and need 32-row tiles at 8 warps
-        big, small = min(64, static.block_size), min(32, static.block_size)
-        warps = 8 if static.head_dim >= 128 else 4
-        return {"block_m": big, "block_n": big, "dq_m": small, "dq_n": small,
-                "kv_m": small, "kv_n": small, "num_warps": warps, "num_stages": 2,
-                "bwd_warps": warps, "bwd_stages": 2}
+        # H100, D 128, bf16, 32K tokens at 75 % skipped (bench/results/H100-entmax-prefill-
+        # probe.md): 64-row tiles at 4 warps everywhere; forward 6.1 ms at 3 stages (10.0 at
+        # 8 warps / 2), backward 25.0 ms (90.4 with 32-row tiles at 8 warps)
+        tile = min(64, static.block_size)
+        return {"block_m": tile, "block_n": tile, "dq_m": tile, "dq_n": tile,
+                "kv_m": tile, "kv_n": tile, "num_warps": 4, "num_stages": 3,
+                "bwd_warps": 4, "bwd_stages": 2}
 
     @classmethod
     def smem_bytes(cls, static, config) -> int:
