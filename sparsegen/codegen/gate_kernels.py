@@ -177,50 +177,119 @@ class GateStepStatic:
 
 
 class TritonGateStep(TritonKernel):
-    """gate_query + gate_append (templates/triton/gate_step.py.j2)."""
+    """gate_query + gate_append (templates/triton/gate_step.py.j2).
+
+    Both kernels run on a grid (Hkv, NT) with NT = d_gate / 2 / pairs: program (h, t) owns
+    `pairs` output column pairs of head h for the whole batch (tiles of block_b rows), so each
+    slice of the projection weights is read once per step and a head's weights are spread
+    over NT programs. Self-resetting counters let the last program of a head finish what
+    needs every column (RMSNorm) or every program's reads (the pools of the sequences whose
+    block fills)."""
 
     name = "gate_step"
     template = "triton/gate_step.py.j2"
+    _KEYS = ("pairs", "chunk_k", "block_b", "num_warps")
+    REG_LIMIT = 176  # registers() budget: configs estimated at 192 spilled a little on sm_90
+
+    def __init__(self, static, config: dict | None = None, build_dir=None):
+        super().__init__(static, config, build_dir)
+        self._cnt: dict = {}   # device -> int32 counters
+        self._y: dict = {}     # device -> fp32 raw-key scratch (rmsnorm)
 
     @classmethod
     def tunable_space(cls, static: GateStepStatic) -> dict[str, list]:
-        return {"chunk_d": [8, 16, 32, 64], "num_warps": [1, 2, 4, 8]}
+        return {"pairs": [1, 2, 4, 8, 16], "chunk_k": [32, 64, 128, 256, 512],
+                "block_b": [4, 8, 16, 32], "num_warps": [2, 4, 8]}
 
     @classmethod
     def default_config(cls, static: GateStepStatic) -> dict:
-        return {"chunk_d": 16, "num_warps": 4}
+        # H100, Hkv 8, d_gate 128, B 16: 16 programs per head (128 in all, one wave on 132
+        # SMs), the batch in one tile, 8 warps; smaller chunks / tiles where the registers
+        # would not hold them (large head_dim or group)
+        cfg = {"pairs": min(4, static.d_gate // 2), "chunk_k": 256, "block_b": 16,
+               "num_warps": 8}
+        while cls.check_config(static, cfg) and cfg["chunk_k"] > 32:
+            cfg["chunk_k"] //= 2
+        while cls.check_config(static, cfg) and cfg["block_b"] > 1:
+            cfg["block_b"] //= 2
+        return cfg
+
+    @staticmethod
+    def chunks(static: GateStepStatic, chunk_k: int) -> tuple[int, int, int]:
+        """(rows of W_q[h], query chunk, append chunk): the query chunk is the largest power
+        of two <= chunk_k dividing the rows; the append chunk min(chunk_k, head_dim)."""
+        q_in = static.head_dim * (static.group_size if static.query_reduction == "concat"
+                                  else 1)
+        qc = chunk_k
+        while q_in % qc:
+            qc //= 2
+        return q_in, qc, min(chunk_k, static.head_dim)
+
+    @classmethod
+    def registers(cls, static: GateStepStatic, config: dict) -> dict:
+        """Rough fp32 registers a thread needs, per kernel: the raw loads of a batch tile
+        (all issued up front) plus one chunk's product in the compute layout (every tile row
+        in each thread). A model, calibrated on sm_90 compiles of many shapes and configs:
+        none at or under REG_LIMIT spilled."""
+        p, ck, bb, nw = (config[k] for k in cls._KEYS)
+        t = 32 * nw
+        eb = {"bf16": 2, "fp16": 2, "fp32": 4}[static.dtype]
+        q_in, qc, ac = cls.chunks(static, ck)
+        d, npool = static.head_dim, len(static.pooling)
+        raw_q = (bb * d * static.group_size * eb + 8 * p * q_in) / (4 * t)  # q rows, W_q cols
+        raw_a = (bb * d * (eb + 12) + 8 * p * npool * d) / (4 * t)  # k, 3 pools, W_k
+        return {"gate_query": raw_q + bb * qc * 2 * p / t,
+                "gate_append": raw_a + bb * ac * 2 * p / t}
 
     @classmethod
     def check_config(cls, static: GateStepStatic, config: dict) -> str | None:
-        if reason := check_int_config(config, ("chunk_d", "num_warps")):
+        if reason := check_int_config(config, cls._KEYS):
             return reason
-        cd = config["chunk_d"]
-        if not pow2(cd) or cd > static.head_dim:
-            return f"chunk_d={cd} must be a power of two <= head_dim={static.head_dim}"
+        p, ck, bb, nw = (config[k] for k in cls._KEYS)
+        half = static.d_gate // 2
+        if not pow2(p) or p > half:
+            return f"pairs={p} must be a power of two <= d_gate / 2 = {half}"
+        if not pow2(ck) or not 8 <= ck <= 1024:
+            return f"chunk_k={ck} must be a power of two in [8, 1024]"
+        if not pow2(bb) or bb > 64:
+            return f"block_b={bb} must be a power of two <= 64"
+        for name, regs in cls.registers(static, config).items():
+            if regs > cls.REG_LIMIT:
+                return (f"{name} would need ~{regs:.0f} registers a thread (> "
+                        f"{cls.REG_LIMIT}: spills); "
+                        "use a smaller block_b / chunk_k / pairs or more warps")
         return None
 
     def template_params(self) -> dict:
         s, c = self.static, self.config
+        _, qc, ac = self.chunks(s, c["chunk_k"])
         return {"block_size": s.block_size, "head_dim": s.head_dim, "group_size": s.group_size,
                 "d_gate": s.d_gate, "pooling": list(s.pooling), "rope": s.rope,
                 "rmsnorm": s.rmsnorm, "query_reduction": s.query_reduction, "eps": s.eps,
-                "chunk_d": c["chunk_d"], "num_warps": c["num_warps"]}
+                "pairs": c["pairs"], "chunk_k": c["chunk_k"], "q_chunk": qc, "a_chunk": ac,
+                "block_b": c["block_b"], "num_warps": c["num_warps"]}
 
     def signatures(self):
         kw = {"num_warps": self.config["num_warps"], "num_stages": 1}
         dt, kt = TRITON_PTR[self.static.dtype], TRITON_PTR[self.static.kc_dtype]
         q = {"QN": dt, "WQ": "*fp32", "QNORM": "*fp32", "COS": "*fp32", "SIN": "*fp32",
-             "SEQ": "*i32", "OUT": "*fp32"}
+             "SEQ": "*i32", "OUT": "*fp32", "CNT": "*i32", "B": "i32"}
         for a in ("stride_qb", "stride_qh", "stride_ob", "stride_oh"):
             q[a] = "i32"
         a_ = {"KN": dt, "SEQ": "*i32", "RUN_MAX": "*fp32", "RUN_MIN": "*fp32",
               "RUN_SUM": "*fp32", "WK": "*fp32", "KNORM": "*fp32", "COS": "*fp32",
-              "SIN": "*fp32", "KC": kt}
+              "SIN": "*fp32", "KC": kt, "Y": "*fp32", "CNT": "*i32", "B": "i32"}
         for a in ("stride_kb", "stride_kh", "stride_sb", "stride_sh", "stride_cb", "stride_ch",
-                  "stride_cj"):
+                  "stride_cj", "stride_yb"):
             a_[a] = "i32"
-        return [("gate_query", q, ("QN", "WQ", "OUT"), kw),
-                ("gate_append", a_, ("KN", "RUN_MAX", "RUN_MIN", "RUN_SUM", "WK", "KC"), kw)]
+        # what the runtime specializes for contiguous inputs (strides of 16-multiples)
+        return [("gate_query", q, ("QN", "WQ", "OUT", "stride_qb", "stride_qh"), kw),
+                ("gate_append", a_, ("KN", "RUN_MAX", "RUN_MIN", "RUN_SUM", "WK", "KC",
+                                     "stride_kb", "stride_kh", "stride_sb", "stride_sh"), kw)]
+
+    @property
+    def programs_per_head(self) -> int:
+        return self.static.d_gate // 2 // self.config["pairs"]
 
     @staticmethod
     def _trig(gate, positions: int, device):
@@ -230,6 +299,32 @@ class TritonGateStep(TritonKernel):
     def _norms(self, gate):
         w = gate.q_weight
         return (gate.q_norm, gate.k_norm) if gate.rmsnorm else (w, w)  # unused when off
+
+    def _counters(self, device, heads: int, batch: int):
+        """Zeroed int32 counters: gate_query's one per head ([:heads]), gate_append's one per
+        head and batch tile (after them); the kernels leave them zero. Allocated once per
+        device (and batch bound), so a captured CUDA graph keeps their address."""
+        import torch
+
+        need = heads * (1 + -(-batch // self.config["block_b"]))
+        key = str(device)
+        cnt = self._cnt.get(key)
+        if cnt is None or cnt.numel() < need:
+            cnt = self._cnt[key] = torch.zeros(need, dtype=torch.int32, device=device)
+        return cnt
+
+    def _raw_keys(self, state, batch: int, heads: int):
+        """fp32 [B, Hkv, dg] scratch of the raw (pre-RMSNorm) gate keys (rmsnorm only)."""
+        import torch
+
+        if not self.static.rmsnorm:
+            return state.run_sum  # never touched
+        key = str(state.kc.device)
+        y = self._y.get(key)
+        if y is None or y.shape[0] < batch or y.shape[1:] != (heads, self.static.d_gate):
+            y = self._y[key] = torch.empty(batch, heads, self.static.d_gate,
+                                           dtype=torch.float32, device=state.kc.device)
+        return y
 
     def _check(self, gate, x):
         import torch
@@ -251,11 +346,14 @@ class TritonGateStep(TritonKernel):
         H = gate.num_kv_heads
         if out is None:
             out = torch.empty(B, H, gate.d_gate, dtype=torch.float32, device=q_nope.device)
+        if out.stride(2) != 1:
+            raise ValueError("the last dimension of out must be contiguous")
         cos, sin = self._trig(gate, capacity, q_nope.device)
-        self.module.gate_query[(H, B)](
+        cnt = self._counters(q_nope.device, H, B)
+        self.module.gate_query[(H, self.programs_per_head)](
             q_nope, gate.q_weight.detach(), self._norms(gate)[0].detach(), cos, sin,
-            seq_lens, out, q_nope.stride(0), q_nope.stride(1), out.stride(0), out.stride(1),
-            num_warps=self.config["num_warps"], num_stages=1)
+            seq_lens, out, cnt, B, q_nope.stride(0), q_nope.stride(1), out.stride(0),
+            out.stride(1), num_warps=self.config["num_warps"], num_stages=1)
         return out
 
     def append(self, state, k_nope, seq_lens):
@@ -266,9 +364,11 @@ class TritonGateStep(TritonKernel):
             raise TypeError(f"the compression cache must be {self.static.kc_dtype}")
         B, H = k_nope.shape[:2]
         cos, sin = self._trig(gate, state.capacity, k_nope.device)
-        self.module.gate_append[(H, B)](
+        cnt = self._counters(k_nope.device, H, B)
+        y = self._raw_keys(state, B, H)
+        self.module.gate_append[(H, self.programs_per_head)](
             k_nope, seq_lens, state.run_max, state.run_min, state.run_sum,
-            gate.k_weight.detach(), self._norms(gate)[1].detach(), cos, sin, state.kc,
-            k_nope.stride(0), k_nope.stride(1), state.run_max.stride(0),
+            gate.k_weight.detach(), self._norms(gate)[1].detach(), cos, sin, state.kc, y,
+            cnt[H:], B, k_nope.stride(0), k_nope.stride(1), state.run_max.stride(0),
             state.run_max.stride(1), state.kc.stride(0), state.kc.stride(1), state.kc.stride(2),
-            num_warps=self.config["num_warps"], num_stages=1)
+            y.stride(0), num_warps=self.config["num_warps"], num_stages=1)
