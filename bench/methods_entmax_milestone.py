@@ -227,6 +227,33 @@ def bench_entmax_prefill(T, target, rows, gen):
 # ---------------------------------------------------------------------------------------
 # milestone: memory over a long decode, then the step at 64K of context
 # ---------------------------------------------------------------------------------------
+def milestone_attention(page_size):
+    """The attention the emitted raas-milestone module runs (its nearest tuned bucket on
+    this GPU, from tuning_db/) when the example spec matches the bench's shape, else the
+    Triton default. Returns (attend, description)."""
+    import importlib
+    import tempfile
+
+    from sparsegen.emit import build_package
+    from sparsegen.plan import make_plan
+    from sparsegen.spec import load_spec
+
+    spec = load_spec(ROOT / "examples" / "specs" / "raas-milestone.yaml")
+    m = spec.model
+    if (m.num_q_heads, m.num_kv_heads, m.head_dim, m.dtype, spec.cache.page_size) != (
+            HQ, HKV, D, "bf16", page_size):
+        st = DecodeStatic(page_size, D, G, "bf16", "paged", page_size)
+        return decode_backend("triton")(st), "triton default"
+    pkg = build_package(make_plan(spec), Path(tempfile.mkdtemp(prefix="sg-bench-")))
+    sys.path.insert(0, str(pkg.parent))
+    module = importlib.import_module(pkg.name).SparseDecodeAttention()
+
+    def attend(q, k, v, block_indices, block_counts, seq_lens, block_table=None):
+        return module(q, k, v, block_indices, block_counts, seq_lens, block_table)
+    attend.module = module
+    return attend, "emitted raas-milestone module (tuned bucket)"
+
+
 def bench_milestone(batch, prefill, budget, mem_tokens, ctx_tokens, rows, gen):
     row = {"part": "milestone", "batch": batch, "prefill": prefill, "budget_tokens": budget,
            "memory_decode_tokens": mem_tokens, "context": ctx_tokens}
@@ -238,8 +265,7 @@ def bench_milestone(batch, prefill, budget, mem_tokens, ctx_tokens, rows, gen):
         pool = batch * (math.ceil(prefill / P) + rule.budget_pages)  # the whole memory
         cache = KVCache(batch, HKV, D, ctx_tokens + 8192, dtype=DT, device="cuda", layout="paged",
                         page_size=P, num_pages=pool)
-        st = DecodeStatic(P, D, G, "bf16", "paged", P)
-        attend = decode_backend("triton")(st)
+        attend, row["attention"] = milestone_attention(P)
         dec = MilestoneDecoder(rule, HQ, HKV, D,
                                scorer=MilestoneScoreTriton(MilestoneStatic(D, G, "bf16")))
         k = torch.randn(batch, prefill, HKV, D, device="cuda", dtype=DT, generator=gen)
@@ -285,6 +311,9 @@ def bench_milestone(batch, prefill, budget, mem_tokens, ctx_tokens, rows, gen):
         row["device_step_ms"] = time_plain(calls)
         row["device_step_graph_ms"] = time_graph(calls)
         kv = torch.randn(2, batch, HKV, D, device="cuda", dtype=DT, generator=gen)
+        if hasattr(attend, "module"):
+            adapter = attend.module.kernel_for(q.device, batch, cache.block_table.shape[1] * P)
+            row["attention"] += f": {adapter.name} {adapter.config}"
         row["full_step_ms"] = time_plain(
             [lambda q=q: dec.step(q, kv[0], kv[1], cache, attend=attend) for q in qs],
             warmup_ms=20, rep_ms=200)
@@ -345,7 +374,7 @@ def write_markdown(rows, facts, path):
     ms = [r for r in rows if r["part"] == "milestone"]
     for r in ms:
         L += [f"## milestone: B {r['batch']}, prefill {r['prefill']}, budget {r['budget_tokens']} "
-              f"tokens, page 16", "",
+              f"tokens, page 16", "", f"- attention: {r.get('attention', '-')}",
               f"- decode to {r['context']} tokens took {fmt(r.get('decode_wall_s'), '.1f')} s "
               f"of wall time, {r.get('evictions')} evictions; pool = {r.get('pages_bound')} pages "
               f"(prefill + budget) and never more",
