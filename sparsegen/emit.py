@@ -4,7 +4,8 @@ The package (`<out>/<spec name>/`) holds
   __init__.py          an nn.Module, `SparseDecodeAttention`, rendered from
                        templates/module/__init__.py.j2
   tuned_configs.json   per GPU, the tuned config of each shape bucket (from tuning_db/),
-                       and the default config used where none is tuned
+                       and the default config used where none is tuned; the same for the
+                       rule's scoring / selection kernels ("rule_kernels")
   kernels/             the rendered kernel source of every config the module may use
   spec.yaml            the normalized spec it was built from
 
@@ -28,6 +29,7 @@ import yaml
 from .codegen.backend import decode_backend
 from .codegen.render import render
 from .errors import SparsegenError
+from .plan import rule_kernel_plans
 from .tune.db import GpuId, TuningDB, identity_key, kernel_identity, library_versions
 from .tune.space import Candidate, SearchSpace
 
@@ -64,7 +66,9 @@ def build_package(plan, out_dir: str | Path, db: TuningDB | None = None) -> Path
         (tmp / "kernels").mkdir()
         configs = {"format": 1, "generator": f"sparsegen {_version()}", "spec": spec.name,
                    "kernels": {k.name: _kernel_configs(k, db, tmp / "kernels")
-                               for k in plan.kernels}}
+                               for k in plan.kernels},
+                   "rule_kernels": {k.name: _rule_kernel_configs(k, db)
+                                    for k in rule_kernel_plans(plan)}}
         (tmp / MARKER).write_text(json.dumps(configs, sort_keys=True, indent=2) + "\n")
         (tmp / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
         decode = plan.kernels[0]
@@ -130,6 +134,24 @@ def _kernel_configs(kernel, db: TuningDB, kernels_dir: Path) -> dict:
                     "file": files[default.key]},
         "tuned": tuned,
     }
+
+
+def _rule_kernel_configs(kernel, db: TuningDB) -> dict:
+    """A rule kernel's tuned configs per GPU and shape bucket (the decoder renders the kernel
+    itself at run time; a config today's adapter rejects is left out)."""
+    identity = kernel_identity(kernel)
+    tuned = {}
+    for gpu, entries in _best_entries(db, identity):
+        buckets = [{"batch": e["shape"]["batch"], "seq_len": e["shape"]["seq_len"],
+                    "config": e["best"]["config"], "median_ms": e["best"]["median_ms"],
+                    "default_ms": e["default"]["median_ms"], "versions": e["versions"]}
+                   for e in entries
+                   if kernel.adapter.check_config(kernel.static, e["best"]["config"]) is None]
+        if buckets:
+            tuned[gpu["slug"]] = {"gpu": {"name": gpu["name"], "capability": gpu["capability"]},
+                                  "buckets": buckets}
+    return {"identity_key": identity_key(identity), "templates": identity["templates"],
+            "default": kernel.adapter.default_config(kernel.static), "tuned": tuned}
 
 
 def _best_entries(db: TuningDB, identity: dict) -> list[tuple[dict, list]]:

@@ -131,3 +131,48 @@ def test_build_cli_and_refusals(tmp_path):
     plan = make_plan(load_spec(SPECS / "raas-milestone.yaml"))
     with pytest.raises(SparsegenError, match="not a package sparsegen built"):
         build_package(plan, tmp_path / "mine", TuningDB(tmp_path / "db"))
+
+
+def test_tuned_rule_kernel_configs_reach_the_layers_decoder(tmp_path):
+    """A tuned block_select config is carried in tuned_configs.json, picked by nearest bucket
+    for the GPU the layer runs on, and handed to the rule's decoder; a config today's adapter
+    rejects is left out."""
+    from sparsegen.methods.decoders import make_cache, make_decoder
+    from sparsegen.plan import rule_kernel_plans
+
+    spec_file = "quest-topk.yaml"
+    plan = make_plan(load_spec(SPECS / spec_file))
+    select = {k.name: k for k in rule_kernel_plans(plan)}["block_select"]
+    default = select.adapter.default_config(select.static)
+    small = {**default, "chunk": 128, "num_warps": 2}
+    big = {**default, "chunk": 512, "num_warps": 8}
+    bad = {**default, "chunk": 3}
+    assert select.adapter.check_config(select.static, small) is None
+    assert select.adapter.check_config(select.static, big) is None
+    assert select.adapter.check_config(select.static, bad) is not None
+    db = TuningDB(tmp_path / "db")
+    for (b, s), cfg in (((1, 8192), small), ((16, 131072), big), ((8, 32768), bad)):
+        db.record(GPU, kernel_identity(select), {
+            "shape": {"batch": b, "seq_len": s}, "selected_blocks": 64,
+            "versions": library_versions(),
+            "best": {"backend": "triton", "config": cfg, "median_ms": 0.01,
+                     "plain_ms": 0.02, "graph_ms": 0.01, "bandwidth_gbs": 100.0},
+            "default": {"backend": "triton", "config": default, "median_ms": 0.02},
+            "trials": {"measured": 8, "failed": 0, "infeasible": 0}, "study": "t",
+            "tuned_at": "2026-01-01T00:00:00Z"})
+    _, path, pkg = build(tmp_path, spec_file, db)
+    rules = json.loads((path / "tuned_configs.json").read_text())["rule_kernels"]
+    assert set(rules) == {"quest_meta", "quest_score", "block_select"}
+    buckets = rules["block_select"]["tuned"][GPU.slug]["buckets"]
+    assert [(x["batch"], x["seq_len"]) for x in buckets] == [(1, 8192), (16, 131072)]
+    assert rules["quest_meta"]["tuned"] == {}
+    assert pkg.rule_kernel_configs(GPU.slug, 12, 100000) == {"block_select": big}
+    assert pkg.rule_kernel_configs(GPU.slug, 1, 4096) == {"block_select": small}
+    assert pkg.rule_kernel_configs("other-gpu-sm80", 12, 100000) == {}
+    assert pkg.rule_kernel_configs(None, 12, 100000) == {}
+    layer = pkg.SparseAttentionLayer(2, 512, dtype=torch.float32)  # CPU: no GPU, no tuning
+    assert layer.kernel_configs == {}
+    spec = load_spec(SPECS / spec_file)
+    cache = make_cache(spec, 2, 512, dtype=torch.float32)
+    decoder = make_decoder(spec, cache, impl="torch", kernel_configs={"block_select": big})
+    assert decoder._kernel_configs == {"block_select": big}

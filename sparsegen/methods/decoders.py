@@ -30,11 +30,15 @@ def make_cache(spec, batch: int, capacity: int, device="cpu", dtype=None,
                    layout=c.layout, page_size=c.page_size or 0, num_pages=num_pages)
 
 
-def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, gate=None):
+def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, gate=None,
+                 kernel_configs: dict | None = None):
     """The rule's decoder for `layer`. impl "triton" uses the generated scoring/selection
     kernels (the default on CUDA), "torch" the method reference (the default elsewhere).
-    A gate rule takes its trained AttnGate (`gate`); without one it starts untrained."""
+    A gate rule takes its trained AttnGate (`gate`); without one it starts untrained.
+    kernel_configs: {rule kernel name: config} (tuned ones, see sparsegen.plan.rule_kernels);
+    the others run their default config."""
     impl = impl or ("triton" if cache.device.type == "cuda" else "torch")
+    kc = dict(kernel_configs or {})
     rule = spec.selection.rule
     if rule == "gate":
         from .decode_step import GateDecoder
@@ -42,11 +46,12 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
 
         gate = (gate if gate is not None else AttnGate.from_spec(spec)).to(cache.device)
         return GateDecoder.from_spec(spec, gate, cache.batch, cache.capacity, layer,
-                                     device=cache.device, impl=impl, kc_dtype=cache.k.dtype)
+                                     device=cache.device, impl=impl, kc_dtype=cache.k.dtype,
+                                     kernel_configs=kc)
     if rule == "topk":
         from .decode_step import TopkDecoder
 
-        return TopkDecoder.from_spec(spec, cache, layer, impl=impl)
+        return TopkDecoder.from_spec(spec, cache, layer, impl=impl, kernel_configs=kc)
     if rule == "entmax":
         from .entmax import EntmaxDecoder
 
@@ -54,16 +59,21 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
         if impl == "triton":
             from ..codegen.entmax_kernels import EntmaxStatic, EntmaxTauTriton
 
-            selector = EntmaxTauTriton(EntmaxStatic.from_spec(spec),
+            selector = EntmaxTauTriton(EntmaxStatic.from_spec(spec), kc.get("entmax_tau"),
                                        scale=spec.selection.entmax.scale)
         return EntmaxDecoder.from_spec(spec, selector=selector)
     if rule == "milestone":
         from .milestone import MilestoneDecoder
 
-        scorer = None
+        scorer = selector = None
         if impl == "triton":
-            from ..codegen.milestone_kernels import MilestoneScoreTriton, MilestoneStatic
+            from ..codegen.milestone_kernels import (MilestoneScoreTriton, MilestoneSelectStatic,
+                                                     MilestoneSelectTriton, MilestoneStatic)
 
-            scorer = MilestoneScoreTriton(MilestoneStatic.from_spec(spec))
-        return MilestoneDecoder.from_spec(spec, scorer=scorer)
+            scorer = MilestoneScoreTriton(MilestoneStatic.from_spec(spec),
+                                          kc.get("milestone_score"))
+            if "milestone_select" in kc:
+                selector = MilestoneSelectTriton(MilestoneSelectStatic.from_spec(spec),
+                                                 kc["milestone_select"])
+        return MilestoneDecoder.from_spec(spec, scorer=scorer, selector=selector)
     raise ValueError(f"unknown rule {rule!r}")
