@@ -10,7 +10,7 @@ block_table)`, is an `attend` as it is) is the torch reference on the CPU
 (`reference_attend`), the tuned kernel on a GPU. `impl` picks the
 scoring/selection path: "torch" (the method reference) or "triton" (the generated kernels,
 which select exactly the same blocks). A layer listed in the spec's dense_layers selects
-every block and keeps no metadata.
+every block and keeps no metadata (DenseDecoder: the same for the rules without a dense path).
 """
 from __future__ import annotations
 
@@ -260,4 +260,23 @@ class TopkDecoder(_Decoder):
         cache.append(k_new, v_new)
         self.update(cache, k_new)
         idx, cnt = self.select(q, cache)
+        return attend(q, block_indices=idx, block_counts=cnt, **cache.attention_args())
+
+
+class DenseDecoder(_Decoder):
+    """A layer listed in the spec's dense_layers under a rule whose decoder has no dense path
+    of its own (entmax, milestone): it keeps no rule state and attends every block. The
+    rule's extra step inputs, if any, are ignored."""
+
+    def __init__(self, selection, capacity: int):
+        super().__init__(selection, -(-capacity // selection.block_size), "torch", True)
+
+    def prefill(self, cache: KVCache, k, v, lengths=None, **_rule_inputs) -> None:
+        for b, n in enumerate(_prefill_lengths(k, lengths)):
+            cache.extend(b, k[b, :n], v[b, :n])
+
+    def step(self, q, k_new, v_new, cache: KVCache, attend=None, **_rule_inputs):
+        cache.append(k_new, v_new)
+        idx, cnt = self.select_dense(cache)
+        attend = attend or reference_attend(self.block_size)
         return attend(q, block_indices=idx, block_counts=cnt, **cache.attention_args())

@@ -36,7 +36,8 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
     kernels (the default on CUDA), "torch" the method reference (the default elsewhere).
     A gate rule takes its trained AttnGate (`gate`); without one it starts untrained.
     kernel_configs: {rule kernel name: config} (tuned ones, see sparsegen.plan.rule_kernels);
-    the others run their default config."""
+    the others run their default config. A layer in the spec's dense_layers attends every
+    block (the gate and topk decoders have their own dense path)."""
     impl = impl or ("triton" if cache.device.type == "cuda" else "torch")
     kc = dict(kernel_configs or {})
     rule = spec.selection.rule
@@ -52,6 +53,10 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
         from .decode_step import TopkDecoder
 
         return TopkDecoder.from_spec(spec, cache, layer, impl=impl, kernel_configs=kc)
+    if rule in ("entmax", "milestone") and layer in spec.model.dense_layers:
+        from .decode_step import DenseDecoder
+
+        return DenseDecoder(spec.selection, cache.capacity)
     if rule == "entmax":
         from .entmax import EntmaxDecoder
 
