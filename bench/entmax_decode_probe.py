@@ -23,7 +23,6 @@ from bench.timing import gpu_facts, save_results, time_graph  # noqa: E402
 from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxStatic,  # noqa: E402
                                               EntmaxTauTriton)
 from sparsegen.codegen.triton_decode import TritonSparseDecode  # noqa: E402
-from sparsegen.methods.entmax import EntmaxRule, block_summaries  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
 
 
@@ -32,15 +31,7 @@ def main():
     facts["command"] = "python " + " ".join(sys.argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     B, n = 8, 131072
-    k = torch.randn(B, n, em.HKV, em.D, device="cuda", dtype=em.DT, generator=gen)
-    v = torch.randn_like(k)
-    seq = torch.full((B,), n, dtype=torch.int32, device="cuda")
-    w0 = torch.zeros(em.HKV, em.D, device="cuda")
-    summ = torch.cat([block_summaries(k[b:b + 1], w0, em.BLOCK, torch.float32).to(em.DT)
-                      for b in range(B)]).contiguous()
-    qs = [torch.randn(B, em.HQ, em.D, device="cuda", dtype=em.DT, generator=gen)
-          for _ in range(em.ROTATE)]
-    c = em.scale_for_sparsity(qs[0], summ, seq, EntmaxRule(block_size=em.BLOCK), 0.9)
+    k, v, seq, summ, qs, c = em.entmax_decode_state(B, n, 0.9, gen)
     st = EntmaxStatic(em.BLOCK, em.D, em.G, "bf16")
     tau = EntmaxTauTriton(st, scale=c)
     sels = [tau(q, summ, seq, [n] * B) for q in qs]

@@ -77,21 +77,28 @@ def scale_for_sparsity(q, summ, seq, rule, target):
     return math.sqrt(lo * hi)
 
 
+def entmax_decode_state(batch, seq_len, target, gen):
+    """A random cache of seq_len tokens per sequence, its block summaries (w = 0: means),
+    ROTATE query sets and the scale c at which the torch selection skips `target` of the
+    blocks: (k, v, seq_lens, summaries, qs, c)."""
+    k = torch.randn(batch, seq_len, HKV, D, device="cuda", dtype=DT, generator=gen)
+    v = torch.randn_like(k)
+    seq = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
+    w0 = torch.zeros(HKV, D, device="cuda")
+    summ = torch.cat([block_summaries(k[b:b + 1], w0, BLOCK, torch.float32).to(DT)
+                      for b in range(batch)]).contiguous()  # per sequence: bounded temps
+    qs = [torch.randn(batch, HQ, D, device="cuda", dtype=DT, generator=gen)
+          for _ in range(ROTATE)]
+    c = scale_for_sparsity(qs[0], summ, seq, EntmaxRule(block_size=BLOCK), target)
+    return k, v, seq, summ, qs, c
+
+
 def bench_entmax_decode(batch, seq_len, target, rows, gen):
     row = {"part": "entmax_decode", "batch": batch, "seq_len": seq_len, "target_sparsity": target}
     rows.append(row)
     try:
-        k = torch.randn(batch, seq_len, HKV, D, device="cuda", dtype=DT, generator=gen)
-        v = torch.randn_like(k)
-        seq = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
-        w0 = torch.zeros(HKV, D, device="cuda")
-        summ = torch.cat([block_summaries(k[b:b + 1], w0, BLOCK, torch.float32).to(DT)
-                          for b in range(batch)]).contiguous()  # per sequence: bounded temps
-        qs = [torch.randn(batch, HQ, D, device="cuda", dtype=DT, generator=gen)
-              for _ in range(ROTATE)]
-        base = EntmaxRule(block_size=BLOCK, sink_blocks=1, local_blocks=1)
-        c = scale_for_sparsity(qs[0], summ, seq, base, target)
-        rule = dataclasses.replace(base, scale=c)
+        k, v, seq, summ, qs, c = entmax_decode_state(batch, seq_len, target, gen)
+        rule = EntmaxRule(block_size=BLOCK, scale=c)
         st = EntmaxStatic(BLOCK, D, G, "bf16")
         tau = EntmaxTauTriton(st, scale=c)
         att = EntmaxDecodeTriton(st)
@@ -231,10 +238,9 @@ def milestone_attention(page_size):
     """The attention the emitted raas-milestone module runs (its nearest tuned bucket on
     this GPU, from tuning_db/) when the example spec matches the bench's shape, else the
     Triton default. Returns (attend, description)."""
-    import importlib
     import tempfile
 
-    from sparsegen.emit import build_package
+    from sparsegen.emit import build_package, load_package
     from sparsegen.plan import make_plan
     from sparsegen.spec import load_spec
 
@@ -245,8 +251,7 @@ def milestone_attention(page_size):
         st = DecodeStatic(page_size, D, G, "bf16", "paged", page_size)
         return decode_backend("triton")(st), "triton default"
     pkg = build_package(make_plan(spec), Path(tempfile.mkdtemp(prefix="sg-bench-")))
-    sys.path.insert(0, str(pkg.parent))
-    module = importlib.import_module(pkg.name).SparseDecodeAttention()
+    module = load_package(pkg).SparseDecodeAttention()
 
     def attend(q, k, v, block_indices, block_counts, seq_lens, block_table=None):
         return module(q, k, v, block_indices, block_counts, seq_lens, block_table)

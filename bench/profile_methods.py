@@ -73,17 +73,10 @@ def part_rule(name, gen):
 
 def part_entmax(gen):
     from sparsegen.codegen.entmax_kernels import EntmaxDecodeTriton, EntmaxStatic, EntmaxTauTriton
-    from sparsegen.methods.entmax import EntmaxRule, block_summaries
 
     B, n = 8, 131072
-    k = torch.randn(B, n, em.HKV, em.D, device="cuda", dtype=em.DT, generator=gen)
-    v = torch.randn_like(k)
-    seq = torch.full((B,), n, dtype=torch.int32, device="cuda")
-    w0 = torch.zeros(em.HKV, em.D, device="cuda")
-    summ = torch.cat([block_summaries(k[b:b + 1], w0, em.BLOCK, torch.float32).to(em.DT)
-                      for b in range(B)]).contiguous()
-    q = torch.randn(B, em.HQ, em.D, device="cuda", dtype=em.DT, generator=gen)
-    c = em.scale_for_sparsity(q, summ, seq, EntmaxRule(block_size=em.BLOCK), 0.9)
+    k, v, seq, summ, qs, c = em.entmax_decode_state(B, n, 0.9, gen)
+    q = qs[0]
     st = EntmaxStatic(em.BLOCK, em.D, em.G, "bf16")
     tau, att = EntmaxTauTriton(st, scale=c), EntmaxDecodeTriton(st)
 

@@ -17,10 +17,12 @@ same model code works everywhere.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import keyword
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -91,6 +93,19 @@ def build_package(plan, out_dir: str | Path, db: TuningDB | None = None) -> Path
     return final
 
 
+def load_package(path: str | Path):
+    """Import a package build_package wrote (under a name unique to its path, so two builds
+    of one spec can be loaded side by side) and return the module."""
+    path = Path(path)
+    name = f"emitted_{path.name}_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
+                                                  submodule_search_locations=[str(path)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _kernel_configs(kernel, db: TuningDB, kernels_dir: Path) -> dict:
     identity = kernel_identity(kernel)
     space = SearchSpace(kernel)
@@ -151,7 +166,7 @@ def _rule_kernel_configs(kernel, db: TuningDB) -> dict:
             tuned[gpu["slug"]] = {"gpu": {"name": gpu["name"], "capability": gpu["capability"]},
                                   "buckets": buckets}
     return {"identity_key": identity_key(identity), "templates": identity["templates"],
-            "default": kernel.adapter.default_config(kernel.static), "tuned": tuned}
+            "tuned": tuned}
 
 
 def _best_entries(db: TuningDB, identity: dict) -> list[tuple[dict, list]]:

@@ -1,7 +1,6 @@
 """`sparsegen build`: the emitted package imports and runs on the CPU, matching the reference."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsegen.emit import build_package
+from sparsegen.emit import build_package, load_package
 from sparsegen.errors import SparsegenError
 from sparsegen.methods.sparse_decode_ref import dense_decode_reference, sparse_decode_reference
 from sparsegen.plan import make_plan
@@ -25,20 +24,10 @@ SPECS = ROOT / "examples" / "specs"
 GPU = GpuId("Fake H100", "9.0")
 
 
-def import_package(path: Path):
-    name = f"emitted_{path.name}_{abs(hash(str(path)))}"
-    spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
-                                                  submodule_search_locations=[str(path)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def build(tmp_path, spec_file: str, db: TuningDB | None = None):
     plan = make_plan(load_spec(SPECS / spec_file))
     path = build_package(plan, tmp_path / "out", db or TuningDB(tmp_path / "db"))
-    return plan, path, import_package(path)
+    return plan, path, load_package(path)
 
 
 def test_contiguous_module_matches_reference_on_cpu(tmp_path):

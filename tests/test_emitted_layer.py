@@ -2,14 +2,12 @@
 the CPU, against the same rule driven by hand with the torch reference attention."""
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from sparsegen.emit import build_package
+from sparsegen.emit import build_package, load_package
 from sparsegen.methods.decode_step import reference_attend
 from sparsegen.methods.decoders import make_cache, make_decoder
 from sparsegen.plan import make_plan
@@ -31,12 +29,7 @@ def _rule_inputs(rule, g, batch, kv_heads, q_heads, dim, tokens=None):
 @pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
 def test_layer_step_matches_the_rule_driven_by_hand(spec_path, tmp_path):
     spec = load_spec(spec_path)
-    pkg = build_package(make_plan(spec), tmp_path)
-    sys.path.insert(0, str(pkg.parent))
-    try:
-        mod = importlib.import_module(pkg.name)
-    finally:
-        sys.path.remove(str(pkg.parent))
+    mod = load_package(build_package(make_plan(spec), tmp_path))
     m, rule = spec.model, spec.selection.rule
     batch, capacity, prompt = 2, 512, 300
     torch.manual_seed(0)

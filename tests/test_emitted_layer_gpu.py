@@ -5,14 +5,12 @@ Skipped without a GPU (CI has none); run on an H100 with
 `python -m pytest -q tests/test_emitted_layer_gpu.py`."""
 from __future__ import annotations
 
-import importlib
-import sys
 
 import pytest
 import torch
 
 from sparsegen.codegen.triton_kernel import torch_dtype
-from sparsegen.emit import build_package
+from sparsegen.emit import build_package, load_package
 from sparsegen.plan import make_plan
 from sparsegen.spec import load_spec
 
@@ -28,12 +26,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
 def test_layer_on_gpu_matches_torch_selection(spec_path, tmp_path):
     spec = load_spec(spec_path)
-    pkg = build_package(make_plan(spec), tmp_path)
-    sys.path.insert(0, str(pkg.parent))
-    try:
-        mod = importlib.import_module(pkg.name)
-    finally:
-        sys.path.remove(str(pkg.parent))
+    mod = load_package(build_package(make_plan(spec), tmp_path))
     m, rule = spec.model, spec.selection.rule
     batch, capacity, prompt = 3, 8192, 5000
     dt = torch_dtype(m.dtype)

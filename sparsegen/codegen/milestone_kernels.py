@@ -132,9 +132,8 @@ class MilestoneSelectStatic:
 
     @classmethod
     def from_spec(cls, spec) -> "MilestoneSelectStatic":
-        s = spec.selection
-        return cls(max(1, s.budget_tokens // spec.cache.page_size),
-                   s.milestone.refresh_threshold is not None)
+        from ..methods.milestone import MilestoneRule
+        return cls.from_rule(MilestoneRule.from_spec(spec))
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -39,7 +39,7 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
     the others run their default config. A layer in the spec's dense_layers attends every
     block (the gate and topk decoders have their own dense path)."""
     impl = impl or ("triton" if cache.device.type == "cuda" else "torch")
-    kc = dict(kernel_configs or {})
+    kc = kernel_configs or {}
     rule = spec.selection.rule
     if rule == "gate":
         from .decode_step import GateDecoder
@@ -70,15 +70,12 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
     if rule == "milestone":
         from .milestone import MilestoneDecoder
 
-        scorer = selector = None
+        scorer = None
         if impl == "triton":
-            from ..codegen.milestone_kernels import (MilestoneScoreTriton, MilestoneSelectStatic,
-                                                     MilestoneSelectTriton, MilestoneStatic)
+            from ..codegen.milestone_kernels import MilestoneScoreTriton, MilestoneStatic
 
             scorer = MilestoneScoreTriton(MilestoneStatic.from_spec(spec),
                                           kc.get("milestone_score"))
-            if "milestone_select" in kc:
-                selector = MilestoneSelectTriton(MilestoneSelectStatic.from_spec(spec),
-                                                 kc["milestone_select"])
-        return MilestoneDecoder.from_spec(spec, scorer=scorer, selector=selector)
+        return MilestoneDecoder.from_spec(spec, scorer=scorer,
+                                          selector_config=kc.get("milestone_select"))
     raise ValueError(f"unknown rule {rule!r}")

@@ -144,7 +144,7 @@ class MilestoneDecoder:
 
     def __init__(self, rule: MilestoneRule, num_q_heads: int, num_kv_heads: int,
                  head_dim: int, scorer=None, compute_dtype=torch.float32, fast=None,
-                 selector=None):
+                 selector=None, selector_config: dict | None = None):
         self.rule = rule
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.scorer = scorer or torch_page_scores
@@ -158,6 +158,7 @@ class MilestoneDecoder:
             from ..codegen.milestone_kernels import MilestoneSelectStatic, MilestoneSelectTriton
 
             selector = MilestoneSelectTriton(MilestoneSelectStatic.from_rule(rule),
+                                             selector_config,
                                              build_dir=getattr(self.scorer, "build_dir", None))
         self.selector = selector
         self._pending = None  # (indices, counts) the fast _refresh already wrote
