@@ -1,8 +1,7 @@
 """H100 benchmark of the gate (SeerAttention-R) and topk (Quest / NSA) rules (issue 5).
 
-    python bench/methods_gate_topk.py                 # every part
-    python bench/methods_gate_topk.py --quick         # one shape per figure
-    python bench/methods_gate_topk.py --parts step    # or: distill
+    python bench/methods_gate_topk.py                 # every rule and shape
+    python bench/methods_gate_topk.py --quick         # batch 16 at 128K
 
 Every figure first checks the generated kernels against the plain-torch references, then times
 (triton.testing.do_bench medians of CUDA events; plain calls and CUDA-graph replays; several
@@ -10,9 +9,8 @@ input sets rotated):
 - the whole decode step (append K/V, update the rule's metadata, score, select, attend with
   the Triton sparse decode kernel) vs dense cuDNN SDPA over the same cache (its fastest
   formulation, bench/baselines.py), at batch 8/16, 32K/128K, 90 % of blocks skipped
-  (target: >= 7x), and the share of scoring + selection in the step (target: <= 10 %);
-- the gate distillation target kernel vs the plain-torch reference at 8K tokens (target:
-  >= 5x), with peak memory over 4K-16K showing the extra memory is linear in the length.
+  (target: >= 7x), and the share of scoring + selection in the step (target: <= 10 %).
+The gate distillation figures are bench/gate_distill.py's.
 Hq 32, Hkv 8, D 128, bf16. Writes bench/results/<GPU>-step-gate-topk.{md,json} (and $OUT).
 Quest per_head selects budget / G blocks per query head so that the union its KV head
 attends stays within the budget (the table shows the blocks actually attended).
@@ -40,9 +38,7 @@ from bench.baselines import fastest_cudnn_decode  # noqa: E402
 from bench.timing import gpu_facts, save_results, time_graph, time_plain  # noqa: E402
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
-from sparsegen.codegen.distill_kernels import DistillStatic, TritonDistillTarget  # noqa: E402
 from sparsegen.methods.decode_step import GateDecoder, TopkDecoder  # noqa: E402
-from sparsegen.methods.distill import distill_target_reference  # noqa: E402
 from sparsegen.methods.gate import AttnGate  # noqa: E402
 from sparsegen.methods.kv_cache import KVCache  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
@@ -211,49 +207,12 @@ def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, g
     print(json.dumps(row), flush=True)
 
 
-def bench_distill(seq_lens, gen, rows, block_size=64, batch=1):
-    static = DistillStatic(block_size, D, G, "bf16")
-    kern = TritonDistillTarget(static)
-    for S in seq_lens:
-        row = {"part": "distill", "seq_len": S, "batch": batch, "block_size": block_size}
-        try:
-            q = torch.randn(batch, S, HQ, D, device="cuda", dtype=DT, generator=gen)
-            k = torch.randn(batch, S, HKV, D, device="cuda", dtype=DT, generator=gen)
-            got = kern(q, k)
-            want = distill_target_reference(q, k, block_size)
-            row["max_abs_err"] = (got - want).abs().max().item()
-            row["ok"] = bool(row["max_abs_err"] < 2e-2)
-            out_bytes = got.numel() * 4
-            del got, want
-            for key, fn in (("kernel", lambda: kern(q, k)),
-                            ("torch", lambda: distill_target_reference(q, k, block_size))):
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
-                base = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                fn()
-                torch.cuda.synchronize()
-                row[f"{key}_peak_extra_MB"] = (torch.cuda.max_memory_allocated() - base) / 1e6
-            row["output_MB"] = out_bytes / 1e6
-            row["kernel_ms"] = time_plain([lambda: kern(q, k)], rep_ms=500)
-            row["torch_ms"] = time_plain([lambda: distill_target_reference(q, k, block_size)],
-                                         rep_ms=1000)
-            row["speedup"] = row["torch_ms"] / row["kernel_ms"]
-            flops = 2 * 2.0 * batch * HQ * D * S * S / 2
-            row["kernel_TFLOPs"] = flops / row["kernel_ms"] / 1e9
-        except Exception as e:
-            note(row, "distill", e)
-        torch.cuda.empty_cache()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-
 def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
 def write_markdown(rows, facts, path):
-    lines = [f"# gate / topk decode step and gate distillation on {facts['gpu']}", "",
+    lines = [f"# gate / topk decode step on {facts['gpu']}", "",
              f"- date: {facts['date']}", f"- versions: {facts['versions']}",
              f"- command: `{facts['command']}`",
              f"- Hq {HQ}, Hkv {HKV}, D {D}, bf16; medians in ms; `graph` = CUDA-graph replay",
@@ -291,32 +250,17 @@ def write_markdown(rows, facts, path):
                 f"{fmt(r.get('sdpa_ms'), '.4f')} ({fmt(r.get('sdpa_graph_ms'), '.4f')}) | "
                 f"{fmt(r.get('speedup'), '.2f')}x |")
         lines.append("")
-    dist = [r for r in rows if r["part"] == "distill"]
-    if dist:
-        lines += ["## Gate distillation target (B 1, block 64)", "",
-                  "| len | kernel ms | torch ms | speedup | kernel TFLOP/s | kernel extra MB "
-                  "(output MB) | torch extra MB | max abs err |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in dist:
-            lines.append(f"| {r['seq_len']} | {fmt(r.get('kernel_ms'))} | {fmt(r.get('torch_ms'))}"
-                         f" | {fmt(r.get('speedup'), '.1f')}x | "
-                         f"{fmt(r.get('kernel_TFLOPs'), '.0f')}"
-                         f" | {fmt(r.get('kernel_peak_extra_MB'), '.1f')} "
-                         f"({fmt(r.get('output_MB'), '.1f')}) | "
-                         f"{fmt(r.get('torch_peak_extra_MB'), '.1f')} | "
-                         f"{fmt(r.get('max_abs_err'), '.1e')} {r.get('distill_note', '')} |")
     path.write_text("\n".join(lines) + "\n")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["step", "distill"])
     ap.add_argument("--rules", nargs="+", default=[r[0] for r in RULES])
     ap.add_argument("--batch", nargs="+", type=int, default=[8, 16])
     ap.add_argument("--seq-len", nargs="+", type=int, default=[32768, 131072])
     ap.add_argument("--layouts", nargs="+", default=["contiguous"])
     ap.add_argument("--sparsity", type=float, default=0.9)
-    ap.add_argument("--quick", action="store_true", help="batch 16 at 128K; distill at 8K")
+    ap.add_argument("--quick", action="store_true", help="batch 16 at 128K")
     ap.add_argument("--out", default=None, help="results stem")
     args = ap.parse_args()
     if args.quick:
@@ -328,19 +272,16 @@ def main():
     print(json.dumps(facts), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    if "step" in args.parts:
-        for name, rule, bs, score, group in RULES:
-            if name not in args.rules:
-                continue
-            for layout in args.layouts:
-                if not check_rule(name, rule, bs, score, group, layout, gen, rows):
-                    continue  # never time a kernel that failed its check
-                for batch in args.batch:
-                    for seq_len in args.seq_len:
-                        bench_step(name, rule, bs, score, group, batch, seq_len, args.sparsity,
-                                   layout, gen, rows)
-    if "distill" in args.parts:
-        bench_distill([4096, 8192] if args.quick else [4096, 8192, 16384], gen, rows)
+    for name, rule, bs, score, group in RULES:
+        if name not in args.rules:
+            continue
+        for layout in args.layouts:
+            if not check_rule(name, rule, bs, score, group, layout, gen, rows):
+                continue  # never time a kernel that failed its check
+            for batch in args.batch:
+                for seq_len in args.seq_len:
+                    bench_step(name, rule, bs, score, group, batch, seq_len, args.sparsity,
+                               layout, gen, rows)
     stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         f"{facts['gpu_slug']}-step-gate-topk")
     save_results(stem, facts, rows, lambda path: write_markdown(rows, facts, path))

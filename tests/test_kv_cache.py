@@ -1,10 +1,17 @@
-"""KVCache: appends land where the attention reference reads them, pages are reused."""
+"""KVCache: appends land where the attention reference reads them, pages are reused; the
+fused Triton append (interpreter) writes exactly what the torch scatters write."""
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from sparsegen.methods.kv_cache import CacheFullError, KVCache
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sparsegen.codegen.kv_append import AppendStatic, TritonKVAppend  # noqa: E402
+from sparsegen.methods.kv_cache import CacheFullError, KVCache  # noqa: E402
+from tests.interp import needs_interp, only_if_not_interpreted, rerun_in_interpreter  # noqa: E402
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
@@ -46,3 +53,56 @@ def test_contiguous_overflow_is_a_clear_error():
     cache = KVCache(1, 1, 4, capacity=8, dtype=torch.float32)
     with pytest.raises(CacheFullError, match="made for 8"):
         cache.extend(0, torch.randn(9, 1, 4), torch.randn(9, 1, 4))
+
+
+@needs_interp
+@pytest.mark.parametrize("layout,heads,dim,new_dtype", [
+    ("contiguous", 1, 64, torch.float32), ("contiguous", 8, 128, torch.bfloat16),
+    ("paged", 3, 128, torch.float32), ("paged", 8, 64, torch.bfloat16),
+    ("contiguous", 2, 40, torch.float16)])
+def test_fused_append_matches_torch_append(layout, heads, dim, new_dtype):
+    g = torch.Generator().manual_seed(heads * dim)
+    caches = {impl: KVCache(4, heads, dim, capacity=96, dtype=torch.bfloat16, layout=layout,
+                            page_size=16, num_pages=30) for impl in ("torch", "triton")}
+    for b, n in enumerate([0, 15, 16, 33]):  # mixed lengths, page and block boundaries
+        k, v = torch.randn(n, heads, dim, generator=g), torch.randn(n, heads, dim, generator=g)
+        for cache in caches.values():
+            cache.extend(b, k, v)
+    if layout == "paged":  # an evicted page in the middle must not be touched or reused early
+        for cache in caches.values():
+            cache.release_page(3, 1)
+    for _ in range(21):
+        k = torch.randn(4, heads, dim, generator=g).to(new_dtype)
+        v = torch.randn(4, heads, dim, generator=g).to(new_dtype)
+        for impl, cache in caches.items():
+            cache.append(k, v, impl=impl)
+    t, r = caches["triton"], caches["torch"]
+    assert torch.equal(t.seq_lens, r.seq_lens) and t.lengths == r.lengths
+    if new_dtype == torch.bfloat16:
+        assert torch.equal(t.k, r.k) and torch.equal(t.v, r.v)
+    else:  # the interpreter's NumPy cast truncates to bf16 (the GPU rounds to nearest even)
+        torch.testing.assert_close(t.k, r.k, rtol=2 ** -7, atol=0)
+        torch.testing.assert_close(t.v, r.v, rtol=2 ** -7, atol=0)
+    if layout == "paged":
+        assert torch.equal(t.block_table, r.block_table)
+
+
+def test_append_rejects_bad_shapes_and_impl():
+    cache = KVCache(2, 2, 8, capacity=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="shape"):
+        cache.append(torch.randn(2, 2, 8), torch.randn(2, 1, 8))
+    with pytest.raises(ValueError, match="impl"):
+        cache.append(torch.randn(2, 2, 8), torch.randn(2, 2, 8), impl="cuda")
+    assert cache.seq_lens.tolist() == [0, 0] and cache.lengths == [0, 0]
+
+
+def test_fused_append_compiles_for_sm90():
+    for static in (AppendStatic(128, 8, "bf16", "bf16"),
+                   AppendStatic(64, 3, "fp16", "fp32", "paged", 16)):
+        facts = TritonKVAppend(static).compile_sm90()["kv_append"]
+        assert facts["cubin_bytes"] > 0 and facts.get("local", 0) == 0
+
+
+@only_if_not_interpreted
+def test_interpreter_tests_in_subprocess():
+    rerun_in_interpreter(__file__)

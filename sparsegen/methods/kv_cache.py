@@ -16,6 +16,9 @@ import math
 import torch
 
 
+_APPEND_KERNELS: dict = {}  # AppendStatic -> TritonKVAppend, shared by every cache
+
+
 class CacheFullError(RuntimeError):
     """The cache has no room for the tokens being appended."""
 
@@ -110,16 +113,25 @@ class KVCache:
         self.seq_lens[b] = stop
         return start, stop
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append one token to every sequence: k, v [B, Hkv, D]."""
-        if k.shape != (self.batch, self.kv_heads, self.head_dim):
-            raise ValueError(f"append expects k of shape {(self.batch, self.kv_heads, self.head_dim)}, "
-                             f"got {tuple(k.shape)}")
+    def append(self, k: torch.Tensor, v: torch.Tensor, impl: str = "auto") -> None:
+        """Append one token to every sequence: k, v [B, Hkv, D]. impl "triton" is the fused
+        kernel (sparsegen.codegen.kv_append), "torch" two scatters; "auto" = triton on CUDA."""
+        if k.shape != (self.batch, self.kv_heads, self.head_dim) or v.shape != k.shape:
+            raise ValueError(f"append expects k and v of shape "
+                             f"{(self.batch, self.kv_heads, self.head_dim)}, got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if impl not in ("auto", "torch", "triton"):
+            raise ValueError(f"impl must be auto, torch or triton, not {impl!r}")
         # pages are allocated on the host only where a sequence crosses into a new page;
-        # the write itself is one scatter for the whole batch, addressed by seq_lens on
-        # the device, so a decode step costs no per-sequence launches and no sync
+        # the write itself is addressed by seq_lens on the device, so a decode step costs
+        # no per-sequence launches and no sync
         for b, n in enumerate(self.lengths):
             self._ensure_pages(b, n, n + 1)
+        self.lengths = [n + 1 for n in self.lengths]
+        if impl == "triton" or (impl == "auto" and self.k.is_cuda):
+            self._append_kernel(k.dtype)(k.contiguous(), v.contiguous(), self.k, self.v,
+                                         self.seq_lens, self.block_table)
+            return
         pos = self.seq_lens.long()
         rows = torch.arange(self.batch, device=self.device)
         if self.block_table is None:
@@ -128,8 +140,17 @@ class KVCache:
             idx = (self.block_table[rows, pos // self.page_size].long(), pos % self.page_size)
         self.k[idx] = k.to(self.k.dtype)
         self.v[idx] = v.to(self.v.dtype)
-        self.lengths = [n + 1 for n in self.lengths]
         self.seq_lens += 1
+
+    def _append_kernel(self, new_dtype):
+        from ..codegen.kv_append import AppendStatic, TritonKVAppend
+        from ..codegen.triton_kernel import dtype_name
+
+        static = AppendStatic(self.head_dim, self.kv_heads, dtype_name(self.k.dtype),
+                              dtype_name(new_dtype), self.layout, self.page_size)
+        if static not in _APPEND_KERNELS:
+            _APPEND_KERNELS[static] = TritonKVAppend(static)
+        return _APPEND_KERNELS[static]
 
     # --- reads -------------------------------------------------------------------------
     def tokens(self, b: int, start: int = 0, stop: int | None = None):
