@@ -96,6 +96,16 @@ def page_minmax(k: torch.Tensor, n: int, page_size: int):
     return (lo.view(pages, page_size, H, D).amin(1), hi.view(pages, page_size, H, D).amax(1))
 
 
+class _PageBounds:
+    """kmin / kmax [pages, Hkv, D] seen as Quest metadata with one block per page."""
+
+    def __init__(self, kmin, kmax):
+        self.kmin, self.kmax = kmin, kmax
+
+    def tensors(self):
+        return self.kmin.unsqueeze(1), self.kmax.unsqueeze(1)
+
+
 def torch_page_scores(q, kmin, kmax, slot_phys, sm_scale=None):
     """Page scores of the live decode slots: mean over query heads of the per-head softmax
     (over live slots) of the Quest bound. q [B, Hq, D]; kmin/kmax [pages, Hkv, D];
@@ -161,6 +171,7 @@ class MilestoneDecoder:
                                              selector_config,
                                              build_dir=getattr(self.scorer, "build_dir", None))
         self.selector = selector
+        self._minmax = None  # the fast path's page min/max update kernel (built on first use)
         self._pending = None  # (indices, counts) the fast _refresh already wrote
         self.t = 0
         self.last_evictions: list[tuple[int, int]] = []
@@ -316,10 +327,29 @@ class MilestoneDecoder:
                 W = self._block_width
                 self._blocks[bi] = buf[o: o + n * W].view(n, W).to(torch.int32)
         kn = k_new.to(self.kmin.dtype)
+        if self.fast:  # one launch; it finds the page and whether it is fresh on the device
+            self._minmax_kernel(cache)(_PageBounds(self.kmin, self.kmax), cache,
+                                       kn.contiguous())
+            return pages
         fresh = (fresh != 0)[:, None, None]
         self.kmin[pages] = torch.where(fresh, kn, torch.minimum(self.kmin[pages], kn))
         self.kmax[pages] = torch.where(fresh, kn, torch.maximum(self.kmax[pages], kn))
         return pages
+
+    def _minmax_kernel(self, cache):
+        """Quest's metadata-append kernel with block = page: a token's key folds into its
+        page's min/max, reset where the token opens the page (pos % page_size == 0)."""
+        if self._minmax is None:
+            from ..codegen.quest_kernels import QuestStatic, TritonQuestMeta
+            from ..codegen.triton_kernel import dtype_name
+
+            P = self.rule.page_size
+            static = QuestStatic(P, self.head_dim, self.num_q_heads // self.num_kv_heads,
+                                 dtype_name(self.kmin.dtype), "upper_bound", "per_head",
+                                 "paged", P)
+            self._minmax = TritonQuestMeta(static, build_dir=getattr(self.scorer, "build_dir",
+                                                                     None))
+        return self._minmax
 
     def _refresh(self, q, cache) -> None:
         """Device work only (no host tensors): CUDA-graph capturable with `select`."""
