@@ -1,14 +1,23 @@
-"""Tile configurations of the entmax prefill kernels (forward, dq, dk/dv) on one selection.
+"""Entmax (DashAttention) prefill at 32K tokens, 75 % of the causal blocks skipped, on one GPU:
 
-    python bench/entmax_prefill_probe.py         # 32K tokens, 75 % skipped, Hq 32 / Hkv 8 / D 128
+    python bench/entmax_prefill_probe.py         # B 1, Hq 32 / Hkv 8 / D 128, block 64, bf16
 
-The selection is computed once (bench/methods_entmax_milestone.py's scale for 75 %); each
-config's forward and backward run on it directly (no selection, no autograd), checked
-against the default config's outputs first, then timed (medians of plain calls).
+1. block level (selection: summaries, scores, entmax, mask/bias, index lists) forward and
+   forward + backward: the torch path as it was (fp32 copies of q and k, torch entmax,
+   sorted lists through mask_to_indices) against the Triton block ops (EntmaxPoolTriton,
+   sort-free lists), after checking they give the same mask and close bias / gradients;
+   the block ops' config variants;
+2. the token-level kernels' tile configs (forward, backward) on one selection, checked
+   against the default config's outputs;
+3. the whole entmax_prefill forward + backward (Triton block ops + kernels; and with the
+   torch block level) against dense SDPA flash / cuDNN forward + backward, outputs and
+   gradients checked first (2K against the fp32 torch path; 32K between the block levels).
+Medians of plain calls (autograd in the loop: no CUDA graphs), fresh random inputs.
 Writes bench/results/<GPU>-entmax-prefill-probe.{md,json}.
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -17,38 +26,114 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import methods_entmax_milestone as em  # noqa: E402
-from bench.timing import gpu_facts, save_results, time_plain  # noqa: E402
-from sparsegen.codegen.entmax_kernels import EntmaxPrefillTriton, EntmaxStatic  # noqa: E402
-from sparsegen.methods.entmax import EntmaxRule, prefill_selection  # noqa: E402
+from bench import methods_entmax_milestone as em
+from bench.timing import gpu_facts, save_results, time_plain
+from sparsegen.codegen.entmax_kernels import EntmaxPrefillTriton, EntmaxStatic
+from sparsegen.codegen.entmax_pool import EntmaxPoolTriton
+from sparsegen.methods.entmax import EntmaxRule, entmax_prefill, prefill_selection
+from sparsegen.methods.selection import mask_to_indices
 
 T = 32768
 SCALE = 52.0   # ~75 % of the causal blocks skipped at 32K (the bench's bisection: 51.9)
 BWD = [  # (dq_m, dq_n, kv_m, kv_n, bwd_warps, bwd_stages)
-    (32, 32, 32, 32, 8, 2), (32, 32, 32, 32, 4, 2), (64, 32, 32, 64, 8, 2),
-    (64, 64, 64, 64, 8, 2), (64, 32, 32, 64, 4, 3), (64, 64, 64, 64, 8, 1),
-    (64, 64, 64, 64, 4, 2)]
-FWD = [(64, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 3)]  # block_m, block_n, w, s
+    (64, 64, 64, 64, 4, 2), (64, 32, 32, 64, 4, 3), (64, 64, 64, 64, 4, 3),
+    (64, 64, 64, 64, 8, 2), (32, 32, 32, 32, 4, 2)]
+FWD = [(64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3)]  # block_m, block_n, w, s
+POOL = [(512, 4, 8), (256, 4, 8), (1024, 8, 8), (512, 4, 4), (512, 8, 8)]  # chunk, warps, pool
 
 
-def main():
-    facts = gpu_facts()
-    facts["command"] = "python " + " ".join(sys.argv)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    st = EntmaxStatic(em.BLOCK, em.D, em.G, "bf16")
-    q, k, v, w = (t.detach() for t in em.prefill_inputs(T, gen))
-    with torch.no_grad():
-        sel = prefill_selection(q.float(), k.float(), w, EntmaxRule(block_size=em.BLOCK,
-                                                                     scale=SCALE))
+def old_selection(q, k, w, rule):
+    """The block level as it was before the Triton block ops: fp32 copies of q and k, the
+    torch entmax, mask_to_indices (sorts) for both lists."""
+    sel = prefill_selection(q.float(), k.float(), w, rule, block_ops=None)
+    B, H, nq, nk = sel.mask.shape
+    fi, fc = mask_to_indices(sel.mask.reshape(B, H * nq, nk), nk)
+    ri, rc = mask_to_indices(sel.mask.transpose(-1, -2).reshape(B, H * nk, nq), nq)
+    return sel, (fi.view(B, H, nq, nk), fc.view(B, H, nq), ri.view(B, H, nk, nq),
+                 rc.view(B, H, nk))
+
+
+def new_selection(q, k, w, rule, ops):
+    sel = prefill_selection(q, k, w, rule, block_ops=ops)
+    return sel, sel.lists()
+
+
+def leaves(*ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def block_level(rows, q, k, w, rule, st, gen):
+    """Check, then time old vs new block level, forward and forward + backward."""
+    ops = EntmaxPoolTriton(st)
+    dbias = torch.randn(1, em.HKV, T // em.BLOCK, T // em.BLOCK, device="cuda", generator=gen)
+    res = {}
+    for name, fn in (("old", lambda a, b, c: old_selection(a, b, c, rule)),
+                     ("new", lambda a, b, c: new_selection(a, b, c, rule, ops))):
+        a, b, c = leaves(q, k, w)
+        sel, lists = fn(a, b, c)
+        (sel.bias * dbias).sum().backward()
+        res[name] = (sel, lists, [a.grad, b.grad, c.grad])
+    (so, lo, go), (sn, ln, gn) = res["old"], res["new"]
+    row = {"part": "block_level", "mask_equal": bool(torch.equal(so.mask, sn.mask)),
+           "mask_diff_frac": (so.mask != sn.mask).float().mean().item(),
+           "lists_equal": all(torch.equal(x, y) for x, y in zip(lo, ln)),
+           "bias_err": em.rel_err(sn.bias, so.bias), "pbar_err": em.rel_err(sn.pbar, so.pbar),
+           "grad_err": {n: em.rel_err(x, y) for n, x, y in zip("qkw", gn, go)},
+           "sparsity": em.prefill_sparsity(sn)}
+    ok = row["mask_diff_frac"] < 1e-4 and row["bias_err"] < 1e-3 and \
+        max(row["grad_err"].values()) < 2e-2
+    row["ok"] = ok
+    if ok:
+        def timed(fn, backward):
+            a, b, c = leaves(q, k, w)
+
+            def call():
+                if backward:
+                    sel, _ = fn(a, b, c)
+                    (sel.bias * dbias).sum().backward()
+                else:
+                    with torch.no_grad():
+                        fn(a, b, c)
+            return time_plain([call], warmup_ms=100, rep_ms=500)
+        for name, fn in (("old", lambda a, b, c: old_selection(a, b, c, rule)),
+                         ("new", lambda a, b, c: new_selection(a, b, c, rule, ops))):
+            row[f"{name}_fwd_ms"] = timed(fn, False)
+            row[f"{name}_fwd_bwd_ms"] = timed(fn, True)
+    else:
+        row["note"] = "WRONG: Triton block level differs from the torch one"
+    print(row, flush=True)
+    rows.append(row)
+    for chunk, nw, pw in POOL:  # block ops config variants (forward + backward)
+        cfg = {"chunk": chunk, "num_warps": nw, "pool_warps": pw}
+        r = {"part": "block_ops", "config": cfg}
+        try:
+            kern = EntmaxPoolTriton(st, cfg)
+            a, b, c = leaves(q, k, w)
+            sel, _ = new_selection(a, b, c, rule, kern)
+            (sel.bias * dbias).sum().backward()
+            r["err"] = max([em.rel_err(sel.bias, sn.bias)]
+                           + [em.rel_err(x.grad, y) for x, y in zip((a, b, c), gn)])
+            if r["err"] < 1e-3:
+                def call(a=a, b=b, c=c, kern=kern):
+                    s2, _ = new_selection(a, b, c, rule, kern)
+                    (s2.bias * dbias).sum().backward()
+                r["ms"] = time_plain([call], warmup_ms=100, rep_ms=500)
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile or run is a result
+            r["note"] = f"{type(e).__name__}: {str(e)[:160]}"
+        print(r, flush=True)
+        rows.append(r)
+    return sn
+
+
+def kernel_configs(rows, q, k, v, sel, st, gen):
     idx, cnt, ridx, rcnt = sel.lists()
-    bias = sel.bias.float().contiguous()
+    bias = sel.bias.detach().float().contiguous()
     do = torch.randn(q.shape, device="cuda", dtype=em.DT, generator=gen)
     scale = em.D ** -0.5
     base_cfg = EntmaxPrefillTriton.default_config(st)
     base = EntmaxPrefillTriton(st)
     o_ref, lse_ref = base.forward(q, k, v, bias, idx, cnt, scale)
     g_ref = base.backward(q, k, v, bias, idx, cnt, ridx, rcnt, o_ref, lse_ref, do, scale)
-    rows = [{"part": "selection", "sparsity": em.prefill_sparsity(sel), "scale": SCALE}]
     configs = [("bwd", {**base_cfg, "dq_m": a, "dq_n": b, "kv_m": c, "kv_n": d,
                         "bwd_warps": wp, "bwd_stages": sg}) for a, b, c, d, wp, sg in BWD]
     configs += [("fwd", {**base_cfg, "block_m": a, "block_n": b, "num_warps": wp,
@@ -63,41 +148,165 @@ def main():
             if part == "fwd":
                 o, _ = kern.forward(q, k, v, bias, idx, cnt, scale)
                 row["err"] = em.rel_err(o, o_ref)
-                fn = lambda: kern.forward(q, k, v, bias, idx, cnt, scale)  # noqa: E731
+                fn = lambda kern=kern: kern.forward(q, k, v, bias, idx, cnt, scale)
             else:
                 got = kern.backward(q, k, v, bias, idx, cnt, ridx, rcnt, o_ref, lse_ref, do,
                                     scale)
                 row["err"] = max(em.rel_err(a, b) for a, b in zip(got, g_ref))
-                fn = lambda: kern.backward(q, k, v, bias, idx, cnt, ridx, rcnt,  # noqa: E731
+                fn = lambda kern=kern: kern.backward(q, k, v, bias, idx, cnt, ridx, rcnt,
                                            o_ref, lse_ref, do, scale)
             if row["err"] < 2e-2:
                 row["ms"] = time_plain([fn], warmup_ms=100, rep_ms=600)
-        except Exception as e:  # a config that fails to compile or run is a result
+        except Exception as e:  # noqa: BLE001 - a config that fails to compile or run is a result
             row["note"] = f"{type(e).__name__}: {str(e)[:160]}"
         print(row, flush=True)
         rows.append(row)
 
-    def write_md(path):
-        L = [f"# entmax prefill tile configurations on {facts['gpu']}", "",
-             f"- date: {facts['date']}", f"- versions: {facts['versions']}",
-             f"- command: `{facts['command']}`",
-             f"- T {T}, B 1, Hq {em.HQ}, Hkv {em.HKV}, D {em.D}, block {em.BLOCK}, scale "
-             f"{SCALE}: sparsity {rows[0]['sparsity']:.3f} of the causal blocks; default "
-             f"config {base_cfg}", "",
-             "| part | tiles | warps / stages | ms | rel err vs default | note |",
-             "|---|---|---|---|---|---|"]
-        for r in rows[1:]:
+
+def whole(rows, rule, st, gen):
+    """entmax_prefill fwd + bwd (Triton block ops, torch block level) vs dense SDPA."""
+    kern = EntmaxPrefillTriton(st)
+    row = {"part": "whole", "seq_len": T, "scale": rule.scale}
+    rows.append(row)
+    try:
+        # 2K: ours (bf16, Triton block ops + kernels) vs the fp32 torch path on the same values
+        q, k, v, w = em.prefill_inputs(2048, gen)
+        r2 = EntmaxRule(block_size=em.BLOCK, scale=8.0)
+        outs = []
+        for attention, cast in ((kern.attention, None), (None, torch.float32)):
+            a, b, c = (t.detach().to(cast or t.dtype).requires_grad_() for t in (q, k, v))
+            ww = w.detach().clone().requires_grad_()
+            out, _ = entmax_prefill(a, b, c, ww, r2, attention=attention)
+            out.float().square().mean().backward()
+            outs.append([out.detach(), a.grad, b.grad, c.grad])
+        row["check_2k_err"] = max(em.rel_err(x, y) for x, y in zip(*outs))
+        q, k, v, w = em.prefill_inputs(T, gen)
+        do = torch.randn(q.shape, device="cuda", dtype=em.DT, generator=gen)
+        # 32K: the two block levels under the same kernels, outputs and gradients
+        outs = []
+        for ops in ("auto", None):
+            a, b, c, ww = leaves(q, k, v, w)
+            out, sel = entmax_prefill(a, b, c, ww, rule, attention=kern.attention,
+                                      block_ops=ops)
+            out.backward(do)
+            outs.append([out.detach(), a.grad, b.grad, c.grad])
+        row["check_32k_err"] = max(em.rel_err(x, y) for x, y in zip(*outs))
+        row["sparsity"] = em.prefill_sparsity(sel)
+        if not (row["check_2k_err"] < 3e-2 and row["check_32k_err"] < 2e-2):
+            row["note"] = "WRONG prefill vs torch path"
+            return
+        a, b, c, ww = leaves(q, k, v, w)
+        for name, ops in (("ours", "auto"), ("torch_block", None)):
+            def fwd_bwd(ops=ops):
+                out, _ = entmax_prefill(a, b, c, ww, rule, attention=kern.attention,
+                                        block_ops=ops)
+                out.backward(do)
+
+            def fwd(ops=ops):
+                with torch.no_grad():
+                    entmax_prefill(a, b, c, ww, rule, attention=kern.attention, block_ops=ops)
+            row[f"{name}_fwd_bwd_ms"] = time_plain([fwd_bwd], warmup_ms=200, rep_ms=1000)
+            row[f"{name}_fwd_ms"] = time_plain([fwd], warmup_ms=100, rep_ms=500)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        qd = q.detach().transpose(1, 2).contiguous().requires_grad_()
+        kd = k.detach().repeat_interleave(em.G, 2).transpose(1, 2).contiguous().requires_grad_()
+        vd = v.detach().repeat_interleave(em.G, 2).transpose(1, 2).contiguous().requires_grad_()
+        dod = do.transpose(1, 2).contiguous()
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION),
+                              ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def dense(backend=backend):
+                with sdpa_kernel([backend]):
+                    o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd,
+                                                                         is_causal=True)
+                o.backward(dod)
+            try:
+                row[f"{name}_fwd_bwd_ms"] = time_plain([dense], warmup_ms=200, rep_ms=1000)
+            except Exception as e:  # noqa: BLE001 - a dense backend missing is a result
+                em.note(row, f"{name}_note", e)
+        dense_ms = [row[f"{n}_fwd_bwd_ms"] for n in ("flash", "cudnn") if f"{n}_fwd_bwd_ms" in row]
+        if dense_ms:
+            row["speedup_vs_best_dense"] = min(dense_ms) / row["ours_fwd_bwd_ms"]
+    except Exception as e:  # noqa: BLE001 - recorded in the row; the table still gets written
+        em.note(row, "note", e)
+    finally:
+        print(row, flush=True)
+
+
+def fmt(x, spec=".2f"):
+    return format(x, spec) if isinstance(x, (int, float)) and math.isfinite(x) else "-"
+
+
+def write_md(path, rows, facts, base_cfg):
+    L = [f"# entmax prefill on {facts['gpu']}", "", f"- date: {facts['date']}",
+         f"- versions: {facts['versions']}", f"- command: `{facts['command']}`",
+         (f"- T {T}, B 1, Hq {em.HQ}, Hkv {em.HKV}, D {em.D}, block {em.BLOCK}, bf16, scale "
+         f"{SCALE}; kernel default config {base_cfg}"), ""]
+    for r in rows:
+        if r["part"] == "block_level":
+            L += ["## block level (selection + index lists), forward and forward + backward", "",
+                  (f"- checks: mask equal {r['mask_equal']} (differing fraction "
+                  f"{r['mask_diff_frac']:.1e}), lists equal {r['lists_equal']}, bias rel err "
+                  f"{r['bias_err']:.1e}, pbar {r['pbar_err']:.1e}, grads {r['grad_err']}; "
+                  f"sparsity {r['sparsity']:.3f} {r.get('note', '')}"), "",
+                  "| path | fwd ms | fwd+bwd ms |", "|---|---|---|",
+                  (f"| torch (fp32 copies, sorts) | {fmt(r.get('old_fwd_ms'), '.3f')} | "
+                  f"{fmt(r.get('old_fwd_bwd_ms'), '.3f')} |"),
+                  (f"| Triton block ops + compaction | {fmt(r.get('new_fwd_ms'), '.3f')} | "
+                  f"{fmt(r.get('new_fwd_bwd_ms'), '.3f')} |"), "",
+                  "| block ops config (chunk, warps, pool warps) | fwd+bwd ms | err | note |",
+                  "|---|---|---|---|"]
+        elif r["part"] == "block_ops":
             c = r["config"]
-            if r["part"] == "fwd":
-                tiles, ws = f"m {c['block_m']} n {c['block_n']}", f"{c['num_warps']} / {c['num_stages']}"
-            else:
-                tiles = f"dq {c['dq_m']}x{c['dq_n']}, kv {c['kv_m']}x{c['kv_n']}"
-                ws = f"{c['bwd_warps']} / {c['bwd_stages']}"
-            L.append(f"| {r['part']} | {tiles} | {ws} | {r.get('ms', float('nan')):.2f} | "
-                     f"{r.get('err', float('nan')):.1e} | {r.get('note', '')} |")
-        Path(path).write_text("\n".join(L) + "\n")
+            L.append(f"| {c['chunk']}, {c['num_warps']}, {c['pool_warps']} | "
+                     f"{fmt(r.get('ms'), '.3f')} | {fmt(r.get('err'), '.1e')} | "
+                     f"{r.get('note', '')} |")
+    L += ["", "## token-level kernels (one selection, no autograd)", "",
+          "| part | tiles | warps / stages | ms | rel err vs default | note |",
+          "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["part"] not in ("fwd", "bwd"):
+            continue
+        c = r["config"]
+        if r["part"] == "fwd":
+            tiles, ws = f"m {c['block_m']} n {c['block_n']}", f"{c['num_warps']} / {c['num_stages']}"
+        else:
+            tiles = f"dq {c['dq_m']}x{c['dq_n']}, kv {c['kv_m']}x{c['kv_n']}"
+            ws = f"{c['bwd_warps']} / {c['bwd_stages']}"
+        L.append(f"| {r['part']} | {tiles} | {ws} | {fmt(r.get('ms'))} | "
+                 f"{fmt(r.get('err'), '.1e')} | {r.get('note', '')} |")
+    for r in rows:
+        if r["part"] == "whole":
+            L += ["", "## entmax_prefill forward + backward vs dense SDPA (causal)", "",
+                  (f"- checks: 2K vs fp32 torch path {fmt(r.get('check_2k_err'), '.1e')}, 32K "
+                  f"Triton vs torch block level {fmt(r.get('check_32k_err'), '.1e')}; sparsity "
+                  f"{fmt(r.get('sparsity'), '.3f')} {r.get('note', '')}"), "",
+                  "| what | fwd ms | fwd+bwd ms |", "|---|---|---|",
+                  (f"| ours (Triton block ops) | {fmt(r.get('ours_fwd_ms'))} | "
+                  f"{fmt(r.get('ours_fwd_bwd_ms'))} |"),
+                  (f"| ours with the torch block level | {fmt(r.get('torch_block_fwd_ms'))} | "
+                  f"{fmt(r.get('torch_block_fwd_bwd_ms'))} |"),
+                  f"| dense flash | - | {fmt(r.get('flash_fwd_bwd_ms'))} |",
+                  f"| dense cuDNN | - | {fmt(r.get('cudnn_fwd_bwd_ms'))} |", "",
+                  f"speedup vs best dense: {fmt(r.get('speedup_vs_best_dense'))}x (target >= 2)"]
+    Path(path).write_text("\n".join(L) + "\n")
+
+
+def main():
+    facts = gpu_facts()
+    facts["command"] = "python " + " ".join(sys.argv)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    st = EntmaxStatic(em.BLOCK, em.D, em.G, "bf16")
+    rule = EntmaxRule(block_size=em.BLOCK, scale=SCALE)
+    rows = []
+    q, k, v, w = (t.detach() for t in em.prefill_inputs(T, gen))
+    sel = block_level(rows, q, k, w, rule, st, gen)
+    kernel_configs(rows, q, k, v, sel, st, gen)
+    del q, k, v, w, sel
+    torch.cuda.empty_cache()
+    whole(rows, rule, st, gen)
     stem = ROOT / "bench" / "results" / f"{facts['gpu_slug']}-entmax-prefill-probe"
-    save_results(stem, facts, rows, write_md)
+    save_results(stem, facts, rows,
+                 lambda p: write_md(p, rows, facts, EntmaxPrefillTriton.default_config(st)))
 
 
 if __name__ == "__main__":

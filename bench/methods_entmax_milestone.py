@@ -184,11 +184,12 @@ def bench_entmax_prefill(T, target, rows, gen):
         with torch.no_grad():
             for _ in range(14):  # scale for the target sparsity
                 c = math.sqrt(lo * hi)
-                s = prefill_sparsity(prefill_selection(q.float(), k.float(), w,
-                                                       EntmaxRule(block_size=BLOCK, scale=c)))
+                s = prefill_sparsity(prefill_selection(q, k, w,
+                                                       EntmaxRule(block_size=BLOCK, scale=c),
+                                                       block_ops="auto"))
                 lo, hi = (c, hi) if s < target else (lo, c)
             rule = EntmaxRule(block_size=BLOCK, scale=math.sqrt(lo * hi))
-            sel = prefill_selection(q.float(), k.float(), w, rule)
+            sel = prefill_selection(q, k, w, rule, block_ops="auto")
         row["scale"], row["sparsity"] = rule.scale, prefill_sparsity(sel)
         do = torch.randn(q.shape, device="cuda", dtype=DT, generator=gen)
 
@@ -202,7 +203,7 @@ def bench_entmax_prefill(T, target, rows, gen):
 
         def selection_only():
             with torch.no_grad():
-                prefill_selection(q.float(), k.float(), w, rule)
+                prefill_selection(q, k, w, rule, block_ops="auto")
         row["ours_fwd_bwd_ms"] = time_plain([ours], warmup_ms=200, rep_ms=1000)
         row["ours_fwd_ms"] = time_plain([ours_fwd], warmup_ms=100, rep_ms=500)
         row["selection_fwd_ms"] = time_plain([selection_only], warmup_ms=100, rep_ms=500)

@@ -16,8 +16,9 @@ normalizes p to sum to 1: the Triton kernel runs the same steps, so both pick th
 support. `entmax_tau(..., iters=50)` in fp64 is the converged reference.
 
 Prefill (training) uses the same rule per query block, with the block's mean query as its
-query; the block level runs in torch autograd, the token level in `token_attention` (torch)
-or the Triton kernels (sparsegen.codegen.entmax_kernels), so gradients reach q, k, v and w.
+query; the block level runs in torch autograd (TorchBlockOps) or the Triton kernels of
+sparsegen.codegen.entmax_pool, the token level in `token_attention` (torch) or the Triton
+kernels (sparsegen.codegen.entmax_kernels), so gradients reach q, k, v and w.
 """
 from __future__ import annotations
 
@@ -332,7 +333,7 @@ class EntmaxDecoder:
 
 
 # ---------------------------------------------------------------------------------------
-# Prefill (training): block-level selection in torch autograd, token level pluggable
+# Prefill (training): block level through `block_ops` (torch or Triton), token level pluggable
 # ---------------------------------------------------------------------------------------
 @dataclass
 class PrefillSelection:
@@ -345,40 +346,114 @@ class PrefillSelection:
     def lists(self):
         """Ascending forward lists [B, Hkv, nq, nk] + counts and reverse (per key block)
         lists [B, Hkv, nk, nq] + counts, int32, padded with -1: what the kernels read."""
-        B, H, nq, nk = self.mask.shape
-        fi, fc = mask_to_indices(self.mask.reshape(B, H * nq, nk), nk)
-        ri, rc = mask_to_indices(self.mask.transpose(-1, -2).reshape(B, H * nk, nq), nq)
-        return (fi.view(B, H, nq, nk), fc.view(B, H, nq), ri.view(B, H, nk, nq),
-                rc.view(B, H, nk))
+        fi, fc = ascending_lists(self.mask)
+        ri, rc = ascending_lists(self.mask.transpose(-1, -2))
+        return fi, fc, ri, rc
+
+
+def ascending_lists(mask: torch.Tensor):
+    """[..., n] bool -> (indices [..., n] int32 of the set entries in ascending order, -1
+    padded; counts [...] int32) by a compaction (cumsum + scatter, no sort): the set entry
+    j goes to its rank among the set entries, an unset one to counts + its rank among the
+    unset ones, so the scatter is a permutation of each row."""
+    mask = mask.contiguous()
+    n = mask.shape[-1]
+    rank = mask.cumsum(-1, dtype=torch.int32)           # set entries up to and including j
+    counts = rank[..., -1].contiguous() if n else torch.zeros(mask.shape[:-1], dtype=torch.int32,
+                                                  device=mask.device)
+    j = torch.arange(n, dtype=torch.int32, device=mask.device)
+    slot = torch.where(mask, rank - 1, counts[..., None] + (j - rank))
+    idx = torch.empty_like(rank)
+    idx.scatter_(-1, slot.long(), torch.where(mask, j, torch.full_like(j, -1)))
+    return idx, counts
+
+
+def _promoted(x: torch.Tensor):
+    """fp32 for 16-bit inputs, else x's dtype (fp64 stays fp64 for gradcheck)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class TorchBlockOps:
+    """Block level of the prefill in plain torch autograd (CPU, fp64, reference). Reads the
+    16-bit q through a reduction with fp32 accumulation (no fp32 copy of q); k is cast per
+    block pool. The GPU twin is sparsegen.codegen.entmax_pool.EntmaxPoolTriton."""
+
+    @staticmethod
+    def pool_q(q: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Mean of each query block's rows: [B, T, Hq, D] -> [B, Hq, ceil(T / bs), D]."""
+        B, T, Hq, D = q.shape
+        J, dt = T // block_size, _promoted(q)
+        parts = [q[:, : J * block_size].reshape(B, J, block_size, Hq, D).sum(2, dtype=dt)
+                 / block_size]
+        if T > J * block_size:  # the partial last block: mean of its rows
+            parts.append(q[:, J * block_size:].sum(1, keepdim=True, dtype=dt)
+                         / (T - J * block_size))
+        return torch.cat(parts, 1).permute(0, 2, 1, 3)
+
+    @staticmethod
+    def pool_k(k: torch.Tensor, w: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Summaries of the full blocks: [B, T, Hkv, D] -> [B, Hkv, T // bs, D]."""
+        return block_summaries(k, w, block_size, _promoted(k))
+
+    @staticmethod
+    def entmax_pbar(s: torch.Tensor, rule: EntmaxRule) -> torch.Tensor:
+        """Group mean of the entmax of s [B, Hkv, G, nq, J] over the candidates."""
+        nq, J = s.shape[-2:]
+        i = torch.arange(nq, device=s.device)[:, None]
+        j = torch.arange(J, device=s.device)[None, :]
+        valid = (j >= rule.sink_blocks) & (j <= i - rule.local_blocks)  # [nq, J]
+        return entmax(s, valid.expand_as(s), rule.alpha, rule.halley_iters).mean(2)
+
+
+TORCH_BLOCK_OPS = TorchBlockOps()
+
+
+def prefill_block_ops(q: torch.Tensor, num_kv_heads: int, rule: EntmaxRule, block_ops="auto"):
+    """"auto": the Triton block level (EntmaxPoolTriton) for 16-bit CUDA inputs, the torch
+    one otherwise; None: torch; anything else is used as given."""
+    if block_ops is None:
+        return TORCH_BLOCK_OPS
+    if isinstance(block_ops, str):
+        if block_ops != "auto":
+            raise ValueError(f"block_ops={block_ops!r}: give 'auto', None or an ops object")
+        if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+            from ..codegen.entmax_pool import block_ops_for
+            return block_ops_for(q, num_kv_heads, rule)
+        return TORCH_BLOCK_OPS
+    return block_ops
 
 
 def prefill_selection(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
-                      rule: EntmaxRule) -> PrefillSelection:
-    """q [B, T, Hq, D], k [B, T, Hkv, D], w [Hkv, D]; differentiable in q, k, w (fp32/fp64:
-    the block level runs in q's dtype)."""
+                      rule: EntmaxRule, block_ops=None) -> PrefillSelection:
+    """q [B, T, Hq, D], k [B, T, Hkv, D], w [Hkv, D]; differentiable in q, k, w. The block
+    level computes in fp32 (fp64 for fp64 inputs) whatever q/k's dtype; `block_ops` (see
+    prefill_block_ops; None is torch) pools q and k and runs the entmax."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] \
+            or q.shape[3] != k.shape[3] or k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, T, Hq, D] and "
+                         f"[B, T, Hkv, D] with Hq a multiple of Hkv")
+    if tuple(w.shape) != (k.shape[2], k.shape[3]):
+        raise ValueError(f"w must be [Hkv, D] = [{k.shape[2]}, {k.shape[3]}], got "
+                         f"{tuple(w.shape)}")
+    ops = prefill_block_ops(q, k.shape[2], rule, block_ops)
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G, bs = Hq // Hkv, rule.block_size
     nq = math.ceil(T / bs)
     J = T // bs  # full key blocks: the only ones with a summary
-    kbar = block_summaries(k, w, bs)  # [B, Hkv, J, D]
-    pad = nq * bs - T
-    qp = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)).reshape(B, nq, bs, Hq, D)
-    tok = (torch.arange(nq * bs, device=q.device) < T).reshape(nq, bs).to(q.dtype)
-    qbar = torch.einsum("bntgd,nt->bgnd", qp, tok) / tok.sum(-1)[None, None, :, None]
-    s = torch.einsum("bhgnd,bhjd->bhgnj", qbar.reshape(B, Hkv, G, nq, D), kbar)
-    s = s * (rule.scale / math.sqrt(D))
+    kbar = ops.pool_k(k, w, bs)  # [B, Hkv, J, D]
+    qbar = ops.pool_q(q, bs)     # [B, Hq, nq, D]
+    s = torch.einsum("bhgnd,bhjd->bhgnj", qbar.reshape(B, Hkv, G, nq, D), kbar.to(qbar.dtype))
+    pbar = ops.entmax_pbar(s * (rule.scale / math.sqrt(D)), rule)  # [B, Hkv, nq, J]
     i = torch.arange(nq, device=q.device)[:, None]
     j = torch.arange(J, device=q.device)[None, :]
     valid = (j >= rule.sink_blocks) & (j <= i - rule.local_blocks)  # [nq, J]
-    p = entmax(s, valid.expand_as(s), rule.alpha, rule.halley_iters)
-    pbar = p.mean(2)  # [B, Hkv, nq, J]
     jj = torch.arange(nq, device=q.device)[None, :]
     always = ((jj < rule.sink_blocks) | (jj > i - rule.local_blocks)) & (jj <= i)  # [nq, nk]
     chosen = valid & (pbar > 0)
     mask = always.expand(B, Hkv, nq, nq).clone()
     mask[..., :J] |= chosen
-    bias = torch.zeros(B, Hkv, nq, nq, dtype=q.dtype, device=q.device)
+    bias = torch.zeros(B, Hkv, nq, nq, dtype=pbar.dtype, device=q.device)
     if rule.prior:
         logp = torch.where(chosen, pbar, torch.ones_like(pbar)).log()
         bias = torch.cat([logp, bias[..., J:]], dim=-1) if J else bias
@@ -405,15 +480,16 @@ def token_attention(q, k, v, mask, bias, block_size, sm_scale=None):
     return torch.einsum("bhts,bshd->bthd", p, v.repeat_interleave(G, dim=2))
 
 
-def entmax_prefill(q, k, v, w, rule: EntmaxRule, attention=None, sm_scale=None):
+def entmax_prefill(q, k, v, w, rule: EntmaxRule, attention=None, sm_scale=None,
+                   block_ops="auto"):
     """Causal block-sparse entmax attention of a prompt, differentiable in q, k, v and w.
 
     `attention(q, k, v, sel, block_size, sm_scale)` runs the token level; None is the
-    torch path (token_attention). Returns (out [B, T, Hq, D], PrefillSelection).
+    torch path (token_attention). `block_ops` runs the block level (prefill_block_ops:
+    "auto" is Triton for 16-bit CUDA inputs, torch otherwise). Returns (out [B, T, Hq, D],
+    PrefillSelection).
     """
-    sel = prefill_selection(q if q.dtype in (torch.float32, torch.float64) else q.float(),
-                            k if k.dtype in (torch.float32, torch.float64) else k.float(),
-                            w, rule)
+    sel = prefill_selection(q, k, w, rule, prefill_block_ops(q, k.shape[2], rule, block_ops))
     if attention is None:
         out = token_attention(q, k, v, sel.mask, sel.bias.to(q.dtype), rule.block_size,
                               sm_scale)
