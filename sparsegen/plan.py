@@ -68,6 +68,7 @@ class RuleKernelPlan:
     budget_blocks: int | None = None
     head_major: bool = False
     backends: tuple[str, ...] = ("triton",)
+    page_size: int = 0             # the cache's page (0: contiguous)
 
     def adapter_cls(self, backend: str):
         return self.adapter
@@ -89,6 +90,8 @@ class RuleKernelPlan:
 
         params = inspect.signature(self.adapter.bench_inputs).parameters
         known = {"heads": self.num_kv_heads, "kv_heads": self.num_kv_heads,
+                 "q_heads": self.num_q_heads, "block_size": self.block_size,
+                 "page_size": self.page_size,
                  "budget_blocks": self.selected_blocks(shape.seq_len)}
         return {k: v for k, v in known.items() if k in params}
 
@@ -102,7 +105,7 @@ def rule_kernel_plans(plan) -> list[RuleKernelPlan]:
     return [RuleKernelPlan(name=name, adapter=cls, static=static, num_q_heads=d.num_q_heads,
                            num_kv_heads=d.num_kv_heads, shapes=d.shapes,
                            block_size=d.static.block_size, selected_fraction=d.selected_fraction,
-                           budget_blocks=d.budget_blocks)
+                           budget_blocks=d.budget_blocks, page_size=d.static.page_size)
             for name, cls, static in rules]
 
 

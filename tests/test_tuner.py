@@ -317,10 +317,10 @@ def test_cli_tune_without_gpu_needs_a_warm_database(tmp_path):
 
     plan = make_plan(parse_spec(SPEC))
     kernel = plan.kernels[0]
-    # the rule's kernels: quest_meta and quest_score cannot be measured (skipped), and
-    # block_select is tuned per shape like the attention kernel
+    # the rule's kernels (metadata update, scoring, selection) are tuned per shape like the
+    # attention kernel
     rules = [k for k in rule_kernel_plans(plan) if k.tunable]
-    assert [k.name for k in rules] == ["block_select"]
+    assert [k.name for k in rules] == ["quest_meta", "quest_score", "block_select"]
     versions = library_versions()
     db = TuningDB(db_dir)
     for k, shape in [(k, s) for k in [kernel, *rules] for s in k.shapes]:
@@ -338,7 +338,6 @@ def test_cli_tune_without_gpu_needs_a_warm_database(tmp_path):
                 "-o", str(tmp_path / "out"), env=env)
     assert time.monotonic() - t0 < 5 + 2  # + interpreter start-up of this subprocess
     assert warm.returncode == 0, warm.stderr
-    assert warm.stdout.count("warm") == 8 and warm.stdout.count("skipped") == 2
-    assert "skipped quest_meta: TritonQuestMeta has no bench_inputs" in warm.stdout
+    assert warm.stdout.count("warm") == 16 and "skipped" not in warm.stdout
     configs = json.loads((tmp_path / "out" / "cli_case" / "tuned_configs.json").read_text())
     assert len(configs["kernels"]["sparse_decode"]["tuned"]["fake-gpu-sm90"]["buckets"]) == 4

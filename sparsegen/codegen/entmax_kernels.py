@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -96,6 +97,57 @@ class EntmaxDecodeTriton(TritonSparseDecode):
         """out [B, Hq, D] in q's dtype; decode_api's contract plus the prior. No device sync."""
         return self._launch(q, k, v, block_indices, block_counts, seq_lens, block_table,
                             sm_scale, num_splits, block_bias)[0]
+
+    # --- tuner protocol (the parent's sparse-decode workload plus an entmax selection) -----
+    @classmethod
+    def bench_inputs(cls, static: EntmaxStatic, batch: int, seq_len: int, kv_heads: int = 8,
+                     budget_blocks: int = 64, device="cuda", seed: int = 0) -> dict:
+        """A cache of seq_len tokens per sequence (the tuner's decode cache: contiguous or
+        paged over scattered pages) and an entmax selection: ascending blocks, the last
+        (current) one always, ~budget_blocks per KV head varying over the heads as the
+        support does (0.75x-1.25x), -1 padded to every block, with log p_bar priors < 0."""
+        from ..tune.bench import Workload, _cache
+
+        nb = -(-seq_len // static.block_size)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        w = Workload(static=static.decode_static().as_dict(),
+                     num_q_heads=kv_heads * static.group_size, num_kv_heads=kv_heads,
+                     batch=batch, seq_len=seq_len, selected_blocks=budget_blocks, seed=seed)
+        k, v, table = _cache(torch, w, [seq_len] * batch, gen, device)
+        counts = _support_sizes(batch, kv_heads, budget_blocks, 1, nb, device)
+        # random others before the last block, ascending: rank blocks by a random key with
+        # the last block first, keep each row's count, then sort the kept ids
+        key = torch.rand(batch, kv_heads, nb, generator=gen, device=device)
+        key[..., nb - 1] = -1.0
+        order = key.argsort(-1)
+        live = torch.arange(nb, device=device) < counts[..., None]
+        idx = torch.where(live, order, nb).sort(-1).values
+        idx = torch.where(idx < nb, idx, -1).to(torch.int32)
+        pbar = torch.rand(batch, kv_heads, nb, generator=gen, device=device) * 0.9 + 0.05
+        bias = torch.where(idx >= 0, pbar.log(), 0.0)
+        return {"q": torch.randn(batch, w.num_q_heads, static.head_dim, generator=gen,
+                                 device=device).to(k.dtype),
+                "k": k, "v": v, "block_indices": idx, "block_counts": counts.to(torch.int32),
+                "seq_lens": torch.full((batch,), seq_len, dtype=torch.int32, device=device),
+                "block_table": table, "block_bias": bias}
+
+    def reference(self, q, k, v, block_indices, block_counts, seq_lens, block_table=None,
+                  block_bias=None, sm_scale=None, num_splits=None):
+        from ..methods.sparse_decode_ref import sparse_decode_reference
+
+        return sparse_decode_reference(
+            q, k, v, block_indices, block_counts, seq_lens, self.static.block_size,
+            block_table=block_table, sm_scale=sm_scale,
+            block_bias=block_bias if self.has_block_bias else None)
+
+
+def _support_sizes(batch: int, heads: int, want: int, lo: int, hi: int, device):
+    """[batch, heads] int64 sizes of a varying support: `want` scaled over the heads from
+    0.75x to 1.25x (the entmax support varies per KV head), clamped to [lo, hi]. A function
+    of the shape only, never of the seed: EntmaxTauTriton writes only the first `count`
+    entries of its persistent outputs, so input sets of equal counts leave equal padding."""
+    r = torch.arange(batch * heads, device=device).view(batch, heads) % 5
+    return (want * (0.75 + 0.125 * r)).round().long().clamp(lo, max(lo, hi))
 
 
 def _as_decode(static):
@@ -189,8 +241,6 @@ class EntmaxTauTriton(TritonKernel):
         return buf
 
     def __call__(self, q, summaries, seq_lens, lengths=None):
-        from ..methods.entmax import Selection
-
         mod = self.module
         s = self.static
         B, Hq, D = q.shape
@@ -219,7 +269,74 @@ class EntmaxTauTriton(TritonKernel):
             z.stride(0), z.stride(1), idx.stride(0), idx.stride(1), cnt.stride(0),
             bias.stride(0), bias.stride(1),
             num_warps=self.config["select_warps"], num_stages=1)
-        return Selection(idx, cnt, bias)
+        return TauSelection(idx, cnt, bias)
+
+    # --- tuner protocol --------------------------------------------------------------------
+    @classmethod
+    def bench_inputs(cls, static: EntmaxStatic, batch: int, seq_len: int, kv_heads: int = 8,
+                     budget_blocks: int = 64, device="cuda", seed: int = 0) -> dict:
+        """The selection of a decode step at seq_len tokens, built so that its support is
+        known exactly: per KV head a random set of candidate blocks (~budget_blocks less
+        the always-on ones, varying per head as _support_sizes) whose summaries score one
+        value, far above every other candidate (margins of ~1 in z = (alpha - 1) s, where
+        fp32 rounding is ~1e-6). With data of no such structure the kernel's and torch's
+        tau differ in the last bits and flip blocks at the support's edge, so an exact
+        comparison of indices would reject every candidate. The values are small integers
+        times powers of two: every dot product is exact in any summation order."""
+        s = static
+        if not 1.0 < s.alpha <= 2.0:
+            raise ValueError(f"alpha={s.alpha} out of (1, 2]")
+        gen = torch.Generator(device=device).manual_seed(seed)
+        bs, D, G = s.block_size, s.head_dim, s.group_size
+        nb = -(-seq_len // bs)
+        cand_end = max(nb - s.local_blocks, s.sink_blocks)
+        n_cand = max(0, cand_end - s.sink_blocks)
+        want = budget_blocks - min(nb, s.sink_blocks + s.local_blocks)
+        size = _support_sizes(batch, kv_heads, want, min(1, n_cand), n_cand, device)
+        # a block of the support scores q.k = +a D / 2 against each head of its group, the
+        # others -a D c / 2 (c in {1/4, 1/2, 1}); a makes that z gap >= 4 at scale 1
+        coef = (s.alpha - 1.0) / math.sqrt(D)
+        a = 2.0 ** math.ceil(math.log2(8.0 / (coef * D)))
+        u = torch.randint(0, 2, (batch, kv_heads, 1, D), generator=gen,
+                          device=device).float() * 2 - 1
+        rank = torch.rand(batch, kv_heads, nb, generator=gen, device=device)
+        rank[..., :s.sink_blocks] = 2.0   # never candidates
+        rank[..., cand_end:] = 2.0
+        pos = rank.argsort(-1).argsort(-1)
+        hit = pos < size[..., None]
+        c = 2.0 ** -torch.randint(0, 3, (batch, kv_heads, nb, 1), generator=gen,
+                                  device=device).float()
+        summ = torch.where(hit[..., None], a / 2 * u, -a / 2 * c * u)
+        gscale = 2.0 ** torch.randint(0, 2, (batch, kv_heads, G, 1), generator=gen,
+                                      device=device).float()
+        q = (u * gscale).reshape(batch, kv_heads * G, D)
+        dt = torch_dtype(s.dtype)
+        return {"q": q.to(dt), "summaries": summ.to(dt).contiguous(),
+                "seq_lens": torch.full((batch,), seq_len, dtype=torch.int32, device=device),
+                "lengths": [seq_len] * batch}
+
+    def reference(self, q, summaries, seq_lens, lengths=None):
+        """sparsegen.methods.entmax.select_blocks at this kernel's scale."""
+        from ..methods.entmax import EntmaxRule, select_blocks
+
+        s = self.static
+        rule = EntmaxRule(block_size=s.block_size, sink_blocks=s.sink_blocks,
+                          local_blocks=s.local_blocks, alpha=s.alpha, scale=self.scale,
+                          halley_iters=s.halley_iters, prior=s.prior)
+        sel = select_blocks(q, summaries, seq_lens, rule, width=summaries.shape[2])
+        return TauSelection(sel.indices, sel.counts, sel.bias.float())
+
+
+class TauSelection(NamedTuple):
+    """EntmaxTauTriton's output: sparsegen.methods.entmax.Selection's fields as a tuple
+    (the tuner compares the tensors of tuples, lists and dicts)."""
+
+    indices: torch.Tensor  # [B, Hkv, width] int32 ascending, -1 padded
+    counts: torch.Tensor   # [B, Hkv] int32
+    bias: torch.Tensor     # [B, Hkv, width] fp32 log p_bar (0 for always-on)
+
+    def blocks(self, b: int, h: int) -> list[int]:
+        return self.indices[b, h, : int(self.counts[b, h])].tolist()
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -372,3 +372,93 @@ class TritonGateStep(TritonKernel):
             cnt[H:], B, k_nope.stride(0), k_nope.stride(1), state.run_max.stride(0),
             state.run_max.stride(1), state.kc.stride(0), state.kc.stride(1), state.kc.stride(2),
             y.stride(0), num_warps=self.config["num_warps"], num_stages=1)
+
+    # --- tuner protocol --------------------------------------------------------------------
+    def __call__(self, gate, state, q_nope, k_nope, seq_lens, pools=None):
+        """One decode step's gate work as the decoder runs it (append, then query): folds
+        k_nope [B, Hkv, D] into `state` (GateState; seq_lens counts the new token) and
+        returns (q_gate [B, Hkv, dg] fp32, state.kc, state.run_max, state.run_min,
+        state.run_sum). `pools` (run_max, run_min, run_sum) are the running pools the step
+        starts from, copied in first, so a timed step can be replayed with the same result
+        (the sum pool of a block that fills is not idempotent under repetition)."""
+        import torch
+
+        if pools is not None:
+            dst = [state.run_max, state.run_min, state.run_sum]
+            if hasattr(torch, "_foreach_copy_"):  # one launch for the three pools
+                torch._foreach_copy_(dst, list(pools))
+            else:
+                for d, s in zip(dst, pools):
+                    d.copy_(s)
+        self.append(state, k_nope, seq_lens)
+        q_gate = self.query(gate, q_nope, seq_lens, state.capacity)
+        return q_gate, state.kc, state.run_max, state.run_min, state.run_sum
+
+    @classmethod
+    def bench_inputs(cls, static: GateStepStatic, batch: int, seq_len: int, heads: int = 8,
+                     device="cuda", seed: int = 0) -> dict:
+        """A decode step at ~seq_len tokens: lengths in (seq_len - block_size, seq_len], one
+        sequence filling its block (projected into the compression cache) and one opening a
+        block; the compression cache holds every earlier block, the running pools the
+        current block's earlier keys (the previous block's at a block's first token)."""
+        import torch
+
+        from ..methods.gate import AttnGate, GateState
+
+        s = static
+        if seq_len < 1 or batch < 1:
+            raise ValueError(f"batch={batch} and seq_len={seq_len} must be positive")
+        gen = torch.Generator(device=device).manual_seed(seed)
+        gate = AttnGate(heads * s.group_size, heads, s.head_dim, s.block_size, s.d_gate,
+                        s.pooling, s.rope, s.rmsnorm, s.query_reduction, eps=s.eps).to(device)
+        gate.reset_parameters(gen)
+        if s.rmsnorm:
+            with torch.no_grad():
+                gate.q_norm.uniform_(0.5, 1.5, generator=gen)
+                gate.k_norm.uniform_(0.5, 1.5, generator=gen)
+        bs, dt = s.block_size, torch_dtype(s.dtype)
+        lo = max(1, seq_len - bs + 1)
+        lens = torch.randint(lo, seq_len + 1, (batch,), generator=gen, device=device)
+        if seq_len >= bs:
+            lens[0] = seq_len // bs * bs                          # fills its block
+        if batch > 1:
+            lens[1] = (seq_len - 1) // bs * bs + 1                # opens a block
+        seq_lens = lens.to(torch.int32)
+        state = GateState(gate, batch, seq_len, device, torch_dtype(s.kc_dtype))
+        pos = seq_lens.long() - 1
+        nb = state.kc.shape[2]
+        past = torch.arange(nb, device=device)[None, :] < (pos // bs)[:, None]   # [B, NB]
+        kc = torch.randn(state.kc.shape, generator=gen, device=device)
+        state.kc.copy_(torch.where(past[:, None, :, None], kc, 0.0))
+        # the current block's keys before the new one: pos % bs of them (a full old block
+        # at a block's first token, whose pools the step overwrites)
+        x = torch.randn(batch, bs, heads, s.head_dim, generator=gen, device=device).to(dt)
+        n = torch.where(pos % bs == 0, bs, pos % bs)
+        held = (torch.arange(bs, device=device)[None, :] < n[:, None])[:, :, None, None]
+        xf = x.float()
+        pools = (xf.masked_fill(~held, float("-inf")).amax(1),
+                 xf.masked_fill(~held, float("inf")).amin(1),
+                 xf.masked_fill(~held, 0.0).sum(1))
+        for d, p in zip((state.run_max, state.run_min, state.run_sum), pools):
+            d.copy_(p)
+        return {"gate": gate, "state": state,
+                "q_nope": torch.randn(batch, heads * s.group_size, s.head_dim, generator=gen,
+                                      device=device).to(dt),
+                "k_nope": torch.randn(batch, heads, s.head_dim, generator=gen,
+                                      device=device).to(dt),
+                "seq_lens": seq_lens, "pools": pools}
+
+    def reference(self, gate, state, q_nope, k_nope, seq_lens, pools=None):
+        """GateState.append and AttnGate.query (plain torch) on a copy of the state."""
+        import copy
+
+        import torch
+
+        ref = copy.copy(state)
+        ref.kc = state.kc.clone()
+        src = pools if pools is not None else (state.run_max, state.run_min, state.run_sum)
+        ref.run_max, ref.run_min, ref.run_sum = (t.clone() for t in src)
+        with torch.no_grad():
+            ref.append(k_nope.float(), seq_lens)
+            q_gate = gate.query(q_nope.float(), seq_lens.long() - 1)
+        return q_gate, ref.kc, ref.run_max, ref.run_min, ref.run_sum

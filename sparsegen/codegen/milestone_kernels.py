@@ -15,6 +15,7 @@ offers `bounds`. Attention itself is the sparse decode kernel over the kept page
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -115,6 +116,29 @@ class MilestoneScoreTriton(TritonKernel):
             sel = MilestoneSelectTriton(MilestoneSelectStatic(L), build_dir=self.build_dir)
             self._score_kernels = {**getattr(self, "_score_kernels", {}), L: sel}
         return sel.scores(self.bounds(q, kmin, kmax, slot_phys, sm_scale))
+
+    # --- tuner protocol --------------------------------------------------------------------
+    @classmethod
+    def bench_inputs(cls, static: MilestoneStatic, batch: int, seq_len: int, kv_heads: int = 8,
+                     budget_blocks: int = 128, device="cuda", seed: int = 0) -> dict:
+        """Page min/max of a pool of prefill + decode pages and every sequence's decode
+        slots full (the steady state: budget reached, evicting). The slots per sequence are
+        the rule's budget pages, taken as budget_blocks (pages of one block: RaaS's 16)."""
+        gen = torch.Generator(device=device).manual_seed(seed)
+        L = max(1, budget_blocks)
+        pages = batch * (L + 8)
+        dt = torch_dtype(static.dtype)
+        x = torch.randn(pages, kv_heads, static.head_dim, generator=gen, device=device).to(dt)
+        y = torch.randn(pages, kv_heads, static.head_dim, generator=gen, device=device).to(dt)
+        slot_phys = torch.randperm(pages, generator=gen, device=device)[:batch * L]
+        return {"q": torch.randn(batch, kv_heads * static.group_size, static.head_dim,
+                                 generator=gen, device=device).to(dt),
+                "kmin": torch.minimum(x, y), "kmax": torch.maximum(x, y),
+                "slot_phys": slot_phys.view(batch, L).to(torch.int32)}
+
+    def reference(self, q, kmin, kmax, slot_phys, sm_scale=None):
+        from ..methods.milestone import torch_page_scores
+        return torch_page_scores(q, kmin, kmax, slot_phys, sm_scale)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -271,6 +295,106 @@ class MilestoneSelectTriton(TritonKernel):
         idx = torch.empty(B, kv_heads, W, dtype=torch.int32, device=blocks.device)
         counts = torch.empty(B, kv_heads, dtype=torch.int32, device=blocks.device)
         return idx, counts, W
+
+    # --- tuner protocol --------------------------------------------------------------------
+    def __call__(self, bounds, slot_logical, slot_ts, refresh_k, seq_lens, t_now, page_size,
+                 threshold=None, blocks=None, kv_heads=None, block_size=None, scores=None):
+        """One step's refresh (+ selection with blocks) as the decoder's fast path runs it:
+        refresh's arguments -> (scores [B, L], slot_ts [B, L] refreshed in place) plus the
+        selection (indices, counts) when blocks are given. Repeating a call is idempotent
+        (the hit slots get t_now again)."""
+        if scores is None:
+            scores = torch.empty(bounds.shape[0], bounds.shape[2], dtype=torch.float32,
+                                 device=bounds.device)
+        sel = self.refresh(bounds, slot_logical, slot_ts, refresh_k, seq_lens, t_now,
+                           page_size, threshold, blocks, kv_heads, block_size, scores)
+        return (scores, slot_ts) + (tuple(sel) if sel is not None else ())
+
+    @classmethod
+    def bench_inputs(cls, static: MilestoneSelectStatic, batch: int, seq_len: int,
+                     kv_heads: int = 8, q_heads: int | None = None, page_size: int = 16,
+                     block_size: int = 16, device="cuda", seed: int = 0) -> dict:
+        """A non-hybrid step at seq_len tokens: half prefill pages, the decode pages after
+        them with min(slots, decode pages) live in random slots (the current page always),
+        older timestamps, refresh_k = ceil(live / 2) (or a threshold between two score
+        levels), the ascending block row. Bounds [B, Hq, L] (Hq = q_heads, default 4 per KV
+        head) put each slot on its own level, half a log2 unit apart, with head noise of
+        +-0.1: kernel and torch rank the pages alike (rounding ~1e-6 never reorders them)."""
+        if page_size % block_size:
+            raise ValueError(f"page_size={page_size} is not a multiple of "
+                             f"block_size={block_size}")
+        gen = torch.Generator(device=device).manual_seed(seed)
+        B, L, P, bpp = batch, static.slots, page_size, page_size // block_size
+        Hq = q_heads or 4 * kv_heads
+        n_pages = max(2, -(-seq_len // P))
+        n_pre = n_pages // 2
+        live = min(L, n_pages - n_pre)
+        logical = torch.full((B, L), -1, dtype=torch.long, device=device)
+        for b in range(B):
+            older = n_pre + torch.randperm(n_pages - 1 - n_pre, generator=gen,
+                                           device=device)[:live - 1]
+            pages = torch.cat([older, torch.tensor([n_pages - 1], device=device)])
+            logical[b, torch.randperm(L, generator=gen, device=device)[:live]] = pages
+        ok = logical >= 0
+        # live slots take levels 0, 0.5, ... in random order (the threshold below needs them
+        # consecutive), empty ones the top levels (their bounds are -inf anyway)
+        draw = torch.rand(B, L, generator=gen, device=device).masked_fill(~ok, 2.0)
+        level = draw.argsort(-1).argsort(-1).float() * 0.5
+        noise = (torch.rand(B, Hq, L, generator=gen, device=device) - 0.5) * 0.2
+        bounds = torch.where(ok[:, None, :], level[:, None, :] + noise, float("-inf"))
+        t_now = 1 << 20
+        ts = torch.randint(t_now - 4096, t_now, (B, L), generator=gen, device=device)
+        threshold = None
+        if static.threshold_mode:  # between the (live // 2)-th and next score levels
+            s = torch.softmax(torch.arange(live, dtype=torch.float64) * 0.5 * math.log(2), 0)
+            top = s.flip(0)
+            i = max(0, live // 2 - 1)
+            threshold = float((top[i] * top[min(i + 1, live - 1)]).sqrt()) if live > 1 \
+                else 0.5
+        rows = []
+        for b in range(B):
+            dec = sorted(int(p) for p in logical[b] if p >= 0)
+            rows.append(list(range(n_pre * bpp)) + [p * bpp + i for p in dec
+                                                    for i in range(bpp)])
+        W = (n_pre + L) * bpp
+        blocks = torch.tensor([r + [-1] * (W - len(r)) for r in rows], dtype=torch.int32,
+                              device=device)
+        return {"bounds": bounds.contiguous(), "slot_logical": logical,
+                "slot_ts": torch.where(ok, ts, -1),
+                "refresh_k": torch.full((B,), -(-live // 2), dtype=torch.long, device=device),
+                "seq_lens": torch.full((B,), seq_len, dtype=torch.int32, device=device),
+                "t_now": torch.tensor([t_now], dtype=torch.long, device=device),
+                "page_size": P, "threshold": threshold, "blocks": blocks,
+                "kv_heads": kv_heads, "block_size": block_size}
+
+    def reference(self, bounds, slot_logical, slot_ts, refresh_k, seq_lens, t_now, page_size,
+                  threshold=None, blocks=None, kv_heads=None, block_size=None, scores=None):
+        """The rule's refresh (sparsegen.methods.milestone: MilestoneDecoder's torch path,
+        with rank_order) from the bounds, in fp64, and its non-hybrid selection."""
+        from ..methods.milestone import _BIG, rank_order
+
+        live = slot_logical >= 0
+        # bounds carry log2(e): a base-2 softmax per head, then the mean over heads
+        z = bounds.double() * math.log(2.0)
+        score = torch.softmax(z, -1).nan_to_num(0.0).mean(1).float()
+        if threshold is not None:
+            hit = live & (score > threshold)
+        else:
+            order = rank_order(score.masked_fill(~live, float("-inf")),
+                               torch.where(live, slot_logical, _BIG))
+            take = torch.arange(order.shape[-1], device=score.device) < refresh_k[:, None]
+            hit = torch.zeros_like(live).scatter(-1, order, take) & live
+        cur = (seq_lens.long() - 1) // page_size
+        hit |= live & (slot_logical == cur[:, None])
+        out = (score, torch.where(hit, t_now, slot_ts))
+        if blocks is None:
+            return out
+        nb = (seq_lens.long() + block_size - 1) // block_size
+        ok = (blocks >= 0) & (blocks < nb[:, None])
+        idx = torch.where(ok, blocks, -1).to(torch.int32)
+        counts = ok.sum(-1).to(torch.int32)
+        return out + (idx[:, None, :].expand(-1, kv_heads, -1).contiguous(),
+                      counts[:, None].expand(-1, kv_heads).contiguous())
 
     def select(self, blocks, seq_lens, kv_heads, block_size):
         """Selection only: every KV head gets blocks[b]'s entries below ceil(seq_lens[b] /

@@ -45,13 +45,33 @@ class QuestStatic:
 _ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
+def _meta_tensors(meta) -> tuple:
+    """The metadata tensors of a QuestMeta, or of the tuner's plain form {"kmin", "kmax"} /
+    {"kmean", "run_sum"} (dicts, so the tuner sees and sizes the tensors)."""
+    if isinstance(meta, dict):
+        return tuple(meta[k] for k in ("kmin", "kmax", "kmean") if k in meta)
+    return meta.tensors()
+
+
 def _meta_args(meta):
-    a = meta.tensors()
+    a = _meta_tensors(meta)
     return (a[0], a[1] if len(a) > 1 else a[0])
 
 
+def _run_sum(meta, fallback):
+    run = meta.get("run_sum") if isinstance(meta, dict) else getattr(meta, "run_sum", None)
+    return fallback if run is None else run
+
+
+def _field(cache, name):
+    """cache.name of a KVCache, or cache[name] of the tuner's plain {"seq_lens",
+    "block_table"} (block_table absent or None when contiguous)."""
+    return cache.get(name) if isinstance(cache, dict) else getattr(cache, name)
+
+
 def _bt(cache, fallback):
-    return cache.block_table if cache.block_table is not None else fallback
+    bt = _field(cache, "block_table")
+    return bt if bt is not None else fallback
 
 
 class TritonQuestMeta(TritonKernel):
@@ -87,18 +107,54 @@ class TritonQuestMeta(TritonKernel):
                  {"num_warps": self.config["num_warps"], "num_stages": 1})]
 
     def __call__(self, meta, cache, k_new):
-        """Fold k_new [B, Hkv, D] (already appended to `cache`) into `meta` (QuestMeta)."""
+        """Fold k_new [B, Hkv, D] (already appended to `cache`) into `meta` (QuestMeta, or
+        the plain dict of bench_inputs); returns the updated metadata tensors (kmin, kmax)
+        or (kmean, run_sum)."""
         a, b_ = _meta_args(meta)
-        run = getattr(meta, "run_sum", cache.seq_lens)  # unused by upper_bound
+        seq = _field(cache, "seq_lens")
+        run = _run_sum(meta, seq)  # unused by upper_bound
         if k_new.dtype != a.dtype or k_new.stride(2) != 1:
             raise TypeError(f"k_new must be {a.dtype} with a contiguous last dimension")
-        bt = _bt(cache, cache.seq_lens[:, None])
+        bt = _bt(cache, seq[:, None])
         B, H = k_new.shape[:2]
         rs = (run.stride(0), run.stride(1)) if run.dim() == 3 else (0, 0)
         self.module.quest_meta_append[(H, B)](
-            k_new, cache.seq_lens, bt, a, b_, run, k_new.stride(0), k_new.stride(1),
+            k_new, seq, bt, a, b_, run, k_new.stride(0), k_new.stride(1),
             a.stride(0), a.stride(1), a.stride(2), bt.stride(0), *rs,
             num_warps=self.config["num_warps"], num_stages=1)
+        return (a, b_) if self.static.score == "upper_bound" else (a, run)
+
+    # --- tuner protocol --------------------------------------------------------------------
+    @classmethod
+    def bench_inputs(cls, static: QuestStatic, batch: int, seq_len: int, kv_heads: int = 8,
+                     device="cuda", seed: int = 0) -> dict:
+        """One append at ~seq_len tokens into metadata covering every earlier block.
+        upper_bound: lengths in (seq_len - block_size, seq_len], one sequence at a block's
+        first token (repeating the step is idempotent: min / max). mean_pooled: every
+        sequence at a block's first token, the one position where the running-sum update is
+        idempotent (the kernel does the same loads and stores at every position)."""
+        import torch
+
+        s, bs = static, static.block_size
+        gen = torch.Generator(device=device).manual_seed(seed)
+        if s.score == "upper_bound":
+            lens = torch.randint(max(1, seq_len - bs + 1), seq_len + 1, (batch,),
+                                 generator=gen, device=device)
+            lens[0] = (seq_len - 1) // bs * bs + 1
+        else:
+            lens = torch.full((batch,), (seq_len - 1) // bs * bs + 1, device=device)
+        cache = _bench_cache(s, batch, seq_len, gen, device)
+        cache["seq_lens"] = lens.to(torch.int32)
+        meta = _bench_meta(s, batch, seq_len, kv_heads, gen, device)
+        return {"meta": meta, "cache": cache,
+                "k_new": torch.randn(batch, kv_heads, s.head_dim, generator=gen,
+                                     device=device).to(torch_dtype(s.dtype))}
+
+    def reference(self, meta, cache, k_new):
+        """QuestMeta.append (plain torch) on a copy of the metadata."""
+        ref, view = _reference_meta(self.static, meta, cache)
+        ref.append(view, k_new)
+        return ref.tensors() if self.static.score == "upper_bound" else (ref.kmean, ref.run_sum)
 
 
 class TritonQuestScore(TritonKernel):
@@ -164,7 +220,7 @@ class TritonQuestScore(TritonKernel):
 
         a, b_ = _meta_args(meta)
         B, Hq, D = q.shape
-        H = cache.kv_heads
+        H = a.shape[2]  # metadata [.., .., Hkv, D] in both layouts
         s = self.static
         if D != s.head_dim or Hq != H * s.group_size:
             raise ValueError(f"q {tuple(q.shape)} does not match head_dim={s.head_dim}, "
@@ -173,17 +229,92 @@ class TritonQuestScore(TritonKernel):
             raise TypeError(f"q and the metadata must be {s.dtype}, q's last dim contiguous")
         if out is None:
             out = torch.empty(B, self.score_rows(H), width, dtype=torch.float32, device=q.device)
-        bt = _bt(cache, cache.seq_lens[:, None])
+        seq = _field(cache, "seq_lens")
+        bt = _bt(cache, seq[:, None])
         per = self.config["block_j"] * self.config["tiles"]
         self.module.quest_score[(-(-width // per), H, B)](
-            q, cache.seq_lens, bt, a, b_, out, q.stride(0), q.stride(1),
+            q, seq, bt, a, b_, out, q.stride(0), q.stride(1),
             a.stride(0), a.stride(1), a.stride(2), bt.stride(0), out.stride(0), out.stride(1),
             num_warps=self.config["num_warps"], num_stages=self.config["num_stages"])
         return out
 
+    # --- tuner protocol --------------------------------------------------------------------
+    @classmethod
+    def bench_inputs(cls, static: QuestStatic, batch: int, seq_len: int, kv_heads: int = 8,
+                     device="cuda", seed: int = 0) -> dict:
+        """Scores of every block of seq_len-token sequences (width = their block count, so
+        no output entry is left unwritten) from random metadata (kmin <= kmax)."""
+        import torch
+
+        s = static
+        gen = torch.Generator(device=device).manual_seed(seed)
+        cache = _bench_cache(s, batch, seq_len, gen, device)
+        cache["seq_lens"] = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
+        return {"q": torch.randn(batch, kv_heads * s.group_size, s.head_dim, generator=gen,
+                                 device=device).to(torch_dtype(s.dtype)),
+                "meta": _bench_meta(s, batch, seq_len, kv_heads, gen, device), "cache": cache,
+                "width": -(-seq_len // s.block_size)}
+
     def reference(self, q, meta, cache, width: int):
         from ..methods.topk import quest_scores_reference
+
+        if isinstance(meta, dict):
+            meta, cache = _reference_meta(self.static, meta, cache)
         return quest_scores_reference(q, meta, cache, self.static.group, width)
+
+
+# --- the tuner's inputs: plain tensors (the tuner sizes its input sets by their bytes) -----
+def _bench_cache(s: QuestStatic, batch: int, seq_len: int, gen, device) -> dict:
+    """{"block_table"} of sequences of seq_len tokens: pages scattered over the pool when
+    paged (as bench's decode inputs), absent when contiguous."""
+    import torch
+
+    if not s.paged:
+        return {}
+    pages = -(-seq_len // s.page_size)
+    table = torch.randperm(batch * pages, generator=gen, device=device).view(batch, pages)
+    return {"block_table": table.to(torch.int32)}
+
+
+def _meta_shape(s: QuestStatic, batch: int, seq_len: int, kv_heads: int) -> tuple:
+    if s.paged:
+        return (batch * -(-seq_len // s.page_size), s.page_size // s.block_size, kv_heads,
+                s.head_dim)
+    return (batch, -(-seq_len // s.block_size), kv_heads, s.head_dim)
+
+
+def _bench_meta(s: QuestStatic, batch: int, seq_len: int, kv_heads: int, gen, device) -> dict:
+    import torch
+
+    dt = torch_dtype(s.dtype)
+    shape = _meta_shape(s, batch, seq_len, kv_heads)
+    x = torch.randn(shape, generator=gen, device=device).to(dt)
+    if s.score == "upper_bound":
+        y = torch.randn(shape, generator=gen, device=device).to(dt)
+        return {"kmin": torch.minimum(x, y), "kmax": torch.maximum(x, y)}
+    return {"kmean": x, "run_sum": torch.randn(batch, kv_heads, s.head_dim, generator=gen,
+                                               device=device)}
+
+
+def _reference_meta(s: QuestStatic, meta: dict, cache: dict):
+    """A QuestMeta holding copies of the plain metadata tensors, and the cache view its
+    plain-torch methods read (no K/V: they only read lengths, the block table and shapes)."""
+    from types import SimpleNamespace
+
+    from ..methods.topk import QuestMeta
+
+    a = _meta_tensors(meta)[0]
+    seq = cache["seq_lens"]
+    B, H, D = seq.shape[0], a.shape[2], a.shape[3]
+    view = SimpleNamespace(
+        batch=B, kv_heads=H, head_dim=D, device=a.device, layout=s.layout,
+        page_size=s.page_size, seq_lens=seq, block_table=cache.get("block_table"),
+        capacity=a.shape[1] * s.block_size if not s.paged else 0,
+        k=a.new_empty((a.shape[0], 0)))  # dtype, and the page count of a paged pool
+    ref = QuestMeta(view, s.block_size, s.score)
+    for name, t in meta.items():
+        setattr(ref, name, t.clone())
+    return ref, view
 
 
 class QuestSelect:
