@@ -1,25 +1,33 @@
 """Gate self-distillation: the target kernel against the plain-torch reference, the reference
-against a direct reading of the definition, the KL loss, and `sparsegen distill` on tiny
-random-weight Llama / Qwen2 / Qwen3 models (loss falls; saved gates reload bit-exactly)."""
+against a direct reading of the definition (whole sequence and row ranges), the KL loss, the
+row-chunked loss against the whole-sequence one (values and gradients; no [S, NB] tensor on the
+chunked path), and `sparsegen distill` on tiny random-weight Llama / Qwen2 / Qwen3 models (loss
+falls; saved gates reload bit-exactly)."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import argparse  # noqa: E402
+import argparse
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from sparsegen.codegen.distill_kernels import DistillStatic, TritonDistillTarget  # noqa: E402
-from sparsegen.methods.distill import distill_target_reference, gate_kl_loss  # noqa: E402
-from sparsegen.methods.gate import AttnGate, load_gates, save_gates  # noqa: E402
-from sparsegen.spec import parse_spec  # noqa: E402
-from tests.interp import needs_interp, only_if_not_interpreted, rerun_in_interpreter  # noqa: E402
+from sparsegen.codegen.distill_kernels import DistillStatic, TritonDistillTarget
+from sparsegen.methods import distill
+from sparsegen.methods.distill import (
+    default_chunk_rows,
+    distill_target_reference,
+    gate_distill_loss,
+    gate_kl_loss,
+)
+from sparsegen.methods.gate import AttnGate, load_gates, save_gates
+from sparsegen.spec import parse_spec
+from tests.interp import needs_interp, only_if_not_interpreted, rerun_in_interpreter
 
 
 def brute_force_target(q, k, bs, scale):
     """The definition, one query row at a time, in fp64."""
-    B, S, Hq, D = q.shape
+    B, S, Hq = q.shape[:3]
     Hkv = k.shape[2]
     G = Hq // Hkv
     nb = -(-S // bs)
@@ -118,10 +126,202 @@ def test_gate_weights_round_trip_bit_exact(tmp_path):
         save_gates(tmp_path / name, gates, {"spec": "x"})
         loaded, meta = load_gates(tmp_path / name)
         assert sorted(loaded) == [1, 3] and meta["spec"] == "x"
-        for i in gates:
-            for (n, a), (m, b) in zip(gates[i].state_dict().items(),
+        for i, gate in gates.items():
+            for (n, a), (m, b) in zip(gate.state_dict().items(),
                                       loaded[i].state_dict().items()):
                 assert n == m and torch.equal(a, b)
+
+
+# --- row ranges and the row-chunked loss -----------------------------------------------------
+
+@pytest.mark.parametrize("S,r0,n", [(45, 0, None), (45, 20, 7), (45, 0, 3), (45, 44, 1),
+                                    (45, 16, 16), (45, 31, 14)])
+def test_reference_row_range_is_those_rows(S, r0, n):
+    """A row range gives the whole-sequence target's rows, cut to the blocks they can reach."""
+    gen = torch.Generator().manual_seed(S + r0)
+    q, k = torch.randn(2, S, 6, 16, generator=gen) * 2, torch.randn(2, S, 2, 16, generator=gen)
+    full = brute_force_target(q, k, 16, 0.3)
+    got = distill_target_reference(q, k, 16, 0.3, chunk=5, compute_dtype=torch.float64,
+                                   row_start=r0, num_rows=n)
+    r1 = S if n is None else r0 + n
+    assert got.shape == (2, 2, r1 - r0, -(-r1 // 16))
+    torch.testing.assert_close(got.double(), full[:, :, r0:r1, :got.shape[-1]])
+    assert torch.all(full[:, :, r0:r1, got.shape[-1]:] == 0)
+
+
+@pytest.mark.parametrize("r0,n", [(-1, 4), (0, 0), (40, 6), (45, None), (3, -2)])
+def test_bad_row_range_is_a_clear_error(r0, n):
+    q, k = torch.randn(1, 45, 2, 64), torch.randn(1, 45, 1, 64)
+    with pytest.raises(ValueError, match="do not lie in a sequence of 45 tokens"):
+        distill_target_reference(q, k, 16, row_start=r0, num_rows=n)
+    with pytest.raises(ValueError, match="do not lie in a sequence of 45 tokens"):
+        TritonDistillTarget(DistillStatic(16, 64, 2, "fp32"))(q, k, row_start=r0, num_rows=n)
+
+
+@needs_interp
+@pytest.mark.parametrize("bs,G,D,S,r0,n,dtype", [
+    (16, 1, 64, 77, 5, 40, torch.float32),      # rows not aligned to a block or a tile
+    (16, 3, 64, 150, 100, 50, torch.float32),   # the last rows
+    (32, 4, 64, 130, 0, 20, torch.float16),     # rows inside block 0 only: all zeros
+    (16, 8, 64, 97, 96, 1, torch.float32),      # one row
+    (64, 2, 128, 200, 64, 129, torch.float16),
+    (16, 2, 64, 70, 17, 33, torch.float32)])
+def test_kernel_row_range_matches_reference(bs, G, D, S, r0, n, dtype):
+    gen = torch.Generator().manual_seed(S + r0)
+    q = (torch.randn(2, S, 2 * G, D, generator=gen) * 1.5).to(dtype)
+    k = torch.randn(2, S, 2, D, generator=gen).to(dtype)
+    kern = TritonDistillTarget(DistillStatic(bs, D, G, "fp32" if dtype == torch.float32
+                                             else "fp16"))
+    got = kern(q, k, 0.1, row_start=r0, num_rows=n)
+    want = distill_target_reference(q, k, bs, 0.1, compute_dtype=torch.float64, row_start=r0,
+                                    num_rows=n)
+    assert got.shape == want.shape == (2, 2, n, -(-(r0 + n) // bs))
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(kern.reference(q, k, 0.1, row_start=r0, num_rows=n), want,
+                               rtol=1e-5, atol=1e-6)
+
+
+def _gate_inputs(B, S, Hkv, G, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, S, h, D, generator=gen) * sc
+            for h, sc in ((Hkv * G, 1.0), (Hkv, 1.0), (Hkv * G, 1.5), (Hkv, 1.0))]
+
+
+def _full_loss_and_grads(gate, qn, kn, qp, kp, scale):
+    loss = gate_kl_loss(gate(qn, kn), distill_target_reference(qp, kp, gate.block_size, scale))
+    return loss, torch.autograd.grad(loss, list(gate.parameters()))
+
+
+@pytest.mark.parametrize("G,D,S,bs,gate_kw", [
+    (1, 64, 100, 16, {}),                                       # S not a multiple of the block
+    (2, 64, 128, 16, {"rmsnorm": True}),
+    (3, 64, 90, 32, {"query_reduction": "mean"}),
+    (4, 128, 75, 16, {"rope": False}),
+    (8, 64, 70, 8, {"rmsnorm": True, "query_reduction": "mean"}),
+    (2, 64, 12, 16, {}),                                        # shorter than one block
+    (4, 64, 16, 16, {})])                                       # exactly one block
+def test_chunked_loss_equals_whole_sequence_loss(G, D, S, bs, gate_kw):
+    """Loss and every gate parameter's gradient, for chunks that divide S and that do not.
+    AttnGate computes in fp32 (its query side casts to fp32), so fp32 with tight tolerances."""
+    torch.manual_seed(G * 100 + S)
+    gate = AttnGate(2 * G, 2, D, bs, d_gate=32, **gate_kw)
+    with torch.no_grad():                       # non-trivial norms so their gradients count
+        for name, prm in gate.named_parameters():
+            if name.endswith("norm"):
+                prm.uniform_(0.5, 1.5)
+    qn, kn, qp, kp = _gate_inputs(2, S, 2, G, D, seed=S)
+    want, want_grads = _full_loss_and_grads(gate, qn, kn, qp, kp, 0.2)
+    for chunk in (1, 7, bs, 3 * bs + 5, S, 4 * S):
+        got = gate_distill_loss(gate, qn, kn, qp, kp, 0.2, chunk_rows=chunk, impl="torch")
+        grads = torch.autograd.grad(got, list(gate.parameters()), allow_unused=True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        for (name, _), g, w in zip(gate.named_parameters(), grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7, msg=f"{name}, chunk {chunk}")
+    if S <= bs:
+        assert want.item() == 0.0                                   # no row has a block
+    with torch.no_grad():                       # evaluation: the same value, no gradients
+        torch.testing.assert_close(gate_distill_loss(gate, qn, kn, qp, kp, 0.2, chunk_rows=9,
+                                                     impl="torch"), want.detach(),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_loss_default_chunk_and_backward():
+    """The default chunk; loss.backward() fills the same .grad as the whole-sequence loss."""
+    gate = AttnGate(8, 2, 64, 16, d_gate=32)
+    qn, kn, qp, kp = _gate_inputs(1, 200, 2, 4, 64, seed=3)
+    _, want_grads = _full_loss_and_grads(gate, qn, kn, qp, kp, None)
+    gate_distill_loss(gate, qn, kn, qp, kp, impl="torch").backward()
+    for prm, w in zip(gate.parameters(), want_grads):
+        torch.testing.assert_close(prm.grad, w, rtol=1e-4, atol=1e-7)
+
+
+def test_default_chunk_rows():
+    assert default_chunk_rows(1, 8, 4096, 64) == 4096             # short: one chunk
+    for S in (32768, 65536, 131072):                              # long: a ~32 MB chunk
+        c = default_chunk_rows(1, 8, S, 64)
+        assert c % 64 == 0 and c < S
+        assert 16 << 20 < c * 8 * (S // 64) * 4 <= distill.CHUNK_TARGET_BYTES
+    assert default_chunk_rows(64, 32, 1 << 20, 16) == 64          # never below 64 rows
+
+
+@needs_interp
+def test_chunked_loss_through_the_kernel():
+    gate = AttnGate(6, 2, 64, 16, d_gate=32, rmsnorm=True)
+    qn, kn, qp, kp = _gate_inputs(2, 83, 2, 3, 64, seed=9)
+    want, want_grads = _full_loss_and_grads(gate, qn, kn, qp, kp, 0.15)
+    got = gate_distill_loss(gate, qn, kn, qp, kp, 0.15, chunk_rows=30, impl="triton")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, w in zip(torch.autograd.grad(got, list(gate.parameters())), want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_loss_rejects_bad_input():
+    gate = AttnGate(4, 2, 64, 16, d_gate=32)
+    qn, kn, qp, kp = _gate_inputs(1, 40, 2, 2, 64, seed=1)
+    with pytest.raises(ValueError, match="k_post has shape"):
+        gate_distill_loss(gate, qn, kn, qp, kp[:, :30])
+    with pytest.raises(ValueError, match="q_nope has shape"):
+        gate_distill_loss(gate, qn[..., :32], kn, qp, kp)
+    with pytest.raises(ValueError, match="must be \\[B, S, H, D\\]"):
+        gate_distill_loss(gate, qn[0], kn, qp, kp)
+    with pytest.raises(ValueError, match="chunk_rows=0"):
+        gate_distill_loss(gate, qn, kn, qp, kp, chunk_rows=0)
+    with pytest.raises(ValueError, match="impl 'cuda'"):
+        gate_distill_loss(gate, qn, kn, qp, kp, impl="cuda")
+
+
+class _LargestTensor:
+    """Records the element count of the largest tensor any torch op returns (forward and
+    backward both dispatch through it)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        spy = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        spy.numel = max(spy.numel, t.numel())
+                return out
+
+        self.numel, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_chunked_path_never_forms_a_sequence_by_blocks_tensor(monkeypatch):
+    """The chunked loss asks for at most `chunk` target rows at a time, and no op of its
+    forward or backward returns a tensor as large as the whole target [B, Hkv, S, NB]; the
+    whole-sequence loss does (so the spy sees such tensors when they exist)."""
+    B, S, Hkv, G, D, bs, chunk = 1, 2048, 1, 2, 16, 8, 32
+    full_numel = B * Hkv * S * (S // bs)
+    asked = []
+    real = distill.distill_target
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        asked.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(distill, "distill_target", spy)
+    gate = AttnGate(Hkv * G, Hkv, D, bs, d_gate=16)
+    qn, kn, qp, kp = _gate_inputs(B, S, Hkv, G, D, seed=4)
+    with _LargestTensor() as big:
+        gate_distill_loss(gate, qn, kn, qp, kp, chunk_rows=chunk, impl="torch").backward()
+    assert len(asked) == -(-(S - bs) // chunk) and all(a[2] <= chunk for a in asked)
+    # the largest is the reference's probabilities of one chunk, [B, Hq, chunk, <= S]
+    assert big.numel <= B * Hkv * G * chunk * S < full_numel // 2
+    with _LargestTensor() as big_full:
+        _full_loss_and_grads(gate, qn, kn, qp, kp, None)
+    assert big_full.numel >= full_numel
 
 
 # --- Hugging Face: sparsegen distill ----------------------------------------------------------
@@ -167,6 +367,34 @@ def test_capture_sees_the_layers_pre_rope_q_and_k(tmp_path):
     torch.testing.assert_close(seen[0][0], q)
     torch.testing.assert_close(seen[0][1], k)
     assert not torch.allclose(seen[0][2], q)                          # rotated
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_distiller_loss_is_each_layers_whole_sequence_loss(tmp_path, chunk_rows):
+    """GateDistiller's per-layer loss (row-chunked) equals the whole-sequence loss of the
+    same gate on the q/k the model hands its RoPE, with the layer's own softmax scale."""
+    from sparsegen.integrations.hf_distill import (
+        GateDistiller,
+        attention_layers,
+        capture_rope,
+    )
+
+    model = tiny_model("qwen2", tmp_path / "m")
+    ids = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    with capture_rope(attention_layers(model), lambda i, m, q, k, qp, kp: seen.setdefault(
+            i, [t.transpose(1, 2) for t in (q, k, qp, kp)] + [m.scaling])), torch.no_grad():
+        model.model(input_ids=ids)
+    distiller = GateDistiller(model, parse_spec(SPEC.format(dense="")), chunk_rows=chunk_rows)
+    loss, per_layer = distiller(ids)
+    assert sorted(per_layer) == [0, 1]
+    for i, (q, k, qp, kp, scale) in seen.items():
+        want = gate_kl_loss(distiller.gates[str(i)](q, k),
+                            distill_target_reference(qp, kp, 16, scale))
+        torch.testing.assert_close(per_layer[i], want, rtol=1e-5, atol=1e-7)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in distiller.gates.parameters())
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])

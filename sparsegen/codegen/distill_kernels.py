@@ -2,15 +2,22 @@
 
 Two launches: the target kernel (flash-style log-sum-exp pass, then the block-max pass over
 strictly earlier blocks; the group's heads are rows of one tl.dot) and a normalisation pass.
-Besides the [B, Hkv, S, NB] target it holds only a [B, Hkv, S] row-sum buffer: memory is the
-output plus O(S), never S x S.
+A call covers a range of query rows (all by default): besides those rows of the target,
+[B, Hkv, rows, ceil(row_end / block_size)], it holds only a [B, Hkv, rows] row-sum buffer, so
+a fixed-size row chunk costs memory linear in the sequence length, never S x S.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .triton_kernel import (TRITON_PTR, TritonKernel, check_int_config, next_pow2, pow2,
-                            torch_dtype)
+from .triton_kernel import (
+    TRITON_PTR,
+    TritonKernel,
+    check_int_config,
+    next_pow2,
+    pow2,
+    torch_dtype,
+)
 
 LOG2E = 1.4426950408889634
 SMEM_LIMIT = 232448
@@ -87,11 +94,11 @@ class TritonDistillTarget(TritonKernel):
     def signatures(self):
         dt = TRITON_PTR[self.static.dtype]
         target = {"Q": dt, "K": dt, "OUT": "*fp32", "ROWSUM": "*fp32", "qk_scale": "fp32",
-                  "S": "i32"}
+                  "ROW0": "i32", "ROW_END": "i32"}
         for a in ("stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh",
                   "stride_ob", "stride_oh", "stride_os", "stride_rb", "stride_rh"):
             target[a] = "i32"
-        norm = {"OUT": "*fp32", "ROWSUM": "*fp32", "S": "i32", "NB": "i32"}
+        norm = {"OUT": "*fp32", "ROWSUM": "*fp32", "ROW0": "i32", "NROWS": "i32", "NB": "i32"}
         for a in ("stride_ob", "stride_oh", "stride_os", "stride_rb", "stride_rh"):
             norm[a] = "i32"
         kw = {"num_warps": self.config["num_warps"], "num_stages": self.config["num_stages"]}
@@ -99,12 +106,18 @@ class TritonDistillTarget(TritonKernel):
                 ("distill_normalize", norm, ("OUT", "ROWSUM"),
                  {"num_warps": self.config["num_warps"], "num_stages": 1})]
 
-    def __call__(self, q, k, sm_scale: float | None = None):
+    def __call__(self, q, k, sm_scale: float | None = None, row_start: int = 0,
+                 num_rows: int | None = None):
         """q [B, S, Hq, D], k [B, S, Hkv, D] (post-RoPE, any strides with a contiguous last
-        dim) -> target [B, Hkv, S, ceil(S / block_size)] fp32."""
+        dim) -> the target of query rows [row_start, row_start + num_rows) (default: all),
+        [B, Hkv, num_rows, ceil((row_start + num_rows) / block_size)] fp32."""
         import torch
 
+        from ..methods.distill import row_range
+
         s = self.static
+        if q.dim() != 4 or k.dim() != 4:
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, S, H, D]")
         B, S, Hq, D = q.shape
         Hkv = k.shape[2]
         if D != s.head_dim or Hq != Hkv * s.group_size or k.shape[:2] != (B, S):
@@ -114,19 +127,20 @@ class TritonDistillTarget(TritonKernel):
             raise TypeError(f"q and k must be {s.dtype}; got {q.dtype}, {k.dtype}")
         if q.stride(3) != 1 or k.stride(3) != 1:
             raise ValueError("the last (head_dim) dimension of q and k must be contiguous")
-        nb = -(-S // s.block_size)
-        out = torch.empty(B, Hkv, S, nb, dtype=torch.float32, device=q.device)
-        rowsum = torch.empty(B, Hkv, S, dtype=torch.float32, device=q.device)
+        r0, r1 = row_range(S, row_start, num_rows)
+        n, nb = r1 - r0, -(-r1 // s.block_size)
+        out = torch.empty(B, Hkv, n, nb, dtype=torch.float32, device=q.device)
+        rowsum = torch.empty(B, Hkv, n, dtype=torch.float32, device=q.device)
         scale = (D ** -0.5 if sm_scale is None else sm_scale) * LOG2E
-        grid = (-(-S // self.config["block_m"]), Hkv, B)
+        grid = (-(-n // self.config["block_m"]), Hkv, B)
         mod = self.module
         mod.distill_target[grid](
-            q, k, out, rowsum, scale, S, q.stride(0), q.stride(1), q.stride(2),
+            q, k, out, rowsum, scale, r0, r1, q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2), out.stride(0), out.stride(1), out.stride(2),
             rowsum.stride(0), rowsum.stride(1),
             num_warps=self.config["num_warps"], num_stages=self.config["num_stages"])
         mod.distill_normalize[grid](
-            out, rowsum, S, nb, out.stride(0), out.stride(1), out.stride(2),
+            out, rowsum, r0, n, nb, out.stride(0), out.stride(1), out.stride(2),
             rowsum.stride(0), rowsum.stride(1), num_warps=self.config["num_warps"],
             num_stages=1)
         return out
@@ -144,9 +158,11 @@ class TritonDistillTarget(TritonKernel):
                 "k": torch.randn(batch, seq_len, kv_heads, static.head_dim, device=device,
                                  generator=gen).to(dt)}
 
-    def reference(self, q, k, sm_scale: float | None = None):
+    def reference(self, q, k, sm_scale: float | None = None, row_start: int = 0,
+                  num_rows: int | None = None):
         from ..methods.distill import distill_target_reference
-        return distill_target_reference(q, k, self.static.block_size, sm_scale)
+        return distill_target_reference(q, k, self.static.block_size, sm_scale,
+                                        row_start=row_start, num_rows=num_rows)
 
 
 def flops(batch: int, seq_len: int, q_heads: int, head_dim: int) -> float:

@@ -6,7 +6,9 @@ query and key ([B, H, S, D], after Qwen3's q/k norms) and returns the post-RoPE 
 that function (while a forward pre-hook names the calling layer) gives both without copying
 the model's code. Per layer: the target comes from the post-RoPE q/k (the model's own
 attention), the gate's logits from the pre-RoPE q/k, and the KL loss flows into the gate's
-parameters only.
+parameters only. The loss walks the query rows in chunks (`gate_distill_loss`), so neither the
+target nor the logits of the whole sequence ([S, S / block_size] per KV head) ever exist: what
+a layer keeps for backward is linear in the sequence length.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import SparsegenError
-from ..methods.distill import distill_target, gate_kl_loss
+from ..methods.distill import gate_distill_loss
 from ..methods.gate import AttnGate
 
 SUPPORTED = ("llama", "qwen2", "qwen3")
@@ -88,7 +90,8 @@ class GateDistiller(nn.Module):
     """The AttnGates of one model (every layer outside the spec's dense_layers) and the loss
     of one batch of token sequences."""
 
-    def __init__(self, model, spec, target_impl: str = "auto", target_config=None):
+    def __init__(self, model, spec, target_impl: str = "auto", target_config=None,
+                 chunk_rows: int | None = None):
         super().__init__()
         shape = model_shape(model.config)
         want = {k: getattr(spec.model, k) for k in ("num_q_heads", "num_kv_heads", "head_dim")}
@@ -104,8 +107,8 @@ class GateDistiller(nn.Module):
         dense = set(spec.model.dense_layers)
         self.gates = nn.ModuleDict({str(i): AttnGate.from_spec(spec)
                                     for i in range(len(self.attn)) if i not in dense})
-        self.block_size = spec.selection.block_size
         self.target_impl, self.target_config = target_impl, target_config
+        self.chunk_rows = chunk_rows        # None: methods.distill.default_chunk_rows
 
     def gate_dict(self) -> dict:
         return {int(i): g for i, g in self.gates.items()}
@@ -115,16 +118,16 @@ class GateDistiller(nn.Module):
         losses = {}
 
         def on_rope(layer, module, q, k, q_post, k_post):
-            gate = self.gates[str(layer)] if str(layer) in self.gates else None
-            if gate is None:
+            if str(layer) not in self.gates:     # a dense layer has no gate
                 return
+            gate = self.gates[str(layer)]
             scale = getattr(module, "scaling", q.shape[-1] ** -0.5)
-            target = distill_target(q_post.transpose(1, 2), k_post.transpose(1, 2),
-                                    self.block_size, scale, self.target_impl,
-                                    self.target_config)
             with torch.enable_grad():
-                logits = gate(q.transpose(1, 2).detach(), k.transpose(1, 2).detach())
-                losses[layer] = gate_kl_loss(logits, target)
+                losses[layer] = gate_distill_loss(
+                    gate, q.transpose(1, 2).detach(), k.transpose(1, 2).detach(),
+                    q_post.transpose(1, 2), k_post.transpose(1, 2), scale,
+                    chunk_rows=self.chunk_rows, impl=self.target_impl,
+                    config=self.target_config)
 
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
         with capture_rope(self.attn, on_rope), torch.no_grad():

@@ -156,12 +156,20 @@ class AttnGate(nn.Module):
         pos = torch.arange(S, device=q_nope.device)
         qg = self.query(q_nope, pos.expand(B, S))                 # [B, S, Hkv, dg]
         kg = self.compress_blocks(k_nope)                          # [B, NBf, Hkv, dg]
-        nb = -(-S // self.block_size)
-        logits = torch.einsum("bshd,bjhd->bhsj", qg, kg) / math.sqrt(self.d_gate)
-        logits = torch.nn.functional.pad(logits, (0, nb - kg.shape[1]), value=float("-inf"))
-        j = torch.arange(nb, device=q_nope.device)
-        earlier = j[None, :] < (pos // self.block_size)[:, None]
-        return logits.masked_fill(~earlier, float("-inf"))
+        return block_logits(qg, kg, 0, self.block_size, -(-S // self.block_size))
+
+
+def block_logits(qg: torch.Tensor, kg: torch.Tensor, row_start: int, block_size: int,
+                 num_blocks: int) -> torch.Tensor:
+    """Gate logits of query rows [row_start, row_start + n) over key blocks [0, num_blocks):
+    qg [B, n, Hkv, dg] (the rows' gate queries), kg [B, NBf, Hkv, dg] (full-block gate keys)
+    -> [B, Hkv, n, num_blocks], -inf where block j is not strictly before the row's block."""
+    n, nk = qg.shape[1], min(num_blocks, kg.shape[1])
+    logits = torch.einsum("bshd,bjhd->bhsj", qg, kg[:, :nk]) / math.sqrt(qg.shape[-1])
+    logits = torch.nn.functional.pad(logits, (0, num_blocks - nk), value=float("-inf"))
+    t = torch.arange(row_start, row_start + n, device=qg.device)
+    earlier = torch.arange(num_blocks, device=qg.device)[None, :] < (t // block_size)[:, None]
+    return logits.masked_fill(~earlier, float("-inf"))
 
 
 def pool_blocks(blocks: torch.Tensor) -> dict:
