@@ -165,3 +165,52 @@ def test_tuned_rule_kernel_configs_reach_the_layers_decoder(tmp_path):
     cache = make_cache(spec, 2, 512, dtype=torch.float32)
     decoder = make_decoder(spec, cache, impl="torch", kernel_configs={"block_select": big})
     assert decoder._kernel_configs == {"block_select": big}
+
+
+def _other_config(adapter, static) -> dict:
+    """A feasible config of the adapter that differs from its default."""
+    import itertools
+
+    default = adapter.default_config(static)
+    space = adapter.tunable_space(static)
+    for values in itertools.product(*space.values()):
+        cfg = {**default, **dict(zip(space, values))}
+        if cfg != default and adapter.check_config(static, cfg) is None:
+            return cfg
+    raise AssertionError(f"{adapter.__name__} has no feasible config besides its default")
+
+
+@pytest.mark.parametrize("spec_file,kernels", [
+    ("seer-attention-r.yaml", ("gate_step", "gate_score", "block_select")),
+    ("quest-topk.yaml", ("quest_meta", "quest_score", "block_select")),
+    ("dash-entmax.yaml", ("entmax_tau",)),
+    ("raas-milestone.yaml", ("milestone_score", "milestone_select")),
+])
+def test_every_rule_kernel_runs_its_tuned_config(spec_file, kernels):
+    """make_decoder hands each decode-step kernel of the rule its own tuned config (the
+    kernel objects the triton path builds carry it). entmax_decode is the layer's attend:
+    its config is handed over in the emitted module's _attend on CUDA only."""
+    from sparsegen.methods.decoders import make_cache, make_decoder
+    from sparsegen.plan import rule_kernel_plans
+
+    spec = load_spec(SPECS / spec_file)
+    plans = {k.name: k for k in rule_kernel_plans(make_plan(spec))}
+    tuned = {n: _other_config(plans[n].adapter, plans[n].static) for n in kernels}
+    cache = make_cache(spec, 2, 512)
+    dec = make_decoder(spec, cache, impl="triton", kernel_configs=tuned)
+    built = {}
+    if spec.selection.rule == "gate":
+        built = {"gate_step": dec.step_kernels(cache.k.dtype), "gate_score": dec.kernels.score,
+                 "block_select": dec.kernels.select}
+    elif spec.selection.rule == "topk":
+        meta, select = dec.kernels(cache)
+        built = {"quest_meta": meta, "quest_score": select.score,
+                 "block_select": select.select}
+    elif spec.selection.rule == "entmax":
+        built = {"entmax_tau": dec.selector}
+    else:
+        built = {"milestone_score": dec.scorer, "milestone_select": dec.selector}
+    for name in kernels:
+        assert type(built[name]) is plans[name].adapter, name
+        assert built[name].static == plans[name].static, name
+        assert built[name].config == tuned[name], name

@@ -1,16 +1,17 @@
 """Shared block selection: the plain-torch rules, and the Triton kernel reproducing them bit
-for bit (ties, NaN, signed zeros, infinities, always-on overlaps, group unions) in Triton's
-interpreter; sm_90 compilation without a GPU."""
+for bit with each top-k algorithm (ties, NaN, signed zeros, infinities, always-on overlaps,
+group unions, resident and streamed rows) in Triton's interpreter; sm_90 compilation without
+a GPU."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from sparsegen.codegen.select_kernels import SelectStatic, TritonBlockSelect  # noqa: E402
-from sparsegen.methods import selection as sel  # noqa: E402
-from tests.interp import needs_interp, only_if_not_interpreted, rerun_in_interpreter  # noqa: E402
+from sparsegen.codegen.select_kernels import SelectStatic, TritonBlockSelect
+from sparsegen.methods import selection as sel
+from tests.interp import needs_interp, only_if_not_interpreted, rerun_in_interpreter
 
 
 def test_topk_ranking_and_tie_break():
@@ -64,22 +65,51 @@ def _scores(B, H, NB, gen):
     return s
 
 
+ALGOS = ["radix8", "count2", "count4", "sort"]
+# (rows, heads, chunk, radix_chunk, k, sink, local): the longest row has 40 blocks, so
+# radix_chunk 64 holds it in registers and 32 streams it (sort falls back to counting)
+TOPK_CASES = [(1, 2, 32, 64, 5, 1, 1), (1, 2, 32, 32, 40, 0, 1), (1, 1, 32, 64, 0, 0, 0),
+              (1, 1, 32, 32, 1, 2, 3), (2, 2, 16, 32, 3, 1, 1), (4, 1, 16, 64, 7, 2, 1),
+              (8, 1, 16, 32, 100, 1, 2)]
+
+
 @needs_interp
-@pytest.mark.parametrize("rows,chunk,radix_chunk", [(1, 32, 32), (1, 32, 64), (3, 16, 32),
-                                                    (8, 16, 64)])
-@pytest.mark.parametrize("k,sink,local", [(5, 1, 1), (1, 2, 3), (40, 0, 1)])
-def test_kernel_topk_equals_reference(rows, chunk, radix_chunk, k, sink, local):
-    """radix_chunk 64 holds the longest row (40 blocks) in registers; 32 streams it."""
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("case", TOPK_CASES, ids=lambda c: "r{}h{}c{}rc{}k{}s{}l{}".format(*c))
+def test_kernel_topk_equals_reference(algo, case):
+    """Every algorithm: random scores, long tie runs, rows drawn from three values, NaN /
+    -0.0 / inf, k = 0 and k > blocks, always-on overlaps, rows 1..8, mixed lengths."""
+    rows, heads, chunk, radix_chunk, k, sink, local = case
     gen = torch.Generator().manual_seed(rows * 100 + k)
-    B, heads, bs = 4, 2, 16
+    B, bs = 4, 16
     seq = torch.tensor([bs * 37 + 5, bs * 3, 1, 0], dtype=torch.int32)
     scores = _scores(B, heads * rows, 40, gen)
     kern = TritonBlockSelect(SelectStatic(bs, "topk", rows),
-                             {"chunk": chunk, "radix_chunk": radix_chunk, "num_warps": 1})
+                             {"algo": algo, "chunk": chunk, "radix_chunk": radix_chunk,
+                              "num_warps": 1})
     width = sel.topk_width(k, sink, local, 40, rows)
     got = kern(scores, seq, k=k, sink=sink, local=local, width=width)
     want = kern.reference(scores, seq, k=k, sink=sink, local=local, width=width)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@needs_interp
+@pytest.mark.parametrize("algo", ALGOS)
+def test_kernel_topk_all_tied_and_negative(algo):
+    """Whole rows of one value (the k-th key's ties decide everything), rows of negative
+    scores and infinities only: the key transform must keep the order across signs."""
+    B, bs, NB = 3, 16, 24
+    seq = torch.tensor([bs * NB, bs * 20 - 3, bs * 9], dtype=torch.int32)
+    scores = torch.full((B, 2, NB), -3.5)
+    scores[1, 0] = -torch.rand(NB, generator=torch.Generator().manual_seed(1)) * 1e30
+    scores[1, 1] = torch.tensor([float("inf"), float("-inf"), -0.0, 0.0] * 6)
+    scores[2, 1, ::3] = float("nan")
+    kern = TritonBlockSelect(SelectStatic(bs, "topk", 1),
+                             {"algo": algo, "chunk": 32, "radix_chunk": 32, "num_warps": 1})
+    for k in (2, 11):
+        got = kern(scores, seq, k=k, sink=1, local=1, width=k)
+        want = kern.reference(scores, seq, k=k, sink=1, local=1, width=k)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), (k, got, want)
 
 
 @needs_interp
@@ -90,8 +120,9 @@ def test_kernel_threshold_equals_reference(rows):
     seq = torch.tensor([bs * 50 + 1, bs * 2, bs], dtype=torch.int32)
     logits = torch.randn(B, 2 * rows, 64, generator=gen) * 2
     kern = TritonBlockSelect(SelectStatic(bs, "softmax_threshold", rows, exclude_current=True),
-                             {"chunk": 32, "radix_chunk": 32, "num_warps": 1})
-    kw = dict(threshold=0.03, sink=1, local=2, width=64)
+                             {"algo": "count4", "chunk": 32, "radix_chunk": 32,
+                              "num_warps": 1})
+    kw = {"threshold": 0.03, "sink": 1, "local": 2, "width": 64}
     got = kern(logits, seq, **kw)
     want = kern.reference(logits, seq, **kw)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
@@ -100,16 +131,39 @@ def test_kernel_threshold_equals_reference(rows):
 
 def test_configs_and_compile():
     for rows in (1, 2, 8):
-        st = SelectStatic(64, "topk", rows)
-        assert TritonBlockSelect.check_config(st, TritonBlockSelect.default_config(st)) is None
+        for mode in ("topk", "softmax_threshold"):
+            st = SelectStatic(64, mode, rows)
+            assert TritonBlockSelect.check_config(st, TritonBlockSelect.default_config(st)) is None
     st = SelectStatic(64, "topk", 1)
-    bad = {"chunk": 100, "radix_chunk": 256, "num_warps": 4}
-    assert "power of two" in TritonBlockSelect.check_config(st, bad)
-    assert "missing" in TritonBlockSelect.check_config(st, {"chunk": 128})
-    for mode, rows in (("topk", 1), ("topk", 4), ("softmax_threshold", 1)):
-        facts = TritonBlockSelect(SelectStatic(64, mode, rows, mode != "topk")).compile_sm90()
-        f = facts["block_select"]
-        assert f["cubin_bytes"] > 0 and f.get("local", 0) == 0
+    check = TritonBlockSelect.check_config
+    base = {"algo": "count4", "chunk": 256, "radix_chunk": 2048, "num_warps": 8}
+    assert "power of two" in check(st, {**base, "chunk": 100})
+    assert "missing" in check(st, {"chunk": 128})
+    assert "missing" in check(st, {k: v for k, v in base.items() if k != "algo"})
+    assert "not one of" in check(st, {**base, "algo": "bitonic"})
+    assert "not one of" in check(st, {**base, "algo": ["sort"]})
+    assert "threshold mode" in check(SelectStatic(64, "softmax_threshold", 1),
+                                     {**base, "algo": "sort"})
+    assert "exceed 512" in check(st, {**base, "radix_chunk": 8192, "num_warps": 4})
+    assert "exceed 32" in check(st, {**base, "algo": "sort", "radix_chunk": 8192, "num_warps": 4})
+    assert check(st, {**base, "algo": "sort", "radix_chunk": 8192, "num_warps": 16,
+                      "chunk": 512}) is None
+    for algo in ("radix8", "count2", "count4", "sort"):
+        assert algo in TritonBlockSelect.tunable_space(st)["algo"]
+    with pytest.raises(ValueError, match="infeasible"):
+        TritonBlockSelect(st, {**base, "algo": "quick"})
+    for mode, rows, cfg in (("topk", 1, {**base, "algo": "radix8"}),
+                            ("topk", 1, {**base, "algo": "count2"}),
+                            ("topk", 1, base),
+                            ("topk", 1, {**base, "algo": "sort"}),
+                            ("topk", 4, {**base, "chunk": 128, "num_warps": 4}),
+                            ("topk", 4, {**base, "algo": "sort", "chunk": 128,
+                                         "radix_chunk": 8192, "num_warps": 16}),
+                            ("softmax_threshold", 1, None)):
+        facts = TritonBlockSelect(SelectStatic(64, mode, rows, mode != "topk"),
+                                  cfg).compile_sm90()
+        for f in facts.values():
+            assert f["cubin_bytes"] > 0 and f.get("local", 0) == 0, (mode, rows, cfg, facts)
 
 
 @only_if_not_interpreted

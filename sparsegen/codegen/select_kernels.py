@@ -1,10 +1,11 @@
 """Triton adapter of the block-selection kernel (templates/triton/block_select.py.j2).
 
 One program per (output head, batch) turns a row of block scores into the padded, ascending
-block indices and counts the decode attention takes. Top-k is an exact radix select over
-order-preserving integer keys (four 8-bit histogram passes over a row that stays in L1/L2,
-then one compaction pass), so the result equals sparsegen.methods.selection bit for bit, ties
-included; the threshold mode applies a softmax
+block indices and counts the decode attention takes. Top-k is an exact select over
+order-preserving integer keys, by one of three tunable algorithms (`algo`: four 8-bit
+histogram passes; 16 or 8 counting passes of 2 or 4 bits; a bitonic sort of packed
+(key, index) words), then one compaction pass, so the result equals
+sparsegen.methods.selection bit for bit, ties included; the threshold mode applies a softmax
 over the scored blocks first (the gate rule). Nothing depends on the sequence length at
 compile time, and nothing syncs the device, so the call can be captured in a CUDA graph.
 """
@@ -16,6 +17,10 @@ from .triton_kernel import TritonKernel, check_int_config, next_pow2, pow2
 
 MODES = ("topk", "softmax_threshold")
 _KEYS = ("chunk", "radix_chunk", "num_warps")
+# top-k algorithms (template algo, count bits); the threshold mode has no choice to make
+ALGOS = {"radix8": ("radix8", 8), "count2": ("count", 2), "count4": ("count", 4),
+         "sort": ("sort", 4)}
+_THRESHOLD_ALGO = "count4"
 
 
 @dataclass(frozen=True)
@@ -43,20 +48,31 @@ class TritonBlockSelect(TritonKernel):
 
     @classmethod
     def tunable_space(cls, static: SelectStatic) -> dict[str, list]:
-        return {"chunk": [128, 256, 512, 1024, 2048], "radix_chunk": [256, 512, 1024, 2048],
-                "num_warps": [1, 2, 4, 8]}
+        algos = list(ALGOS) if static.mode == "topk" else [_THRESHOLD_ALGO]
+        return {"algo": algos, "chunk": [128, 256, 512, 1024, 2048],
+                "radix_chunk": [256, 512, 1024, 2048, 8192], "num_warps": [1, 2, 4, 8, 16]}
 
     @classmethod
     def default_config(cls, static: SelectStatic) -> dict:
         rows = next_pow2(static.rows)
-        # H100, B 16 x 128K at block 64 (2048 blocks a row): a resident row, 8 warps (one
-        # program per row) or 4 (per-row radix of a group union) was fastest
-        return {"chunk": max(128, 1024 // rows), "radix_chunk": 2048,
-                "num_warps": 8 if rows == 1 else 4}
+        # H100 (bench/results/H100-block-select-probe.md): with the row resident, radix8 at
+        # 8 warps was fastest or within 6 % of the fastest on every measured shape (2048
+        # blocks: 15.7 us; Quest's 4-row union at block 64: 30.8 us, 4 warps 36.4); count
+        # and sort win only by a few percent on some shapes, which the tuner finds
+        algo = "radix8" if static.mode == "topk" else _THRESHOLD_ALGO
+        return {"algo": algo, "chunk": max(128, 1024 // rows), "radix_chunk": 2048,
+                "num_warps": 8}
 
     @classmethod
     def check_config(cls, static: SelectStatic, config: dict) -> str | None:
-        if reason := check_int_config(config, _KEYS):
+        if "algo" not in config:
+            return "missing keys ['algo']"
+        algo = config["algo"]
+        if not isinstance(algo, str) or algo not in ALGOS:
+            return f"algo={algo!r} is not one of {sorted(ALGOS)}"
+        if static.mode != "topk" and algo != _THRESHOLD_ALGO:
+            return f"algo={algo!r}: the threshold mode has no top-k algorithm to choose"
+        if reason := check_int_config({k: v for k, v in config.items() if k != "algo"}, _KEYS):
             return reason
         chunk = config["chunk"]
         if not pow2(chunk) or not 16 <= chunk <= 8192:
@@ -66,6 +82,15 @@ class TritonBlockSelect(TritonKernel):
             return f"radix_chunk={rc} must be a power of two in [32, 8192]"
         if static.rows == 1 and rc < 32 * config["num_warps"]:
             return f"radix_chunk={rc} leaves threads idle at num_warps={config['num_warps']}"
+        threads = 32 * config["num_warps"]
+        if algo.startswith("count") and rc * (1 << ALGOS[algo][1]) > 512 * threads:
+            # a pass compares each key with every digit's candidate in registers (512 a
+            # thread compiles to ~220 registers, no spill; 1024 stalls the compiler)
+            return (f"{algo}: radix_chunk={rc} keys x {1 << ALGOS[algo][1]} candidates exceed "
+                    f"512 a thread at num_warps={config['num_warps']}")
+        if algo == "sort" and rc > 32 * threads:  # 64 a thread spills
+            return (f"sort: radix_chunk={rc} 64-bit words exceed 32 a thread at "
+                    f"num_warps={config['num_warps']}")
         if next_pow2(static.rows) * chunk > 16384:
             return f"rows x chunk = {next_pow2(static.rows) * chunk} elements per pass exceed 16384"
         if next_pow2(static.rows) * chunk < 32 * config["num_warps"]:
@@ -74,9 +99,10 @@ class TritonBlockSelect(TritonKernel):
 
     def template_params(self) -> dict:
         s, c = self.static, self.config
+        algo, bits = ALGOS[c["algo"]]
         return {"block_size": s.block_size, "mode": s.mode, "rows": s.rows,
                 "rows_pad": next_pow2(s.rows), "exclude_current": s.exclude_current,
-                "chunk": c["chunk"], "radix_chunk": c["radix_chunk"],
+                "algo": algo, "bits": bits, "chunk": c["chunk"], "radix_chunk": c["radix_chunk"],
                 "num_warps": c["num_warps"]}
 
     @property
@@ -107,7 +133,7 @@ class TritonBlockSelect(TritonKernel):
         [B, H // rows, width] int32, counts [B, H // rows] int32)."""
         import torch
 
-        B, H, NB = scores.shape
+        B, H, _ = scores.shape
         s = self.static
         if scores.dtype != torch.float32 or scores.stride(2) != 1:
             raise TypeError("scores must be fp32 with a contiguous last dimension")
