@@ -1,4 +1,5 @@
-"""Dense baselines shared by the bench scripts: cuDNN SDPA decode at its best."""
+"""Dense baselines shared by the bench scripts: cuDNN SDPA decode at its best, causal dense
+prefill forward + backward (FlashAttention and cuDNN SDPA)."""
 from __future__ import annotations
 
 import torch
@@ -50,3 +51,32 @@ def fastest_cudnn_decode(qs, k, v, time_fn):
     if best is None:
         raise RuntimeError("no cuDNN SDPA formulation ran")
     return best
+
+
+def dense_prefill_fwd_bwd(q, k, v, do, row, time_fn, note):
+    """Causal dense SDPA forward + backward over the same q [B, T, Hq, D], k, v [B, T, Hkv,
+    D] (KV heads repeated for the group), upstream gradient do like q: row["flash_fwd_bwd_ms"]
+    and row["cudnn_fwd_bwd_ms"] (a backend that fails is noted, not fatal); returns the
+    fastest of them or None."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = q.shape[2] // k.shape[2]
+
+    def heads_first(x, repeat=1):
+        return x.detach().repeat_interleave(repeat, 2).transpose(1, 2).contiguous()
+
+    qd = heads_first(q).requires_grad_()
+    kd, vd = (heads_first(x, group).requires_grad_() for x in (k, v))
+    dod = heads_first(do)
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        def dense(backend=backend):
+            with sdpa_kernel([backend]):
+                o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+            o.backward(dod)
+        try:
+            row[f"{name}_fwd_bwd_ms"] = time_fn([dense], warmup_ms=200, rep_ms=1000)
+        except Exception as e:  # noqa: BLE001 - a dense backend missing is a result
+            note(row, f"{name}_note", e)
+    times = [row[f"{n}_fwd_bwd_ms"] for n in ("flash", "cudnn") if f"{n}_fwd_bwd_ms" in row]
+    return min(times) if times else None

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.baselines import fastest_cudnn_decode  # noqa: E402
+from bench.baselines import dense_prefill_fwd_bwd, fastest_cudnn_decode  # noqa: E402
 from bench.timing import gpu_facts, save_results, time_graph, time_plain  # noqa: E402
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
@@ -207,23 +207,7 @@ def bench_entmax_prefill(T, target, rows, gen):
         row["ours_fwd_bwd_ms"] = time_plain([ours], warmup_ms=200, rep_ms=1000)
         row["ours_fwd_ms"] = time_plain([ours_fwd], warmup_ms=100, rep_ms=500)
         row["selection_fwd_ms"] = time_plain([selection_only], warmup_ms=100, rep_ms=500)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        qd = q.detach().transpose(1, 2).contiguous().requires_grad_()
-        kd = k.detach().repeat_interleave(G, 2).transpose(1, 2).contiguous().requires_grad_()
-        vd = v.detach().repeat_interleave(G, 2).transpose(1, 2).contiguous().requires_grad_()
-        dod = do.transpose(1, 2).contiguous()
-        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION),
-                              ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-            def dense(backend=backend):
-                with sdpa_kernel([backend]):
-                    o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd,
-                                                                         is_causal=True)
-                o.backward(dod)
-            try:
-                row[f"{name}_fwd_bwd_ms"] = time_plain([dense], warmup_ms=200, rep_ms=1000)
-            except Exception as e:
-                note(row, f"{name}_note", e)
-        best = min(row[f"{n}_fwd_bwd_ms"] for n in ("flash", "cudnn") if f"{n}_fwd_bwd_ms" in row)
+        best = dense_prefill_fwd_bwd(q, k, v, do, row, time_plain, note)
         row["speedup_vs_best_dense"] = best / row["ours_fwd_bwd_ms"]
     except Exception as e:
         note(row, "note", e)
