@@ -102,8 +102,10 @@ def rule_kernel_plans(plan) -> list[RuleKernelPlan]:
     if not rules or not plan.kernels:
         return []
     d = plan.kernels[0]
+    # an adapter may tune its own buckets (tuning_shapes), e.g. a training-only kernel
     return [RuleKernelPlan(name=name, adapter=cls, static=static, num_q_heads=d.num_q_heads,
-                           num_kv_heads=d.num_kv_heads, shapes=d.shapes,
+                           num_kv_heads=d.num_kv_heads,
+                           shapes=getattr(cls, "tuning_shapes", lambda shapes: shapes)(d.shapes),
                            block_size=d.static.block_size, selected_fraction=d.selected_fraction,
                            budget_blocks=d.budget_blocks, page_size=d.static.page_size)
             for name, cls, static in rules]

@@ -470,3 +470,18 @@ def test_kernel_config_and_compile():
 @only_if_not_interpreted
 def test_interpreter_tests_in_subprocess():
     rerun_in_interpreter(__file__)
+
+
+def test_distill_target_is_tuned_on_its_own_buckets():
+    """Training runs one sequence in row chunks: the tuner measures the target kernel at
+    batch 1 and at most 16K tokens, the decode-side rule kernels on the attention's buckets."""
+    from sparsegen.plan import make_plan, rule_kernel_plans
+    from sparsegen.spec import load_spec
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    plan = make_plan(load_spec(os.path.join(root, "examples", "specs",
+                                            "seer-attention-r.yaml")))
+    shapes = {k.name: [(s.batch, s.seq_len) for s in k.shapes] for k in rule_kernel_plans(plan)}
+    assert shapes["distill_target"] == [(1, 8192), (1, 16384)]
+    attention = [(s.batch, s.seq_len) for s in plan.kernels[0].shapes]
+    assert shapes["gate_score"] == shapes["block_select"] == attention

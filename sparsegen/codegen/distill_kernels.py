@@ -147,6 +147,15 @@ class TritonDistillTarget(TritonKernel):
 
     # --- tuner protocol --------------------------------------------------------------------
     @classmethod
+    def tuning_shapes(cls, shapes):
+        """Distillation trains one sequence at a time, in row chunks of a few thousand rows
+        (sparsegen.methods.distill): tune batch 1 at the decode buckets' lengths capped at
+        16K (a whole 128K target would need 137 GB per batch of 16)."""
+        from ..plan import ShapeBucket
+
+        return tuple(ShapeBucket(1, n) for n in sorted({min(s.seq_len, 16384) for s in shapes}))
+
+    @classmethod
     def bench_inputs(cls, static: DistillStatic, batch: int, seq_len: int, kv_heads: int = 8,
                      device="cuda", seed: int = 0) -> dict:
         import torch
