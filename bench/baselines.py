@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from bench.timing import note
+
 
 def cudnn_decode_variants(qs, k, v):
     """Dense GQA decode through cuDNN SDPA in each formulation a server might use, as
@@ -53,7 +55,7 @@ def fastest_cudnn_decode(qs, k, v, time_fn):
     return best
 
 
-def dense_prefill_fwd_bwd(q, k, v, do, row, time_fn, note):
+def dense_prefill_fwd_bwd(q, k, v, do, row, time_fn):
     """Causal dense SDPA forward + backward over the same q [B, T, Hq, D], k, v [B, T, Hkv,
     D] (KV heads repeated for the group), upstream gradient do like q: row["flash_fwd_bwd_ms"]
     and row["cudnn_fwd_bwd_ms"] (a backend that fails is noted, not fatal); returns the

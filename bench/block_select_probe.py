@@ -44,10 +44,11 @@ def configs(static: SelectStatic, nb: int) -> list[dict]:
     = the row length rounded up) at a few warp counts; infeasible ones dropped."""
     cls = TritonBlockSelect
     topk = static.mode == "topk"
-    out = [dict(cls.default_config(static), **({"algo": "radix8"} if topk else {}))]
-    algos = list(ALGOS) if topk else [cls.default_config(static)["algo"]]
+    default = cls.default_config(static)
+    out = [dict(default, **({"algo": "radix8"} if topk else {}))]
+    algos = list(ALGOS) if topk else [default["algo"]]
     resident = max(256, next_pow2(nb))
-    chunk = cls.default_config(static)["chunk"]
+    chunk = default["chunk"]
     for algo in algos:
         for nw in (4, 8, 16):
             cfg = {"algo": algo, "chunk": max(chunk, 32 * nw // next_pow2(static.rows)),

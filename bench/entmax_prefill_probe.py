@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import methods_entmax_milestone as em
 from bench.baselines import dense_prefill_fwd_bwd
-from bench.timing import gpu_facts, save_results, time_plain
+from bench.timing import gpu_facts, note, rel_err, save_results, time_plain
 from sparsegen.codegen.entmax_kernels import EntmaxPrefillTriton, EntmaxStatic
 from sparsegen.codegen.entmax_pool import EntmaxPoolTriton
 from sparsegen.methods.entmax import EntmaxRule, entmax_prefill, prefill_selection
@@ -75,9 +75,10 @@ def block_level(rows, q, k, w, rule, st, gen):
     # random gradient is scaled by 1/p, so fp32 rounding of the tiniest supported p would
     # dominate the comparison; the whole-prefill check below covers the bias path
     dpbar = torch.randn(1, em.HKV, T // em.BLOCK, T // em.BLOCK, device="cuda", generator=gen)
+    paths = (("old", lambda a, b, c: old_selection(a, b, c, rule)),
+             ("new", lambda a, b, c: new_selection(a, b, c, rule, ops)))
     res = {}
-    for name, fn in (("old", lambda a, b, c: old_selection(a, b, c, rule)),
-                     ("new", lambda a, b, c: new_selection(a, b, c, rule, ops))):
+    for name, fn in paths:
         a, b, c = leaves(q, k, w)
         sel, lists = fn(a, b, c)
         (sel.pbar * dpbar).sum().backward()
@@ -86,8 +87,8 @@ def block_level(rows, q, k, w, rule, st, gen):
     row = {"part": "block_level", "mask_equal": bool(torch.equal(so.mask, sn.mask)),
            "mask_diff_frac": (so.mask != sn.mask).float().mean().item(),
            "lists_equal": all(torch.equal(x, y) for x, y in zip(lo, ln)),
-           "bias_err": em.rel_err(sn.bias, so.bias), "pbar_err": em.rel_err(sn.pbar, so.pbar),
-           "grad_err": {n: em.rel_err(x, y) for n, x, y in zip("qkw", gn, go)},
+           "bias_err": rel_err(sn.bias, so.bias), "pbar_err": rel_err(sn.pbar, so.pbar),
+           "grad_err": {n: rel_err(x, y) for n, x, y in zip("qkw", gn, go)},
            "sparsity": em.prefill_sparsity(sn)}
     ok = row["mask_diff_frac"] < 1e-4 and row["bias_err"] < 1e-3 and \
         max(row["grad_err"].values()) < 2e-2
@@ -104,8 +105,7 @@ def block_level(rows, q, k, w, rule, st, gen):
                     with torch.no_grad():
                         fn(a, b, c)
             return time_plain([call], warmup_ms=100, rep_ms=500)
-        for name, fn in (("old", lambda a, b, c: old_selection(a, b, c, rule)),
-                         ("new", lambda a, b, c: new_selection(a, b, c, rule, ops))):
+        for name, fn in paths:
             row[f"{name}_fwd_ms"] = timed(fn, False)
             row[f"{name}_fwd_bwd_ms"] = timed(fn, True)
     else:
@@ -120,8 +120,8 @@ def block_level(rows, q, k, w, rule, st, gen):
             a, b, c = leaves(q, k, w)
             sel, _ = new_selection(a, b, c, rule, kern)
             (sel.pbar * dpbar).sum().backward()
-            r["err"] = max([em.rel_err(sel.bias, sn.bias)]
-                           + [em.rel_err(x.grad, y) for x, y in zip((a, b, c), gn)])
+            r["err"] = max([rel_err(sel.bias, sn.bias)]
+                           + [rel_err(x.grad, y) for x, y in zip((a, b, c), gn)])
             if r["err"] < 1e-3:
                 def call(a=a, b=b, c=c, kern=kern):
                     s2, _ = new_selection(a, b, c, rule, kern)
@@ -157,12 +157,12 @@ def kernel_configs(rows, q, k, v, sel, st, gen):
             kern = EntmaxPrefillTriton(st, cfg)
             if part == "fwd":
                 o, _ = kern.forward(q, k, v, bias, idx, cnt, scale)
-                row["err"] = em.rel_err(o, o_ref)
+                row["err"] = rel_err(o, o_ref)
                 fn = lambda kern=kern: kern.forward(q, k, v, bias, idx, cnt, scale)
             else:
                 got = kern.backward(q, k, v, bias, idx, cnt, ridx, rcnt, o_ref, lse_ref, do,
                                     scale)
-                row["err"] = max(em.rel_err(a, b) for a, b in zip(got, g_ref))
+                row["err"] = max(rel_err(a, b) for a, b in zip(got, g_ref))
                 fn = lambda kern=kern: kern.backward(q, k, v, bias, idx, cnt, ridx, rcnt,
                                            o_ref, lse_ref, do, scale)
             if row["err"] < 2e-2:
@@ -180,16 +180,7 @@ def whole(rows, rule, st, gen):
     rows.append(row)
     try:
         # 2K: ours (bf16, Triton block ops + kernels) vs the fp32 torch path on the same values
-        q, k, v, w = em.prefill_inputs(2048, gen)
-        r2 = EntmaxRule(block_size=em.BLOCK, scale=8.0)
-        outs = []
-        for attention, cast in ((kern.attention, None), (None, torch.float32)):
-            a, b, c = (t.detach().to(cast or t.dtype).requires_grad_() for t in (q, k, v))
-            ww = w.detach().clone().requires_grad_()
-            out, _ = entmax_prefill(a, b, c, ww, r2, attention=attention)
-            out.float().square().mean().backward()
-            outs.append([out.detach(), a.grad, b.grad, c.grad])
-        row["check_2k_err"] = max(em.rel_err(x, y) for x, y in zip(*outs))
+        row["check_2k_err"] = em.check_prefill_2k(kern, gen)
         q, k, v, w = em.prefill_inputs(T, gen)
         do = torch.randn(q.shape, device="cuda", dtype=em.DT, generator=gen)
         # 32K: the two block levels under the same kernels, outputs and gradients
@@ -200,7 +191,7 @@ def whole(rows, rule, st, gen):
                                       block_ops=ops)
             out.backward(do)
             outs.append([out.detach(), a.grad, b.grad, c.grad])
-        row["check_32k_err"] = max(em.rel_err(x, y) for x, y in zip(*outs))
+        row["check_32k_err"] = max(rel_err(x, y) for x, y in zip(*outs))
         row["sparsity"] = em.prefill_sparsity(sel)
         if not (row["check_2k_err"] < 3e-2 and row["check_32k_err"] < 2e-2):
             row["note"] = "WRONG prefill vs torch path"
@@ -217,11 +208,11 @@ def whole(rows, rule, st, gen):
                     entmax_prefill(a, b, c, ww, rule, attention=kern.attention, block_ops=ops)
             row[f"{name}_fwd_bwd_ms"] = time_plain([fwd_bwd], warmup_ms=200, rep_ms=1000)
             row[f"{name}_fwd_ms"] = time_plain([fwd], warmup_ms=100, rep_ms=500)
-        dense_ms = dense_prefill_fwd_bwd(q, k, v, do, row, time_plain, em.note)
+        dense_ms = dense_prefill_fwd_bwd(q, k, v, do, row, time_plain)
         if dense_ms:
             row["speedup_vs_best_dense"] = dense_ms / row["ours_fwd_bwd_ms"]
     except Exception as e:  # noqa: BLE001 - recorded in the row; the table still gets written
-        em.note(row, "note", e)
+        note(row, "note", e)
     finally:
         print(row, flush=True)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import gpu_facts, save_results, time_graph, time_plain
+from bench.timing import fmt, gpu_facts, note, save_results, time_graph, time_plain
 from sparsegen.codegen.distill_kernels import (
     DistillStatic,
     TritonDistillTarget,
@@ -58,11 +57,6 @@ ROTATE = 2           # input sets per timing (a 8K set is 80 MB: more than the L
 TARGET_TOL = 2e-2    # max |kernel - reference| of target probabilities, bf16 inputs
 LOSS_TOL = 1e-3      # relative difference of the chunked and whole-sequence losses
 MB = 1e6
-
-
-def note(row, key, e):
-    row[f"{key}_note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    traceback.print_exc()
 
 
 def qk(S, gen, batch=1, scale=1.0):
@@ -121,7 +115,7 @@ def bench_target(seq_lens, gen, rows, batch=1):
                 row["kernel_graph_ms"] = time_graph([lambda a=a, b=b: kern(a, b)
                                                      for a, b in sets], rep_ms=500)
             except Exception as e:  # noqa: BLE001 - the plain timing still stands
-                note(row, "graph", e)
+                note(row, "graph_note", e)
             row["chunked_ms"] = time_plain([lambda a=a, b=b: chunked_target(kern, a, b)
                                             for a, b in sets], rep_ms=500)
             row["torch_ms"] = time_plain([lambda a=a, b=b: distill_target_reference(a, b, BS)
@@ -129,7 +123,7 @@ def bench_target(seq_lens, gen, rows, batch=1):
             row["speedup"] = row["torch_ms"] / row["kernel_ms"]
             row["kernel_TFLOPs"] = flops(batch, S, HQ, D) / row["kernel_ms"] / 1e9
         except Exception as e:  # noqa: BLE001 - one failed length must not stop the others
-            note(row, "target", e)
+            note(row, "target_note", e)
         sets = q = k = None
         torch.cuda.empty_cache()
         rows.append(row)
@@ -205,7 +199,7 @@ def bench_memory(seq_lens, gen, rows, batch=1):
                     [lambda x=x: whole_step(gate, x) for x in sets], rep_ms=300)
             sets = None
         except Exception as e:  # noqa: BLE001 - one failed length must not stop the others
-            note(row, "memory", e)
+            note(row, "memory_note", e)
         inputs = None
         gate.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
@@ -215,10 +209,6 @@ def bench_memory(seq_lens, gen, rows, batch=1):
 
 
 # --- report ----------------------------------------------------------------------------------
-def fmt(x, spec=".3f"):
-    return "-" if x is None else format(x, spec)
-
-
 def write_markdown(rows, facts, path):
     lines = [f"# Gate self-distillation on {facts['gpu']}", "",
              f"- date: {facts['date']}", f"- versions: {facts['versions']}",

@@ -24,7 +24,6 @@ import json
 import math
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -33,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.baselines import dense_prefill_fwd_bwd, fastest_cudnn_decode  # noqa: E402
-from bench.timing import gpu_facts, save_results, time_graph, time_plain  # noqa: E402
+from bench.timing import (fmt, gpu_facts, note, rel_err, save_results,  # noqa: E402
+                          time_graph, time_plain)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxPrefillTriton,  # noqa: E402
@@ -50,15 +50,6 @@ HQ, HKV, D, BLOCK = 32, 8, 128, 64
 G = HQ // HKV
 DT = torch.bfloat16
 ROTATE = 4
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
-
-
-def note(row, key, e):
-    row[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    traceback.print_exc()
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,23 +150,28 @@ def prefill_sparsity(sel) -> float:
     return 1 - sel.mask.float().sum((-1, -2)).mean().item() / causal
 
 
+def check_prefill_2k(kern, gen) -> float:
+    """Max rel err of entmax_prefill through kern (bf16) vs the torch path (dense masked
+    logits) in fp32 on the same bf16-valued inputs at 2K tokens: output and q/k/v grads."""
+    q, k, v, w = prefill_inputs(2048, gen)
+    rule = EntmaxRule(block_size=BLOCK, scale=8.0)
+    outs = []
+    for attention, cast in ((kern.attention, None), (None, torch.float32)):
+        leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in (q, k, v)]
+        out, _ = entmax_prefill(*leaves, w.detach().clone().requires_grad_(), rule,
+                                attention=attention)
+        out.float().square().mean().backward()
+        outs.append([out.detach()] + [t.grad for t in leaves])
+    return max(rel_err(a, b) for a, b in zip(*outs))
+
+
 def bench_entmax_prefill(T, target, rows, gen):
     row = {"part": "entmax_prefill", "seq_len": T, "target_sparsity": target}
     rows.append(row)
     try:
         st = EntmaxStatic(BLOCK, D, G, "bf16")
         kern = EntmaxPrefillTriton(st)
-        # check at 2K against the torch path (dense masked logits), output and gradients
-        q, k, v, w = prefill_inputs(2048, gen)
-        rule = EntmaxRule(block_size=BLOCK, scale=8.0)
-        grads = []
-        for attention, cast in ((kern.attention, None), (None, torch.float32)):
-            # the reference: the torch path in fp32 on the same (bf16-valued) inputs
-            leaves = [t.detach().to(cast or t.dtype).requires_grad_() for t in (q, k, v)]
-            out, _ = entmax_prefill(*leaves, w, rule, attention=attention)
-            out.float().square().mean().backward()
-            grads.append([out.detach()] + [t.grad for t in leaves])
-        row["check_2k_err"] = max(rel_err(a, b) for a, b in zip(*grads))
+        row["check_2k_err"] = check_prefill_2k(kern, gen)
         if not row["check_2k_err"] < 3e-2:
             row["note"] = "WRONG prefill vs torch path"
             return
@@ -207,7 +203,7 @@ def bench_entmax_prefill(T, target, rows, gen):
         row["ours_fwd_bwd_ms"] = time_plain([ours], warmup_ms=200, rep_ms=1000)
         row["ours_fwd_ms"] = time_plain([ours_fwd], warmup_ms=100, rep_ms=500)
         row["selection_fwd_ms"] = time_plain([selection_only], warmup_ms=100, rep_ms=500)
-        best = dense_prefill_fwd_bwd(q, k, v, do, row, time_plain, note)
+        best = dense_prefill_fwd_bwd(q, k, v, do, row, time_plain)
         row["speedup_vs_best_dense"] = best / row["ours_fwd_bwd_ms"]
     except Exception as e:
         note(row, "note", e)
@@ -324,10 +320,6 @@ def bench_milestone(batch, prefill, budget, mem_tokens, ctx_tokens, rows, gen):
 
 
 # ---------------------------------------------------------------------------------------
-def fmt(x, spec=".3f"):
-    return "-" if x is None else (format(x, spec) if isinstance(x, float) else str(x))
-
-
 def write_markdown(rows, facts, path):
     L = [f"# entmax and milestone rules on {facts['gpu']}", "",
          f"- date: {facts['date']}", f"- versions: {facts['versions']}",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -35,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.baselines import fastest_cudnn_decode  # noqa: E402
-from bench.timing import gpu_facts, save_results, time_graph, time_plain  # noqa: E402
+from bench.timing import (fmt, gpu_facts, note, rel_err, save_results,  # noqa: E402
+                          time_graph, time_plain)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.methods.decode_step import GateDecoder, TopkDecoder  # noqa: E402
@@ -53,15 +53,6 @@ RULES = [("gate", "gate", 64, None, None),
          ("quest-ub-per-head-b16", "topk", 16, "upper_bound", "per_head"),
          ("quest-ub-per-head-b64", "topk", 64, "upper_bound", "per_head"),
          ("nsa-mean-shared-b64", "topk", 64, "mean_pooled", "shared")]
-
-
-def rel_err(out, ref):
-    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
-
-
-def note(row, key, e):
-    row[f"{key}_note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    traceback.print_exc()
 
 
 def selection_spec(rule, bs, score, group, seq_len, sparsity):
@@ -158,7 +149,7 @@ def check_rule(name, rule, bs, score, group, layout, gen, rows):
         row["out_rel_err"] = worst
         row["ok"] = bool(row["selection_agreement"] >= 0.999 and worst < 2e-2)
     except Exception as e:  # a failure is a result, not the end of the run
-        note(row, "check", e)
+        note(row, "check_note", e)
         row["ok"] = False
     rows.append(row)
     print(json.dumps(row), flush=True)
@@ -201,14 +192,10 @@ def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, g
         row["meta_share_of_kv"] = meta / kv
         row["scoring_floor_share"] = (meta / kv) / (meta / kv + (1 - sparsity))
     except Exception as e:
-        note(row, "step", e)
+        note(row, "step_note", e)
     torch.cuda.empty_cache()
     rows.append(row)
     print(json.dumps(row), flush=True)
-
-
-def fmt(x, spec=".3f"):
-    return "-" if x is None else format(x, spec)
 
 
 def write_markdown(rows, facts, path):

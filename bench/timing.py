@@ -1,12 +1,30 @@
 """GPU timing shared by the bench scripts: medians of CUDA events, plain and graph-replayed,
-rotating over several input sets so repeated runs never measure the L2 cache."""
+rotating over several input sets so repeated runs never measure the L2 cache; the results'
+header, files, errors and failure notes."""
 from __future__ import annotations
 
 import datetime
 import platform
 import re
+import traceback
 
 import torch
+
+
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in fp32 (Frobenius norms)."""
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def fmt(x, spec=".3f") -> str:
+    """A table cell: "-" for a missing value, floats by spec, anything else as str."""
+    return "-" if x is None else (format(x, spec) if isinstance(x, float) else str(x))
+
+
+def note(row, key, e) -> None:
+    """Record exception e in row[key] (a failure is a result) and print its traceback."""
+    row[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    traceback.print_exc()
 
 
 def _rotating(fns):

@@ -124,21 +124,13 @@ def _kernel_configs(kernel, db: TuningDB, kernels_dir: Path) -> dict:
                 files[cand.key] = None
         return files[cand.key]
 
-    tuned = {}
-    for gpu, entries in _best_entries(db, identity):
-        buckets = []
-        for e in entries:
-            cand = Candidate(e["best"]["backend"], e["best"]["config"])
-            if cand.backend not in kernel.backends or kernel_file(cand) is None:
-                continue
-            buckets.append({"batch": e["shape"]["batch"], "seq_len": e["shape"]["seq_len"],
-                            "backend": cand.backend, "config": cand.config,
-                            "median_ms": e["best"]["median_ms"],
-                            "default_ms": e["default"]["median_ms"],
-                            "versions": e["versions"], "file": files[cand.key]})
-        if buckets:
-            tuned[gpu["slug"]] = {"gpu": {"name": gpu["name"], "capability": gpu["capability"]},
-                                  "buckets": buckets}
+    def bucket(e: dict) -> dict | None:
+        cand = Candidate(e["best"]["backend"], e["best"]["config"])
+        if cand.backend not in kernel.backends or kernel_file(cand) is None:
+            return None
+        return _bucket(e, backend=cand.backend, file=files[cand.key])
+
+    tuned = _tuned(db, identity, bucket)
     default = defaults[0]
     kernel_file(default)
     return {
@@ -155,18 +147,32 @@ def _rule_kernel_configs(kernel, db: TuningDB) -> dict:
     """A rule kernel's tuned configs per GPU and shape bucket (the decoder renders the kernel
     itself at run time; a config today's adapter rejects is left out)."""
     identity = kernel_identity(kernel)
+
+    def bucket(e: dict) -> dict | None:
+        ok = kernel.adapter.check_config(kernel.static, e["best"]["config"]) is None
+        return _bucket(e) if ok else None
+
+    return {"identity_key": identity_key(identity), "templates": identity["templates"],
+            "tuned": _tuned(db, identity, bucket)}
+
+
+def _tuned(db: TuningDB, identity: dict, bucket) -> dict:
+    """{gpu slug: {"gpu", "buckets"}} of the best tuned entries (_best_entries), each made a
+    bucket by `bucket(entry)` (None: left out); a GPU with no bucket left is left out."""
     tuned = {}
     for gpu, entries in _best_entries(db, identity):
-        buckets = [{"batch": e["shape"]["batch"], "seq_len": e["shape"]["seq_len"],
-                    "config": e["best"]["config"], "median_ms": e["best"]["median_ms"],
-                    "default_ms": e["default"]["median_ms"], "versions": e["versions"]}
-                   for e in entries
-                   if kernel.adapter.check_config(kernel.static, e["best"]["config"]) is None]
+        buckets = [b for b in map(bucket, entries) if b is not None]
         if buckets:
             tuned[gpu["slug"]] = {"gpu": {"name": gpu["name"], "capability": gpu["capability"]},
                                   "buckets": buckets}
-    return {"identity_key": identity_key(identity), "templates": identity["templates"],
-            "tuned": tuned}
+    return tuned
+
+
+def _bucket(e: dict, **extra) -> dict:
+    """One tuned shape bucket of a configs file: its shape, best config and timings."""
+    return {"batch": e["shape"]["batch"], "seq_len": e["shape"]["seq_len"],
+            "config": e["best"]["config"], "median_ms": e["best"]["median_ms"],
+            "default_ms": e["default"]["median_ms"], "versions": e["versions"], **extra}
 
 
 def _best_entries(db: TuningDB, identity: dict) -> list[tuple[dict, list]]:

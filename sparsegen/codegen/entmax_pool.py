@@ -17,6 +17,7 @@ from .triton_kernel import (
     TRITON_PTR,
     TritonKernel,
     check_int_config,
+    dtype_name,
     next_pow2,
     pow2,
     torch_dtype,
@@ -212,19 +213,11 @@ class _EntmaxPbar(torch.autograd.Function):
         return ds, None
 
 
-_CACHE: dict = {}
-
-
 def block_ops_for(q: torch.Tensor, num_kv_heads: int, rule) -> EntmaxPoolTriton:
     """One EntmaxPoolTriton per (rule, shape, dtype) in this process (default config)."""
-    from .triton_kernel import dtype_name
-
     static = EntmaxStatic(rule.block_size, q.shape[-1], q.shape[2] // num_kv_heads,
                           dtype_name(q.dtype), sink_blocks=rule.sink_blocks,
                           local_blocks=rule.local_blocks, alpha=rule.alpha,
                           halley_iters=rule.halley_iters, prior=rule.prior)
-    kern = _CACHE.get(static)
-    if kern is None:
-        kern = _CACHE[static] = EntmaxPoolTriton(static)
-    return kern
+    return EntmaxPoolTriton.shared(static)
 

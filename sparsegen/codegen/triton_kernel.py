@@ -33,6 +33,8 @@ def _resource_usage(cubin: bytes, name: str) -> dict:
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TRITON_PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
+_SHARED: dict = {}  # (adapter class, static, config) -> instance, see TritonKernel.shared
+
 
 def pow2(x: int) -> bool:
     return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
@@ -123,6 +125,16 @@ class TritonKernel:
         self.build_dir = build_dir
         self._path = None
         self._module = None
+
+    @classmethod
+    def shared(cls, static, config: dict | None = None):
+        """The process-wide instance for (static, config), so a runtime path renders and
+        imports its module once, not per call or per layer (config None: the default)."""
+        key = (cls, static, None if config is None else tuple(sorted(config.items())))
+        kern = _SHARED.get(key)
+        if kern is None:
+            kern = _SHARED[key] = cls(static, config)
+        return kern
 
     # --- the tuner's view (CPU only) -----------------------------------------------------
     @classmethod

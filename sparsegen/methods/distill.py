@@ -15,7 +15,6 @@ its memory, forward and backward, is linear in S for a fixed chunk (the whole ta
 """
 from __future__ import annotations
 
-
 import torch
 
 from .gate import block_logits
@@ -81,24 +80,12 @@ def distill_target(q: torch.Tensor, k: torch.Tensor, block_size: int,
                                         num_rows=num_rows)
     if impl != "triton":
         raise ValueError(f"impl {impl!r} is not auto, triton or torch")
-    from ..codegen.distill_kernels import DistillStatic
+    from ..codegen.distill_kernels import DistillStatic, TritonDistillTarget
     from ..codegen.triton_kernel import dtype_name
 
     static = DistillStatic(block_size, q.shape[-1], q.shape[2] // k.shape[2],
                            dtype_name(q.dtype))
-    return _kernel(static, config)(q, k, sm_scale, row_start, num_rows)
-
-
-_KERNELS: dict = {}
-
-
-def _kernel(static, config):
-    from ..codegen.distill_kernels import TritonDistillTarget
-
-    key = (static, tuple(sorted((config or {}).items())))
-    if key not in _KERNELS:
-        _KERNELS[key] = TritonDistillTarget(static, config)
-    return _KERNELS[key]
+    return TritonDistillTarget.shared(static, config)(q, k, sm_scale, row_start, num_rows)
 
 
 def _kl_sum(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,12 +191,10 @@ def gate_distill_loss(gate, q_nope: torch.Tensor, k_nope: torch.Tensor, q_post: 
         raise ValueError(f"q_nope {tuple(q_nope.shape)} and k_nope {tuple(k_nope.shape)} must "
                          "be [B, S, H, D]")
     B, S = q_nope.shape[:2]
-    want = {"q_nope": (B, S, gate.num_q_heads, gate.head_dim),
-            "k_nope": (B, S, gate.num_kv_heads, gate.head_dim),
-            "q_post": (B, S, gate.num_q_heads, None), "k_post": (B, S, gate.num_kv_heads, None)}
-    for name, x in (("q_nope", q_nope), ("k_nope", k_nope), ("q_post", q_post),
-                    ("k_post", k_post)):
-        w = want[name]
+    Hq, Hkv, D = gate.num_q_heads, gate.num_kv_heads, gate.head_dim
+    for name, x, w in (("q_nope", q_nope, (B, S, Hq, D)), ("k_nope", k_nope, (B, S, Hkv, D)),
+                       ("q_post", q_post, (B, S, Hq, None)),
+                       ("k_post", k_post, (B, S, Hkv, None))):  # None: any head dim
         if x.dim() != 4 or any(a is not None and a != b for a, b in zip(w, x.shape)):
             raise ValueError(f"{name} has shape {tuple(x.shape)}; the gate wants "
                              f"[{B}, {S}, {w[2]}, {w[3] or 'D'}]")
@@ -217,12 +202,10 @@ def gate_distill_loss(gate, q_nope: torch.Tensor, k_nope: torch.Tensor, q_post: 
         raise ValueError(f"q_post {tuple(q_post.shape)} and k_post {tuple(k_post.shape)} differ "
                          "in head dim")
     bs = gate.block_size
-    chunk = default_chunk_rows(B, gate.num_kv_heads, S, bs) if chunk_rows is None else chunk_rows
+    chunk = default_chunk_rows(B, Hkv, S, bs) if chunk_rows is None else chunk_rows
     if chunk < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
-    pos = torch.arange(S, device=q_nope.device).expand(B, S)
-    qg = gate.query(q_nope, pos)                    # [B, S, Hkv, dg]: linear in S
-    kg = gate.compress_blocks(k_nope)               # [B, S // bs, Hkv, dg]
+    qg, kg = gate.gate_qk(q_nope, k_nope)          # linear in S
 
     def target_rows(r0, n):
         with torch.no_grad():

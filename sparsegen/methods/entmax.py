@@ -398,11 +398,16 @@ class TorchBlockOps:
     @staticmethod
     def entmax_pbar(s: torch.Tensor, rule: EntmaxRule) -> torch.Tensor:
         """Group mean of the entmax of s [B, Hkv, G, nq, J] over the candidates."""
-        nq, J = s.shape[-2:]
-        i = torch.arange(nq, device=s.device)[:, None]
-        j = torch.arange(J, device=s.device)[None, :]
-        valid = (j >= rule.sink_blocks) & (j <= i - rule.local_blocks)  # [nq, J]
+        valid = prefill_candidates(*s.shape[-2:], rule, s.device)
         return entmax(s, valid.expand_as(s), rule.alpha, rule.halley_iters).mean(2)
+
+
+def prefill_candidates(nq: int, J: int, rule: EntmaxRule, device) -> torch.Tensor:
+    """[nq, J] bool: the key blocks query block i's entmax ranges over (j in
+    [sink, i - local])."""
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(J, device=device)[None, :]
+    return (j >= rule.sink_blocks) & (j <= i - rule.local_blocks)
 
 
 TORCH_BLOCK_OPS = TorchBlockOps()
@@ -445,9 +450,8 @@ def prefill_selection(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
     qbar = ops.pool_q(q, bs)     # [B, Hq, nq, D]
     s = torch.einsum("bhgnd,bhjd->bhgnj", qbar.reshape(B, Hkv, G, nq, D), kbar.to(qbar.dtype))
     pbar = ops.entmax_pbar(s * (rule.scale / math.sqrt(D)), rule)  # [B, Hkv, nq, J]
+    valid = prefill_candidates(nq, J, rule, q.device)  # [nq, J]
     i = torch.arange(nq, device=q.device)[:, None]
-    j = torch.arange(J, device=q.device)[None, :]
-    valid = (j >= rule.sink_blocks) & (j <= i - rule.local_blocks)  # [nq, J]
     jj = torch.arange(nq, device=q.device)[None, :]
     always = ((jj < rule.sink_blocks) | (jj > i - rule.local_blocks)) & (jj <= i)  # [nq, nk]
     chosen = valid & (pbar > 0)

@@ -152,11 +152,16 @@ class AttnGate(nn.Module):
         """Training path. q_nope [B, S, Hq, D], k_nope [B, S, Hkv, D] (pre-RoPE) -> logits
         [B, Hkv, S, NB] (NB = ceil(S / bs)), -inf where block j is not strictly before the
         query's block (a row in block 0 is all -inf)."""
-        B, S = q_nope.shape[:2]
-        pos = torch.arange(S, device=q_nope.device)
-        qg = self.query(q_nope, pos.expand(B, S))                 # [B, S, Hkv, dg]
-        kg = self.compress_blocks(k_nope)                          # [B, NBf, Hkv, dg]
+        qg, kg = self.gate_qk(q_nope, k_nope)
+        S = q_nope.shape[1]
         return block_logits(qg, kg, 0, self.block_size, -(-S // self.block_size))
+
+    def gate_qk(self, q_nope: torch.Tensor, k_nope: torch.Tensor):
+        """The gate queries of every row [B, S, Hkv, dg] and gate keys of the full blocks
+        [B, S // bs, Hkv, dg] (linear in S; the logits are block_logits of them)."""
+        B, S = q_nope.shape[:2]
+        pos = torch.arange(S, device=q_nope.device).expand(B, S)
+        return self.query(q_nope, pos), self.compress_blocks(k_nope)
 
 
 def block_logits(qg: torch.Tensor, kg: torch.Tensor, row_start: int, block_size: int,

@@ -16,9 +16,6 @@ import math
 import torch
 
 
-_APPEND_KERNELS: dict = {}  # AppendStatic -> TritonKVAppend, shared by every cache
-
-
 class CacheFullError(RuntimeError):
     """The cache has no room for the tokens being appended."""
 
@@ -31,6 +28,7 @@ class KVCache:
         self.layout, self.page_size, self.capacity = layout, page_size, capacity
         self.lengths = [0] * batch  # host mirror of seq_lens
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self._appenders: dict = {}  # new k/v dtype -> TritonKVAppend (see _append_kernel)
         if layout == "contiguous":
             self.k = torch.zeros(batch, capacity, kv_heads, head_dim, dtype=dtype, device=device)
             self.v = torch.zeros_like(self.k)
@@ -143,14 +141,17 @@ class KVCache:
         self.seq_lens += 1
 
     def _append_kernel(self, new_dtype):
-        from ..codegen.kv_append import AppendStatic, TritonKVAppend
-        from ..codegen.triton_kernel import dtype_name
+        """The fused append kernel for new k/v of new_dtype: one per static, shared by every
+        cache, and looked up once per cache (append runs every decode step of every layer)."""
+        kern = self._appenders.get(new_dtype)
+        if kern is None:
+            from ..codegen.kv_append import AppendStatic, TritonKVAppend
+            from ..codegen.triton_kernel import dtype_name
 
-        static = AppendStatic(self.head_dim, self.kv_heads, dtype_name(self.k.dtype),
-                              dtype_name(new_dtype), self.layout, self.page_size)
-        if static not in _APPEND_KERNELS:
-            _APPEND_KERNELS[static] = TritonKVAppend(static)
-        return _APPEND_KERNELS[static]
+            static = AppendStatic(self.head_dim, self.kv_heads, dtype_name(self.k.dtype),
+                                  dtype_name(new_dtype), self.layout, self.page_size)
+            kern = self._appenders[new_dtype] = TritonKVAppend.shared(static)
+        return kern
 
     # --- reads -------------------------------------------------------------------------
     def tokens(self, b: int, start: int = 0, stop: int | None = None):

@@ -96,16 +96,6 @@ def page_minmax(k: torch.Tensor, n: int, page_size: int):
     return (lo.view(pages, page_size, H, D).amin(1), hi.view(pages, page_size, H, D).amax(1))
 
 
-class _PageBounds:
-    """kmin / kmax [pages, Hkv, D] seen as Quest metadata with one block per page."""
-
-    def __init__(self, kmin, kmax):
-        self.kmin, self.kmax = kmin, kmax
-
-    def tensors(self):
-        return self.kmin.unsqueeze(1), self.kmax.unsqueeze(1)
-
-
 def torch_page_scores(q, kmin, kmax, slot_phys, sm_scale=None):
     """Page scores of the live decode slots: mean over query heads of the per-head softmax
     (over live slots) of the Quest bound. q [B, Hq, D]; kmin/kmax [pages, Hkv, D];
@@ -328,8 +318,9 @@ class MilestoneDecoder:
                 self._blocks[bi] = buf[o: o + n * W].view(n, W).to(torch.int32)
         kn = k_new.to(self.kmin.dtype)
         if self.fast:  # one launch; it finds the page and whether it is fresh on the device
-            self._minmax_kernel(cache)(_PageBounds(self.kmin, self.kmax), cache,
-                                       kn.contiguous())
+            # kmin / kmax [pages, Hkv, D] as Quest metadata with one block per page
+            bounds = {"kmin": self.kmin.unsqueeze(1), "kmax": self.kmax.unsqueeze(1)}
+            self._minmax_kernel(cache)(bounds, cache, kn.contiguous())
             return pages
         fresh = (fresh != 0)[:, None, None]
         self.kmin[pages] = torch.where(fresh, kn, torch.minimum(self.kmin[pages], kn))
