@@ -183,3 +183,17 @@ def test_db_commands(tmp_path, identity):
     r = _cli("db", "list", "--db", str(tmp_path))
     assert r.returncode == 2 and "is not valid JSON" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_committed_winners_match_todays_kernels():
+    """Every entry in the repository's tuning_db/ was tuned with today's templates and
+    adapter modules: an edit of a tuned kernel's template or adapter module (which makes
+    its winners stale and unused) must come with a re-tune or a `db prune --stale`."""
+    from pathlib import Path
+
+    from sparsegen.tune.db import templates_current
+
+    root = Path(__file__).resolve().parents[1] / "tuning_db"
+    stale = [path.name for path, data in TuningDB(root).load_all()
+             if not templates_current(data["kernel"]["templates"])]
+    assert not stale, f"stale tuning_db files (re-tune or prune them): {stale}"
