@@ -108,7 +108,6 @@ def main():
     ap.add_argument("--only", default="", help="run the shapes whose name contains this")
     args = ap.parse_args()
     facts = gpu_facts()
-    facts["command"] = "python " + " ".join(sys.argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for shape in SHAPES:

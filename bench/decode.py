@@ -311,7 +311,6 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench/decode.py needs a CUDA GPU")
     facts = gpu_facts()
-    facts["command"] = "python " + " ".join(sys.argv)
     facts["copy_TBps"] = copy_bandwidth()
     print(json.dumps(facts), flush=True)
     if not args.no_flex:

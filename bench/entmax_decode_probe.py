@@ -28,7 +28,6 @@ from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa:
 
 def main():
     facts = gpu_facts()
-    facts["command"] = "python " + " ".join(sys.argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     B, n = 8, 131072
     k, v, seq, summ, qs, c = em.entmax_decode_state(B, n, 0.9, gen)

@@ -7,11 +7,13 @@
    sorted lists through mask_to_indices) against the Triton block ops (EntmaxPoolTriton,
    sort-free lists), after checking they give the same mask and close bias / gradients;
    the block ops' config variants;
-2. the token-level kernels' tile configs (forward, backward) on one selection, checked
-   against the default config's outputs;
-3. the whole entmax_prefill forward + backward (Triton block ops + kernels; and with the
-   torch block level) against dense SDPA flash / cuDNN forward + backward, outputs and
-   gradients checked first (2K against the fp32 torch path; 32K between the block levels).
+2. the three token-level kernels (forward; dq, which also forms DELTA; dk/dv), each timed
+   alone over tile / head-pack / warp / stage variants on one selection, checked against
+   the default config's outputs; the fastest of each part make the "best" config;
+3. the whole entmax_prefill forward + backward (Triton block ops + kernels, at the default
+   and the best config; and with the torch block level) against dense SDPA flash / cuDNN
+   forward + backward, outputs and gradients checked first (2K against the fp32 torch path;
+   32K between the block levels).
 Medians of plain calls (autograd in the loop: no CUDA graphs), fresh random inputs.
 Writes bench/results/<GPU>-entmax-prefill-probe.{md,json}.
 """
@@ -36,15 +38,26 @@ from sparsegen.methods.selection import mask_to_indices
 
 T = 32768
 SCALE = 52.0   # ~75 % of the causal blocks skipped at 32K (the bench's bisection: 51.9)
-# idx_ptx 1: block indices read by inline PTX, hidden from the pipeliner (issue 6); rows
-# with it: the default tiles, the second-best tiles, and both at the other stage count
-BWD = [  # (dq_m, dq_n, kv_m, kv_n, bwd_warps, bwd_stages, idx_ptx)
-    (64, 64, 64, 64, 4, 2, 0), (64, 32, 32, 64, 4, 3, 0), (64, 64, 64, 64, 4, 3, 0),
-    (64, 64, 64, 64, 8, 2, 0), (32, 32, 32, 32, 4, 2, 0),
-    (64, 64, 64, 64, 4, 2, 1), (64, 32, 32, 64, 4, 3, 1), (64, 64, 64, 64, 4, 3, 1),
-    (64, 32, 32, 64, 4, 2, 1)]
-FWD = [(64, 64, 4, 3, 0), (64, 64, 8, 2, 0), (64, 32, 4, 3, 0), (128, 64, 8, 3, 0),
-       (64, 64, 4, 3, 1), (64, 32, 4, 3, 1)]  # block_m, block_n, warps, stages, idx_ptx
+# token-level variants, each part timed alone; pack = query heads stacked in a tile (the GQA
+# group shares the selection: one K/V tile serves them all), so rows = tokens * pack
+FWD = [(64, 64, 1, 4, 3), (64, 64, 4, 8, 3), (64, 64, 4, 8, 2), (64, 64, 2, 8, 3),
+       (32, 64, 4, 8, 3), (64, 64, 4, 8, 4), (64, 32, 4, 8, 3)]
+#                                              block_m, block_n, pack, warps, stages
+DQ = [(64, 64, 1, 4, 2), (32, 64, 4, 8, 3), (64, 64, 2, 8, 3), (64, 64, 2, 8, 4),
+      (32, 64, 4, 8, 4)]                       # dq_m, dq_n, dq_pack, bwd_warps, bwd_stages
+# kv_qrows 1: the dk/dv matmuls take the query columns as M (dk^T, dv^T accumulated)
+KV = [(64, 64, 1, 4, 2, 0), (64, 64, 1, 4, 2, 1), (32, 64, 4, 8, 2, 1), (64, 64, 4, 8, 1, 1),
+      (32, 64, 2, 4, 2, 1), (16, 64, 4, 4, 2, 1), (64, 64, 2, 8, 2, 1), (16, 64, 4, 4, 3, 1),
+      (64, 64, 1, 4, 3, 1), (32, 64, 2, 4, 3, 1)]
+#                                    kv_m, kv_n, kv_pack, kv_warps, kv_stages, kv_qrows
+PART_KEYS = {"fwd": ("block_m", "block_n", "pack", "num_warps", "num_stages"),
+             "dq": ("dq_m", "dq_n", "dq_pack", "bwd_warps", "bwd_stages"),
+             "kv": ("kv_m", "kv_n", "kv_pack", "kv_warps", "kv_stages", "kv_qrows")}
+# the kernels' first defaults: one query head per tile, 4 warps, dk/dv over key rows
+ONE_HEAD = {"block_m": 64, "block_n": 64, "pack": 1, "num_warps": 4, "num_stages": 3,
+            "dq_m": 64, "dq_n": 64, "dq_pack": 1, "bwd_warps": 4, "bwd_stages": 2,
+            "kv_m": 64, "kv_n": 64, "kv_pack": 1, "kv_warps": 4, "kv_stages": 2, "kv_qrows": 0,
+            "idx_ptx": 1}
 POOL = [(512, 4, 8), (256, 4, 8), (1024, 8, 8), (512, 4, 4), (512, 8, 8)]  # chunk, warps, pool
 
 
@@ -134,7 +147,9 @@ def block_level(rows, q, k, w, rule, st, gen):
     return sn
 
 
-def kernel_configs(rows, q, k, v, sel, st, gen):
+def kernel_configs(rows, q, k, v, sel, st, gen) -> dict:
+    """Time each token-level kernel alone over its variants; returns the default config
+    with each part's fastest correct variant."""
     idx, cnt, ridx, rcnt = sel.lists()
     bias = sel.bias.detach().float().contiguous()
     do = torch.randn(q.shape, device="cuda", dtype=em.DT, generator=gen)
@@ -142,41 +157,46 @@ def kernel_configs(rows, q, k, v, sel, st, gen):
     base_cfg = EntmaxPrefillTriton.default_config(st)
     base = EntmaxPrefillTriton(st)
     o_ref, lse_ref = base.forward(q, k, v, bias, idx, cnt, scale)
-    g_ref = base.backward(q, k, v, bias, idx, cnt, ridx, rcnt, o_ref, lse_ref, do, scale)
-    configs = [("bwd", {**base_cfg, "dq_m": a, "dq_n": b, "kv_m": c, "kv_n": d,
-                        "bwd_warps": wp, "bwd_stages": sg, "idx_ptx": x})
-               for a, b, c, d, wp, sg, x in BWD]
-    configs += [("fwd", {**base_cfg, "block_m": a, "block_n": b, "num_warps": wp,
-                         "num_stages": sg, "idx_ptx": x}) for a, b, wp, sg, x in FWD]
-    for part, cfg in configs:
-        row = {"part": part, "config": cfg}
-        try:
-            bad = EntmaxPrefillTriton.check_config(st, cfg)
-            if bad:
-                raise ValueError(bad)
-            kern = EntmaxPrefillTriton(st, cfg)
-            if part == "fwd":
-                o, _ = kern.forward(q, k, v, bias, idx, cnt, scale)
-                row["err"] = rel_err(o, o_ref)
-                fn = lambda kern=kern: kern.forward(q, k, v, bias, idx, cnt, scale)
-            else:
-                got = kern.backward(q, k, v, bias, idx, cnt, ridx, rcnt, o_ref, lse_ref, do,
-                                    scale)
-                row["err"] = max(rel_err(a, b) for a, b in zip(got, g_ref))
-                fn = lambda kern=kern: kern.backward(q, k, v, bias, idx, cnt, ridx, rcnt,
-                                           o_ref, lse_ref, do, scale)
-            if row["err"] < 2e-2:
-                row["ms"] = time_plain([fn], warmup_ms=100, rep_ms=600)
-        except Exception as e:  # noqa: BLE001 - a config that fails to compile or run is a result
-            row["note"] = f"{type(e).__name__}: {str(e)[:160]}"
-        print(row, flush=True)
-        rows.append(row)
+    dq_ref = base.backward_dq(q, k, v, bias, idx, cnt, o_ref, lse_ref, do, scale)
+    kv_ref = base.backward_dkdv(q, k, v, bias, ridx, rcnt, do, lse_ref, dq_ref[2], scale)
+    calls = {  # part -> (run(kern), reference outputs)
+        "fwd": (lambda kern: kern.forward(q, k, v, bias, idx, cnt, scale), (o_ref, lse_ref)),
+        "dq": (lambda kern: kern.backward_dq(q, k, v, bias, idx, cnt, o_ref, lse_ref, do,
+                                             scale), dq_ref),
+        "kv": (lambda kern: kern.backward_dkdv(q, k, v, bias, ridx, rcnt, do, lse_ref,
+                                               dq_ref[2], scale), kv_ref)}
+    best = {}
+    for part, variants in (("fwd", FWD), ("dq", DQ), ("kv", KV)):
+        run, ref = calls[part]
+        for values in variants:
+            cfg = {**base_cfg, **dict(zip(PART_KEYS[part], values))}
+            row = {"part": part, "config": cfg}
+            try:
+                bad = EntmaxPrefillTriton.check_config(st, cfg)
+                if bad:
+                    raise ValueError(bad)
+                kern = EntmaxPrefillTriton(st, cfg)
+                row["err"] = max(rel_err(a, b) for a, b in zip(run(kern), ref))
+                if row["err"] < 2e-2:
+                    row["ms"] = time_plain([lambda kern=kern: run(kern)], warmup_ms=100,
+                                           rep_ms=600)
+                    if row["ms"] < best.get(part, (math.inf,))[0]:
+                        best[part] = (row["ms"], values)
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile or run is a result
+                row["note"] = f"{type(e).__name__}: {str(e)[:160]}"
+            print(row, flush=True)
+            rows.append(row)
+    out = dict(base_cfg)
+    for part, (_, values) in best.items():
+        out.update(zip(PART_KEYS[part], values))
+    return out
 
 
-def whole(rows, rule, st, gen):
+def whole(rows, rule, st, gen, config=None, label="default", dense=True):
     """entmax_prefill fwd + bwd (Triton block ops, torch block level) vs dense SDPA."""
-    kern = EntmaxPrefillTriton(st)
-    row = {"part": "whole", "seq_len": T, "scale": rule.scale}
+    kern = EntmaxPrefillTriton(st, config)
+    row = {"part": "whole", "label": label, "config": kern.config, "seq_len": T,
+           "scale": rule.scale}
     rows.append(row)
     try:
         # 2K: ours (bf16, Triton block ops + kernels) vs the fp32 torch path on the same values
@@ -197,7 +217,7 @@ def whole(rows, rule, st, gen):
             row["note"] = "WRONG prefill vs torch path"
             return
         a, b, c, ww = leaves(q, k, v, w)
-        for name, ops in (("ours", "auto"), ("torch_block", None)):
+        for name, ops in (("ours", "auto"), ("torch_block", None))[:2 if dense else 1]:
             def fwd_bwd(ops=ops):
                 out, _ = entmax_prefill(a, b, c, ww, rule, attention=kern.attention,
                                         block_ops=ops)
@@ -208,13 +228,35 @@ def whole(rows, rule, st, gen):
                     entmax_prefill(a, b, c, ww, rule, attention=kern.attention, block_ops=ops)
             row[f"{name}_fwd_bwd_ms"] = time_plain([fwd_bwd], warmup_ms=200, rep_ms=1000)
             row[f"{name}_fwd_ms"] = time_plain([fwd], warmup_ms=100, rep_ms=500)
-        dense_ms = dense_prefill_fwd_bwd(q, k, v, do, row, time_plain)
+        dense_ms = dense_prefill_fwd_bwd(q, k, v, do, row, time_plain) if dense else None
         if dense_ms:
             row["speedup_vs_best_dense"] = dense_ms / row["ours_fwd_bwd_ms"]
+        return dense_ms
     except Exception as e:  # noqa: BLE001 - recorded in the row; the table still gets written
         note(row, "note", e)
     finally:
         print(row, flush=True)
+
+
+def profile(rule, st, config, path):
+    """One entmax_prefill forward + backward under torch.profiler: GPU time per kernel."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    kern = EntmaxPrefillTriton(st, config)
+    q, k, v, w = leaves(*em.prefill_inputs(T, gen))
+    do = torch.randn(q.shape, device="cuda", dtype=em.DT, generator=gen)
+
+    def step():
+        out, _ = entmax_prefill(q, k, v, w, rule, attention=kern.attention)
+        out.backward(do)
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    Path(path).write_text(f"# entmax_prefill fwd + bwd at {T} tokens, config {kern.config}\n\n"
+                          f"```\n{table}\n```\n")
+    print(table, flush=True)
 
 
 def fmt(x, spec=".2f"):
@@ -245,50 +287,65 @@ def write_md(path, rows, facts, base_cfg):
             L.append(f"| {c['chunk']}, {c['num_warps']}, {c['pool_warps']} | "
                      f"{fmt(r.get('ms'), '.3f')} | {fmt(r.get('err'), '.1e')} | "
                      f"{r.get('note', '')} |")
-    L += ["", "## token-level kernels (one selection, no autograd)", "",
-          "| part | tiles | warps / stages | idx_ptx | ms | rel err vs default | note |",
-          "|---|---|---|---|---|---|---|"]
+    L += ["", "## token-level kernels, each timed alone (one selection, no autograd)", "",
+          "pack = query heads stacked in one tile (rows = tokens x pack); the dq kernel also",
+          "forms DELTA = rowsum(o * do).", "",
+          "| part | tokens x keys | pack | warps / stages | kv_qrows | ms | rel err vs default | note |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["part"] not in ("fwd", "bwd"):
+        if r["part"] not in PART_KEYS:
             continue
-        c = r["config"]
-        if r["part"] == "fwd":
-            tiles, ws = f"m {c['block_m']} n {c['block_n']}", f"{c['num_warps']} / {c['num_stages']}"
-        else:
-            tiles = f"dq {c['dq_m']}x{c['dq_n']}, kv {c['kv_m']}x{c['kv_n']}"
-            ws = f"{c['bwd_warps']} / {c['bwd_stages']}"
-        L.append(f"| {r['part']} | {tiles} | {ws} | {c.get('idx_ptx', 0)} | {fmt(r.get('ms'))} | "
-                 f"{fmt(r.get('err'), '.1e')} | {r.get('note', '')} |")
-    for r in rows:
-        if r["part"] == "whole":
-            L += ["", "## entmax_prefill forward + backward vs dense SDPA (causal)", "",
-                  (f"- checks: 2K vs fp32 torch path {fmt(r.get('check_2k_err'), '.1e')}, 32K "
-                  f"Triton vs torch block level {fmt(r.get('check_32k_err'), '.1e')}; sparsity "
-                  f"{fmt(r.get('sparsity'), '.3f')} {r.get('note', '')}"), "",
-                  "| what | fwd ms | fwd+bwd ms |", "|---|---|---|",
-                  (f"| ours (Triton block ops) | {fmt(r.get('ours_fwd_ms'))} | "
-                  f"{fmt(r.get('ours_fwd_bwd_ms'))} |"),
-                  (f"| ours with the torch block level | {fmt(r.get('torch_block_fwd_ms'))} | "
-                  f"{fmt(r.get('torch_block_fwd_bwd_ms'))} |"),
-                  f"| dense flash | - | {fmt(r.get('flash_fwd_bwd_ms'))} |",
-                  f"| dense cuDNN | - | {fmt(r.get('cudnn_fwd_bwd_ms'))} |", "",
-                  f"speedup vs best dense: {fmt(r.get('speedup_vs_best_dense'))}x (target >= 2)"]
+        m, n, pack, warps, stages = (r["config"][key] for key in PART_KEYS[r["part"]][:5])
+        qrows = r["config"]["kv_qrows"] if r["part"] == "kv" else "-"
+        L.append(f"| {r['part']} | {m} x {n} | {pack} | {warps} / {stages} | {qrows} | "
+                 f"{fmt(r.get('ms'))} | {fmt(r.get('err'), '.1e')} | {r.get('note', '')} |")
+    wholes = [r for r in rows if r["part"] == "whole"]
+    if wholes:
+        r0 = wholes[0]
+        L += ["", "## entmax_prefill forward + backward vs dense SDPA (causal)", ""]
+        for r in wholes:
+            L.append(f"- {r['label']} config {r['config']}: checks 2K vs fp32 torch path "
+                     f"{fmt(r.get('check_2k_err'), '.1e')}, 32K Triton vs torch block level "
+                     f"{fmt(r.get('check_32k_err'), '.1e')}; sparsity "
+                     f"{fmt(r.get('sparsity'), '.3f')} {r.get('note', '')}")
+        L += ["", "| what | fwd ms | fwd+bwd ms | speedup vs best dense (>= 2) |",
+              "|---|---|---|---|"]
+        for r in wholes:
+            L.append(f"| ours (Triton block ops), {r['label']} config | "
+                     f"{fmt(r.get('ours_fwd_ms'))} | {fmt(r.get('ours_fwd_bwd_ms'))} | "
+                     f"{fmt(r.get('speedup_vs_best_dense'))} |")
+        L += [f"| ours with the torch block level, {r0['label']} config | "
+              f"{fmt(r0.get('torch_block_fwd_ms'))} | {fmt(r0.get('torch_block_fwd_bwd_ms'))} | |",
+              f"| dense flash | - | {fmt(r0.get('flash_fwd_bwd_ms'))} | |",
+              f"| dense cuDNN | - | {fmt(r0.get('cudnn_fwd_bwd_ms'))} | |"]
     Path(path).write_text("\n".join(L) + "\n")
 
 
 def main():
+    if "--profile" in sys.argv:   # diagnosis only: the default config's kernels, one call
+        st = EntmaxStatic(em.BLOCK, em.D, em.G, "bf16")
+        facts = gpu_facts()
+        profile(EntmaxRule(block_size=em.BLOCK, scale=SCALE), st, None,
+                ROOT / "bench" / "results" / f"{facts['gpu_slug']}-entmax-prefill-profile.md")
+        return
     facts = gpu_facts()
-    facts["command"] = "python " + " ".join(sys.argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     st = EntmaxStatic(em.BLOCK, em.D, em.G, "bf16")
     rule = EntmaxRule(block_size=em.BLOCK, scale=SCALE)
     rows = []
     q, k, v, w = (t.detach() for t in em.prefill_inputs(T, gen))
     sel = block_level(rows, q, k, w, rule, st, gen)
-    kernel_configs(rows, q, k, v, sel, st, gen)
+    best = kernel_configs(rows, q, k, v, sel, st, gen)
     del q, k, v, w, sel
     torch.cuda.empty_cache()
-    whole(rows, rule, st, gen)
+    dense_ms = whole(rows, rule, st, gen)
+    others = [(ONE_HEAD, "one head per tile, key rows (the first kernels)")]
+    if best != EntmaxPrefillTriton.default_config(st):
+        others.append((best, "best of the sweep"))
+    for config, label in others:
+        whole(rows, rule, st, gen, config, label, dense=False)
+        if dense_ms and rows[-1].get("ours_fwd_bwd_ms"):
+            rows[-1]["speedup_vs_best_dense"] = dense_ms / rows[-1]["ours_fwd_bwd_ms"]
     stem = ROOT / "bench" / "results" / f"{facts['gpu_slug']}-entmax-prefill-probe"
     save_results(stem, facts, rows,
                  lambda p: write_md(p, rows, facts, EntmaxPrefillTriton.default_config(st)))

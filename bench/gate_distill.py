@@ -279,7 +279,6 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench/gate_distill.py needs a CUDA GPU")
     facts = gpu_facts()
-    facts["command"] = "python " + " ".join(sys.argv)
     print(json.dumps(facts), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -50,6 +51,8 @@ HQ, HKV, D, BLOCK = 32, 8, 128, 64
 G = HQ // HKV
 DT = torch.bfloat16
 ROTATE = 4
+ENTMAX_STATIC = EntmaxStatic(BLOCK, D, G, "bf16")
+MILESTONE_PAGE = 16
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,15 +87,26 @@ def entmax_decode_state(batch, seq_len, target, gen):
     return k, v, seq, summ, qs, c
 
 
+def entmax_decode_kernels(c):
+    """The Triton tau solve at scale c and the decode kernel with the prior: (tau, att)."""
+    return EntmaxTauTriton(ENTMAX_STATIC, scale=c), EntmaxDecodeTriton(ENTMAX_STATIC)
+
+
+def entmax_decode_step(tau, att, k, v, seq, summ, lengths):
+    """One entmax decode step (tau solve, then attention with the prior) as a function of q."""
+    def step(q):
+        s = tau(q, summ, seq, lengths)
+        return att(q, k, v, s.indices, s.counts, seq, block_bias=s.bias)
+    return step
+
+
 def bench_entmax_decode(batch, seq_len, target, rows, gen):
     row = {"part": "entmax_decode", "batch": batch, "seq_len": seq_len, "target_sparsity": target}
     rows.append(row)
     try:
         k, v, seq, summ, qs, c = entmax_decode_state(batch, seq_len, target, gen)
         rule = EntmaxRule(block_size=BLOCK, scale=c)
-        st = EntmaxStatic(BLOCK, D, G, "bf16")
-        tau = EntmaxTauTriton(st, scale=c)
-        att = EntmaxDecodeTriton(st)
+        tau, att = entmax_decode_kernels(c)
         lengths = [seq_len] * batch
         nb = math.ceil(seq_len / BLOCK)
         # check: the kernels' selection vs torch's, and attention vs the fp32 reference
@@ -112,9 +126,7 @@ def bench_entmax_decode(batch, seq_len, target, rows, gen):
             row["note"] = "WRONG attention output"
             return
 
-        def step(q):
-            s = tau(q, summ, seq, lengths)
-            return att(q, k, v, s.indices, s.counts, seq, block_bias=s.bias)
+        step = entmax_decode_step(tau, att, k, v, seq, summ, lengths)
         steps = [lambda q=q: step(q) for q in qs]
         solves = [lambda q=q: tau(q, summ, seq, lengths) for q in qs]
         row["step_ms"] = time_plain(steps)
@@ -144,6 +156,14 @@ def prefill_inputs(T, gen, batch=1):
     return [t.requires_grad_() for t in (q, k, v, w)]
 
 
+def prefill_fwd_bwd(kern, q, k, v, w, rule, do):
+    """entmax_prefill through kern, forward and backward of `do`, as a function of nothing."""
+    def run():
+        out, _ = entmax_prefill(q, k, v, w, rule, attention=kern.attention)
+        out.backward(do)
+    return run
+
+
 def prefill_sparsity(sel) -> float:
     nq = sel.mask.shape[-1]
     causal = nq * (nq + 1) / 2
@@ -169,8 +189,7 @@ def bench_entmax_prefill(T, target, rows, gen):
     row = {"part": "entmax_prefill", "seq_len": T, "target_sparsity": target}
     rows.append(row)
     try:
-        st = EntmaxStatic(BLOCK, D, G, "bf16")
-        kern = EntmaxPrefillTriton(st)
+        kern = EntmaxPrefillTriton(ENTMAX_STATIC)
         row["check_2k_err"] = check_prefill_2k(kern, gen)
         if not row["check_2k_err"] < 3e-2:
             row["note"] = "WRONG prefill vs torch path"
@@ -188,10 +207,7 @@ def bench_entmax_prefill(T, target, rows, gen):
             sel = prefill_selection(q, k, w, rule, block_ops="auto")
         row["scale"], row["sparsity"] = rule.scale, prefill_sparsity(sel)
         do = torch.randn(q.shape, device="cuda", dtype=DT, generator=gen)
-
-        def ours():
-            out, _ = entmax_prefill(q, k, v, w, rule, attention=kern.attention)
-            out.backward(do)
+        ours = prefill_fwd_bwd(kern, q, k, v, w, rule, do)
 
         def ours_fwd():
             with torch.no_grad():
@@ -215,6 +231,37 @@ def bench_entmax_prefill(T, target, rows, gen):
 # ---------------------------------------------------------------------------------------
 # milestone: memory over a long decode, then the step at 64K of context
 # ---------------------------------------------------------------------------------------
+def milestone_state(batch, prefill, budget, capacity, gen):
+    """A paged cache whose page pool is the whole memory (the prefill's pages plus the budget's
+    per sequence) and a milestone decoder (Triton scorer) that has prefilled `prefill` random
+    tokens: (cache, dec)."""
+    P = MILESTONE_PAGE
+    rule = MilestoneRule(page_size=P, block_size=P, budget_tokens=budget, refresh_fraction=0.5)
+    pool = batch * (math.ceil(prefill / P) + rule.budget_pages)
+    cache = KVCache(batch, HKV, D, capacity, dtype=DT, device="cuda", layout="paged",
+                    page_size=P, num_pages=pool)
+    dec = MilestoneDecoder(rule, HQ, HKV, D,
+                           scorer=MilestoneScoreTriton(MilestoneStatic(D, G, "bf16")))
+    k = torch.randn(batch, prefill, HKV, D, device="cuda", dtype=DT, generator=gen)
+    dec.prefill(cache, k, torch.randn_like(k))
+    return cache, dec
+
+
+def milestone_device_step(dec, cache, attend):
+    """The device part of a milestone step (refresh, select, attend) as a function of q."""
+    def step(q):
+        dec._refresh(q, cache)
+        i, c = dec.select(q, cache)
+        return attend(q, cache.k, cache.v, i, c, cache.seq_lens, block_table=cache.block_table)
+    return step
+
+
+def paged_triton_attention(page_size):
+    """The Triton decode kernel's default config over a paged cache of page_size pages."""
+    st = DecodeStatic(page_size, D, G, "bf16", "paged", page_size)
+    return decode_backend("triton")(st)
+
+
 def milestone_attention(page_size):
     """The attention the emitted raas-milestone module runs (its nearest tuned bucket on
     this GPU, from tuning_db/) when the example spec matches the bench's shape, else the
@@ -229,8 +276,7 @@ def milestone_attention(page_size):
     m = spec.model
     if (m.num_q_heads, m.num_kv_heads, m.head_dim, m.dtype, spec.cache.page_size) != (
             HQ, HKV, D, "bf16", page_size):
-        st = DecodeStatic(page_size, D, G, "bf16", "paged", page_size)
-        return decode_backend("triton")(st), "triton default"
+        return paged_triton_attention(page_size), "triton default"
     pkg = build_package(make_plan(spec), Path(tempfile.mkdtemp(prefix="sg-bench-")))
     module = load_package(pkg).SparseDecodeAttention()
 
@@ -245,17 +291,9 @@ def bench_milestone(batch, prefill, budget, mem_tokens, ctx_tokens, rows, gen):
            "memory_decode_tokens": mem_tokens, "context": ctx_tokens}
     rows.append(row)
     try:
-        P = 16
-        rule = MilestoneRule(page_size=P, block_size=P, budget_tokens=budget,
-                             refresh_fraction=0.5)
-        pool = batch * (math.ceil(prefill / P) + rule.budget_pages)  # the whole memory
-        cache = KVCache(batch, HKV, D, ctx_tokens + 8192, dtype=DT, device="cuda", layout="paged",
-                        page_size=P, num_pages=pool)
+        P = MILESTONE_PAGE
+        cache, dec = milestone_state(batch, prefill, budget, ctx_tokens + 8192, gen)
         attend, row["attention"] = milestone_attention(P)
-        dec = MilestoneDecoder(rule, HQ, HKV, D,
-                               scorer=MilestoneScoreTriton(MilestoneStatic(D, G, "bf16")))
-        k = torch.randn(batch, prefill, HKV, D, device="cuda", dtype=DT, generator=gen)
-        dec.prefill(cache, k, torch.randn_like(k))
         page_bytes = P * HKV * D * 2 * 2
         trace, t0 = [], time.time()
         n_steps = ctx_tokens - prefill
@@ -275,7 +313,7 @@ def bench_milestone(batch, prefill, budget, mem_tokens, ctx_tokens, rows, gen):
         row["memory_trace"] = trace
         late = [t["pages_in_use"] for t in trace if t["decoded"] >= budget + P]
         row["pages_in_use_spread"] = (max(late) - min(late)) if late else None
-        row["pages_bound"] = pool
+        row["pages_bound"] = cache.k.shape[0]  # the page pool
         row["allocated_MB_spread"] = (max(t["allocated_MB"] for t in trace)
                                       - min(t["allocated_MB"] for t in trace)) if trace else None
         # check the last step's output against the reference on the same selection
@@ -287,13 +325,8 @@ def bench_milestone(batch, prefill, budget, mem_tokens, ctx_tokens, rows, gen):
         # the step at ctx_tokens of context: device part (graph) and the whole step (plain)
         qs = [torch.randn(batch, HQ, D, device="cuda", dtype=DT, generator=gen)
               for _ in range(ROTATE)]
-
-        def device_step(q):
-            dec._refresh(q, cache)
-            i, c = dec.select(q, cache)
-            return attend(q, cache.k, cache.v, i, c, cache.seq_lens,
-                          block_table=cache.block_table)
-        calls = [lambda q=q: device_step(q) for q in qs]
+        device_step = milestone_device_step(dec, cache, attend)
+        calls = [functools.partial(device_step, q) for q in qs]
         row["device_step_ms"] = time_plain(calls)
         row["device_step_graph_ms"] = time_graph(calls)
         kv = torch.randn(2, batch, HKV, D, device="cuda", dtype=DT, generator=gen)
@@ -303,7 +336,7 @@ def bench_milestone(batch, prefill, budget, mem_tokens, ctx_tokens, rows, gen):
         row["full_step_ms"] = time_plain(
             [lambda q=q: dec.step(q, kv[0], kv[1], cache, attend=attend) for q in qs],
             warmup_ms=20, rep_ms=200)
-        del cache
+        del cache, device_step, calls  # free the paged pool before the dense cache
         torch.cuda.empty_cache()
         kd = torch.randn(batch, ctx_tokens, HKV, D, device="cuda", dtype=DT, generator=gen)
         vd = torch.randn_like(kd)
@@ -388,7 +421,6 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench/methods_entmax_milestone.py needs a CUDA GPU")
     facts = gpu_facts()
-    facts["command"] = "python " + " ".join(sys.argv)
     print(json.dumps(facts), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []

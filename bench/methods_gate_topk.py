@@ -48,6 +48,7 @@ HQ, HKV, D = 32, 8, 128
 G = HQ // HKV
 DT = torch.bfloat16
 ROTATE = 4
+PAGE_SIZE = 256  # of the paged caches `build` makes
 # (name, rule, block size, topk score, topk group)
 RULES = [("gate", "gate", 64, None, None),
          ("quest-ub-per-head-b16", "topk", 16, "upper_bound", "per_head"),
@@ -72,7 +73,7 @@ def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="t
     and the decoder."""
     cap = seq_len + 256  # room for the check loop's steps at any block size
     cache = KVCache(batch, HKV, D, cap, dtype=DT, device="cuda", layout=layout,
-                    page_size=256 if layout == "paged" else 0)
+                    page_size=PAGE_SIZE if layout == "paged" else 0)
     n = seq_len - 1
     sel = selection_spec(rule, bs, score, group, seq_len, sparsity)
     if rule == "gate":
@@ -92,6 +93,21 @@ def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="t
             else:
                 dec.meta.fill(cache, b, start, stop)
     return cache, dec
+
+
+def triton_attention(bs, layout):
+    """The Triton sparse decode kernel (default config) over the caches `build` makes."""
+    page = PAGE_SIZE if layout == "paged" else 0
+    return decode_backend("triton")(DecodeStatic(bs, D, G, "bf16", layout, page))
+
+
+def step_inputs(batch, gen):
+    """One step's random inputs: (q, k_new, v_new, q_nope, k_nope)."""
+    q, qn = (torch.randn(batch, HQ, D, device="cuda", dtype=DT, generator=gen)
+             for _ in range(2))
+    k, v, kn = (torch.randn(batch, HKV, D, device="cuda", dtype=DT, generator=gen)
+                for _ in range(3))
+    return q, k, v, qn, kn
 
 
 def step_fn(dec, cache, attend, q, k_new, v_new, qn, kn, n):
@@ -118,15 +134,11 @@ def check_rule(name, rule, bs, score, group, layout, gen, rows):
     row = {"part": "check", "rule": name, "layout": layout}
     try:
         cache, dec = build(rule, bs, score, group, 2, 8192 + 37, 0.9, layout, gen)
-        attend = decode_backend("triton")(DecodeStatic(bs, D, G, "bf16", layout,
-                                                       256 if layout == "paged" else 0))
+        attend = triton_attention(bs, layout)
         agree = total = 0
         worst = 0.0
         for _ in range(20):
-            q, qn = (torch.randn(2, HQ, D, device="cuda", dtype=DT, generator=gen)
-                     for _ in range(2))
-            k, v, kn = (torch.randn(2, HKV, D, device="cuda", dtype=DT, generator=gen)
-                        for _ in range(3))
+            q, k, v, qn, kn = step_inputs(2, gen)
             if rule == "gate":
                 out = dec.step(q, k, v, cache, attend, q_nope=qn, k_nope=kn)
                 want = dec.select(qn, cache, impl="torch")
@@ -161,16 +173,9 @@ def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, g
            "sparsity": sparsity, "block_size": bs}
     try:
         cache, dec = build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen)
-        attend = decode_backend("triton")(DecodeStatic(bs, D, G, "bf16", layout,
-                                                       256 if layout == "paged" else 0))
+        attend = triton_attention(bs, layout)
         n = seq_len - 1
-        sets = []
-        for _ in range(ROTATE):
-            q, qn = (torch.randn(batch, HQ, D, device="cuda", dtype=DT, generator=gen)
-                     for _ in range(2))
-            k, v, kn = (torch.randn(batch, HKV, D, device="cuda", dtype=DT, generator=gen)
-                        for _ in range(3))
-            sets.append((q, k, v, qn, kn))
+        sets = [step_inputs(batch, gen) for _ in range(ROTATE)]
         steps = [step_fn(dec, cache, attend, *s[:3], s[3], s[4], n) for s in sets]
         steps[0]()
         idx, cnt = select_fn(dec, cache, sets[0][0], sets[0][3])()
@@ -255,7 +260,6 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("bench/methods_gate_topk.py needs a CUDA GPU")
     facts = gpu_facts()
-    facts["command"] = "python " + " ".join(sys.argv)
     print(json.dumps(facts), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []

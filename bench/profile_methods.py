@@ -13,7 +13,6 @@ $OUT/profile-methods.txt when $OUT is set.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -25,8 +24,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench import methods_entmax_milestone as em  # noqa: E402
 from bench import methods_gate_topk as gt  # noqa: E402
-from sparsegen.codegen.backend import decode_backend  # noqa: E402
-from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 
 STEPS = 5
 
@@ -59,76 +56,47 @@ def kernel_table(fn, steps=STEPS, title=""):
 
 
 def part_rule(name, gen):
-    spec = {r[0]: r for r in gt.RULES}[name]
-    _, rule, bs, score, group = spec
+    _, rule, bs, score, group = {r[0]: r for r in gt.RULES}[name]
     cache, dec = gt.build(rule, bs, score, group, 16, 131072, 0.9, "contiguous", gen)
-    attend = decode_backend("triton")(DecodeStatic(bs, gt.D, gt.G, "bf16", "contiguous", 0))
-    q, qn = (torch.randn(16, gt.HQ, gt.D, device="cuda", dtype=gt.DT, generator=gen)
-             for _ in range(2))
-    k, v, kn = (torch.randn(16, gt.HKV, gt.D, device="cuda", dtype=gt.DT, generator=gen)
-                for _ in range(3))
+    attend = gt.triton_attention(bs, "contiguous")
+    q, k, v, qn, kn = gt.step_inputs(16, gen)
     step = gt.step_fn(dec, cache, attend, q, k, v, qn, kn, 131071)
     return kernel_table(step, title=f"{name} step, B16 128K 0.9")
 
 
 def part_entmax(gen):
-    from sparsegen.codegen.entmax_kernels import EntmaxDecodeTriton, EntmaxStatic, EntmaxTauTriton
-
     B, n = 8, 131072
     k, v, seq, summ, qs, c = em.entmax_decode_state(B, n, 0.9, gen)
-    q = qs[0]
-    st = EntmaxStatic(em.BLOCK, em.D, em.G, "bf16")
-    tau, att = EntmaxTauTriton(st, scale=c), EntmaxDecodeTriton(st)
-
-    def step():
-        s = tau(q, summ, seq, [n] * B)
-        return att(q, k, v, s.indices, s.counts, seq, block_bias=s.bias)
-    return kernel_table(step, title="entmax decode step, B8 128K 0.9")
+    step = em.entmax_decode_step(*em.entmax_decode_kernels(c), k, v, seq, summ, [n] * B)
+    return kernel_table(lambda: step(qs[0]), title="entmax decode step, B8 128K 0.9")
 
 
 def part_milestone(gen):
-    from sparsegen.codegen.milestone_kernels import MilestoneScoreTriton, MilestoneStatic
-    from sparsegen.methods.kv_cache import KVCache
-    from sparsegen.methods.milestone import MilestoneDecoder, MilestoneRule
-
-    B, P, prefill = 8, 16, 1024
-    rule = MilestoneRule(page_size=P, block_size=P, budget_tokens=2048, refresh_fraction=0.5)
-    pool = B * (math.ceil(prefill / P) + rule.budget_pages)
-    cache = KVCache(B, em.HKV, em.D, 16384, dtype=em.DT, device="cuda", layout="paged",
-                    page_size=P, num_pages=pool)
-    attend = decode_backend("triton")(DecodeStatic(P, em.D, em.G, "bf16", "paged", P))
-    dec = MilestoneDecoder(rule, em.HQ, em.HKV, em.D,
-                           scorer=MilestoneScoreTriton(MilestoneStatic(em.D, em.G, "bf16")))
-    k = torch.randn(B, prefill, em.HKV, em.D, device="cuda", dtype=em.DT, generator=gen)
-    dec.prefill(cache, k, torch.randn_like(k))
+    B, prefill = 8, 1024
+    cache, dec = em.milestone_state(B, prefill, 2048, 16384, gen)
+    attend = em.paged_triton_attention(em.MILESTONE_PAGE)
     q = torch.randn(B, em.HQ, em.D, device="cuda", dtype=em.DT, generator=gen)
     kv = torch.randn(2, B, em.HKV, em.D, device="cuda", dtype=em.DT, generator=gen)
     for _ in range(4096):
         dec.step(q, kv[0], kv[1], cache, attend=attend)
-
-    def device_step():
-        dec._refresh(q, cache)
-        i, c = dec.select(q, cache)
-        return attend(q, cache.k, cache.v, i, c, cache.seq_lens, block_table=cache.block_table)
-    out = kernel_table(device_step, title="milestone device step (refresh + select + attend)")
+    device_step = em.milestone_device_step(dec, cache, attend)
+    out = kernel_table(lambda: device_step(q),
+                       title="milestone device step (refresh + select + attend)")
     out += kernel_table(lambda: dec.step(q, kv[0], kv[1], cache, attend=attend),
                         title="milestone whole step (open/evict + append + minmax + device)")
     return out
 
 
 def part_prefill(gen):
-    from sparsegen.codegen.entmax_kernels import EntmaxPrefillTriton, EntmaxStatic
-    from sparsegen.methods.entmax import EntmaxRule, entmax_prefill
+    from sparsegen.codegen.entmax_kernels import EntmaxPrefillTriton
+    from sparsegen.methods.entmax import EntmaxRule
 
-    kern = EntmaxPrefillTriton(EntmaxStatic(em.BLOCK, em.D, em.G, "bf16"))
+    kern = EntmaxPrefillTriton(em.ENTMAX_STATIC)
     q, k, v, w = em.prefill_inputs(32768, gen)
     rule = EntmaxRule(block_size=em.BLOCK, scale=52.0)  # ~75 % sparsity at 32K (bench)
     do = torch.randn(q.shape, device="cuda", dtype=em.DT, generator=gen)
-
-    def fwd_bwd():
-        out, _ = entmax_prefill(q, k, v, w, rule, attention=kern.attention)
-        out.backward(do)
-    return kernel_table(fwd_bwd, steps=2, title="entmax prefill fwd+bwd, 32K")
+    return kernel_table(em.prefill_fwd_bwd(kern, q, k, v, w, rule, do), steps=2,
+                        title="entmax prefill fwd+bwd, 32K")
 
 
 def main():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import platform
 import re
+import sys
 import traceback
 
 import torch
@@ -85,6 +86,7 @@ def gpu_slug(name: str) -> str:
 
 
 def gpu_facts() -> dict:
+    """The results' header: the GPU, library versions, date and the command that ran."""
     import triton
 
     try:
@@ -100,7 +102,8 @@ def gpu_facts() -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": f"torch {torch.__version__}, triton {triton.__version__}, "
                         f"tilelang {tl_version}, python {platform.python_version()}, "
-                        f"CUDA {torch.version.cuda}"}
+                        f"CUDA {torch.version.cuda}",
+            "command": "python " + " ".join(sys.argv)}
 
 
 def save_results(stem, facts: dict, rows: list, write_markdown) -> None:

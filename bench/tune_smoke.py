@@ -104,10 +104,9 @@ def main() -> int:
         import tune_smoke as pkg
 
         from sparsegen.methods.sparse_decode_ref import sparse_decode_reference
-        from sparsegen.tune.db import GpuId
+        from sparsegen.tune.db import _gpu_from_driver, torch_gpu
 
-        major, minor = torch.cuda.get_device_capability(0)
-        slug = GpuId(torch.cuda.get_device_name(0), f"{major}.{minor}").slug
+        slug = torch_gpu().slug
         attn = pkg.SparseDecodeAttention()
         shape = kernel.shapes[-1]
         w = bench.Workload.of(kernel, shape)
@@ -118,8 +117,6 @@ def main() -> int:
         ref = sparse_decode_reference(inputs["q"], inputs["k"], inputs["v"],
                                       inputs["block_indices"], inputs["block_counts"],
                                       inputs["seq_lens"], 64)
-        from sparsegen.tune.db import _gpu_from_driver
-
         res["module"] = {"pick": pkg.pick_config(slug, shape.batch, shape.seq_len),
                          "rel_err": bench.relative_error(outm, ref),
                          "gpu_torch": slug, "gpu_driver": _gpu_from_driver().slug}

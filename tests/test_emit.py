@@ -69,7 +69,15 @@ def test_paged_module_matches_reference_on_cpu(tmp_path):
         attn(case.q, k_pages, v_pages, case.block_indices, case.block_counts, case.seq_lens)
 
 
-def test_tuned_configs_nearest_bucket_and_default_elsewhere(tmp_path):
+def _fake_cuda(monkeypatch, gpu: GpuId):
+    """torch.cuda reporting `gpu` for every device, so the runtime GPU lookup runs on CPU."""
+    major, minor = map(int, gpu.capability.split("."))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu.name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+
+
+def test_tuned_configs_nearest_bucket_and_default_elsewhere(tmp_path, monkeypatch):
     spec_file = "seer-attention-r.yaml"
     plan = make_plan(load_spec(SPECS / spec_file))
     kernel = plan.kernels[0]
@@ -98,6 +106,10 @@ def test_tuned_configs_nearest_bucket_and_default_elsewhere(tmp_path):
     assert pkg.pick_config(GPU.slug, 1, 4096)[2].endswith("b1_s8192")
     assert pkg.pick_config("some-other-gpu-sm80", 12, 100000)[:2] == (default.backend,
                                                                     default.config)
+    # at run time the module keys its GPU the way the tuning database does (sparsegen's GpuId)
+    assert pkg._gpu_slug("cpu") is None
+    _fake_cuda(monkeypatch, GPU)
+    assert pkg._gpu_slug("cuda:0") == GPU.slug
     # templates changed since the build: the tuned configs no longer apply
     pkg._templates_current = lambda: False
     with warnings.catch_warnings(record=True) as w:

@@ -2,7 +2,7 @@
 TRITON_INTERPRET=1 against plain torch in fp64: block summaries of q and k with their
 gradients, the grouped alpha-entmax and its backward, the whole prefill (mask, bias, pbar,
 gradients to q, k, v, w) against the torch block level, the sort-free index lists against
-mask_to_indices, bad inputs, and sm_90 compilation (in a subprocess without the
+a per-row nonzero(), bad inputs, and sm_90 compilation (in a subprocess without the
 interpreter). The interpreter's tl.dot is wrong on bf16: the 16-bit cases use fp16.
 """
 import os
@@ -23,12 +23,11 @@ from sparsegen.codegen.entmax_pool import EntmaxPoolTriton
 from sparsegen.methods.entmax import (
     TORCH_BLOCK_OPS,
     EntmaxRule,
-    ascending_lists,
     entmax_prefill,
     prefill_selection,
     token_attention,
 )
-from sparsegen.methods.selection import mask_to_indices
+from sparsegen.methods.selection import ascending_lists
 from tests.interp import needs_interp, only_if_not_interpreted, rerun_in_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,17 +61,27 @@ def _inputs(B, T, Hkv, G, D, dtype, seed, wscale=0.5):
 @pytest.mark.parametrize("shape,density", [((2, 3, 5, 7), 0.4), ((1, 2, 9, 9), 0.0),
                                            ((1, 1, 4, 6), 1.0), ((3, 1, 1, 1), 0.5),
                                            ((2, 2, 3, 0), 0.5)])
-def test_ascending_lists_match_mask_to_indices(shape, density):
+def _nonzero_lists(mask):
+    """The reference: each row's set entries by nonzero(), -1 padded to the row's length."""
+    rows = mask.reshape(math.prod(mask.shape[:-1]), mask.shape[-1])
+    idx = torch.full(rows.shape, -1, dtype=torch.int32)
+    for r, row in enumerate(rows):
+        hits = row.nonzero().flatten()
+        idx[r, : hits.numel()] = hits.to(torch.int32)
+    return idx.view(mask.shape), rows.sum(-1).to(torch.int32).view(mask.shape[:-1])
+
+
+@pytest.mark.parametrize("shape,density", [((2, 3, 5, 7), 0.4), ((1, 2, 9, 9), 0.0),
+                                           ((1, 1, 4, 6), 1.0), ((3, 1, 1, 1), 0.5),
+                                           ((2, 2, 3, 0), 0.5)])
+def test_ascending_lists_match_nonzero(shape, density):
     mask = torch.rand(shape, generator=_gen(1)) < density
-    idx, cnt = ascending_lists(mask)
-    n, rows = shape[-1], math.prod(shape[1:-1])
-    want_i, want_c = mask_to_indices(mask.reshape(shape[0], rows, n), n)
-    assert idx.dtype == cnt.dtype == torch.int32 and idx.is_contiguous() and cnt.is_contiguous()
-    assert torch.equal(idx, want_i.view(shape)) and torch.equal(cnt, want_c.view(shape[:-1]))
-    ridx, rcnt = ascending_lists(mask.transpose(-1, -2))  # a non-contiguous view
-    want_r, _ = mask_to_indices(mask.transpose(-1, -2).reshape(shape[0], rows // shape[-2] * n,
-                                                                shape[-2]), shape[-2])
-    assert torch.equal(ridx.reshape(-1), want_r.reshape(-1)) and rcnt.is_contiguous()
+    for m in (mask, mask.transpose(-1, -2)):  # the transpose is a non-contiguous view
+        idx, cnt = ascending_lists(m)
+        want_i, want_c = _nonzero_lists(m)
+        assert idx.dtype == cnt.dtype == torch.int32
+        assert idx.is_contiguous() and cnt.is_contiguous()
+        assert torch.equal(idx, want_i) and torch.equal(cnt, want_c)
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,7 +229,14 @@ def _prefill_config(st, **over):
     (90, 32, 32, 2, "fp32", {}),                                       # whole-block tiles
     (90, 32, 32, 2, "fp32", {"dq_n": 16, "kv_m": 16, "block_n": 16}),  # sub-tiles per block
     (75, 16, 16, 4, "fp16", {}),
-    (64, 32, 16, 1, "fp16", {"dq_m": 16, "kv_n": 16, "bwd_stages": 3})])
+    (64, 32, 16, 1, "fp16", {"dq_m": 16, "kv_n": 16, "bwd_stages": 3}),
+    # GQA heads stacked in the tiles (rows token-major, head-minor)
+    (75, 16, 16, 4, "fp16", {"pack": 4, "dq_pack": 2, "kv_pack": 4}),
+    (90, 32, 32, 2, "fp32", {"pack": 2, "dq_pack": 2, "kv_pack": 2, "block_m": 16,
+                             "dq_n": 16, "kv_m": 16, "kv_warps": 8, "kv_stages": 1}),
+    # dk/dv with the query columns as the matmuls' M (accumulating dk^T, dv^T)
+    (75, 16, 16, 4, "fp16", {"kv_qrows": 1, "kv_pack": 2}),
+    (90, 32, 32, 2, "fp32", {"kv_qrows": 1, "kv_m": 16, "kv_n": 16})])
 def test_prefill_kernel_idx_ptx_matches_default_and_fp64(T, bs, D, G, dtype, tiles):
     """idx_ptx=1 (plain tl.load under the interpreter) gives exactly what idx_ptx=0 gives,
     and both match fp64 torch autograd of token_attention: out, dq, dk, dv, dbias."""
@@ -270,39 +286,44 @@ import json
 from sparsegen.codegen.entmax_kernels import EntmaxPrefillTriton, EntmaxStatic
 st = EntmaxStatic(64, 128, 4, "bf16")
 base = EntmaxPrefillTriton.default_config(st)
-configs = {"plain": {**base, "idx_ptx": 0}, "ptx": {**base, "idx_ptx": 1},
-           "ptx-tiles2": {**base, "idx_ptx": 1, "dq_n": 32, "kv_m": 32, "bwd_stages": 3}}
+tiles = {"default": {}, "tiles2": {"dq_n": 32, "block_n": 32},
+         "one-head": {"pack": 1, "dq_pack": 1, "kv_pack": 1, "kv_m": 64, "kv_qrows": 0,
+                      "num_warps": 4, "bwd_warps": 4, "bwd_stages": 2}}
 out = {}
-for name, cfg in configs.items():
-    facts = EntmaxPrefillTriton(st, cfg).compile_sm90(keep_asm=True)
-    for f in facts.values():
-        ptx = f.pop("_asm")["ptx"]
-        f["ld_nc"] = ptx.count("ld.global.nc.b32")
-        f["cp_async"] = ptx.count("cp.async.cg.shared.global")
-    out[name] = facts
+for name, over in tiles.items():
+    for ptx in (0, 1):
+        facts = EntmaxPrefillTriton(st, {**base, **over, "idx_ptx": ptx}).compile_sm90(
+            keep_asm=True)
+        for f in facts.values():
+            asm = f.pop("_asm")["ptx"]
+            f["ld_nc"] = asm.count("ld.global.nc.b32")
+            f["cp_async"] = asm.count("cp.async.cg.shared.global")
+        out[f"{name}/{ptx}"] = facts
 print(json.dumps(out))
 """
 
 
 def test_prefill_idx_ptx_compiles_sm90_without_more_spills():
     """The PTX index loads render on sm_90 (not the interpreter's tl.load), the K/V and
-    Q/dO tiles still stream by cp.async, and no PTX config spills more than the default
-    tiles with plain index loads (whose 64-row backward tiles at 4 warps spill a little:
+    Q/dO tiles still stream by cp.async, and for each tile config (the default, another
+    split, the one-head-per-tile kernels) the PTX variant spills no more than the same
+    tiles with plain index loads (the dk/dv tiles at 4 warps spill a little either way:
     test_entmax.py's exemption)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_PREFILL], env=env,
                           capture_output=True, check=False, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     facts = json.loads(proc.stdout.strip().splitlines()[-1])
-    base = facts.pop("plain")
-    assert all(f["ld_nc"] == 0 and f["cp_async"] > 0 for f in base.values()), base
-    for name, kernels in facts.items():
-        assert set(kernels) == set(base), name
-        for kernel, f in kernels.items():
+    for name in ("default", "tiles2", "one-head"):
+        plain, ptx = facts[f"{name}/0"], facts[f"{name}/1"]
+        assert set(plain) == set(ptx) == {"entmax_prefill_fwd", "entmax_prefill_bwd_dq",
+                                          "entmax_prefill_bwd_dkdv"}, name
+        assert all(f["ld_nc"] == 0 and f["cp_async"] > 0 for f in plain.values()), name
+        for kernel, f in ptx.items():
             assert f["cubin_bytes"] > 0 and f["ld_nc"] > 0 and f["cp_async"] > 0, (name, kernel)
             spill = f.get("stack", 0) + f.get("local", 0)
-            assert spill <= base[kernel].get("stack", 0) + base[kernel].get("local", 0), \
-                (name, kernel, f, base[kernel])
+            assert spill <= plain[kernel].get("stack", 0) + plain[kernel].get("local", 0), \
+                (name, kernel, f, plain[kernel])
 
 
 # ---------------------------------------------------------------------------------------

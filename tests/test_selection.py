@@ -54,6 +54,17 @@ def test_select_all():
     assert idx[0, 0].tolist() == [0, 1, 2, -1] and cnt.tolist() == [[3, 3], [0, 0]]
 
 
+def test_mask_to_indices_pads_truncates_and_rejects_overflow():
+    mask = torch.tensor([[[True, False, True, False], [False, False, False, True]]])
+    idx, cnt = sel.mask_to_indices(mask, 6)
+    assert idx.tolist() == [[[0, 2, -1, -1, -1, -1], [3, -1, -1, -1, -1, -1]]]
+    assert cnt.tolist() == [[2, 1]] and idx.dtype == cnt.dtype == torch.int32
+    idx, _ = sel.mask_to_indices(mask, 2)
+    assert idx.tolist() == [[[0, 2], [3, -1]]] and idx.is_contiguous()
+    with pytest.raises(ValueError, match="2 blocks does not fit width 1"):
+        sel.mask_to_indices(mask, 1)
+
+
 def _scores(B, H, NB, gen):
     s = torch.randn(B, H, NB, generator=gen)
     s[0, 0, : NB // 2] = 0.25                                   # a long run of ties
@@ -146,6 +157,8 @@ def test_configs_and_compile():
                                      {**base, "algo": "sort"})
     assert "exceed 512" in check(st, {**base, "radix_chunk": 8192, "num_warps": 4})
     assert "exceed 32" in check(st, {**base, "algo": "sort", "radix_chunk": 8192, "num_warps": 4})
+    assert "exceed 64" in check(st, {**base, "algo": "radix8", "radix_chunk": 8192, "num_warps": 2})
+    assert check(st, {**base, "algo": "radix8", "radix_chunk": 8192, "num_warps": 4}) is None
     assert check(st, {**base, "algo": "sort", "radix_chunk": 8192, "num_warps": 16,
                       "chunk": 512}) is None
     for algo in ("radix8", "count2", "count4", "sort"):

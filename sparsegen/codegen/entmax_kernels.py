@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
 
 import torch
 
+from ..methods.entmax import EntmaxRule, Selection
 from .decode_api import DecodeStatic
 from .triton_decode import LOG2E, TritonSparseDecode
-from .triton_kernel import TRITON_PTR, TritonKernel, check_int_config, next_pow2, pow2, torch_dtype
+from .triton_kernel import (TRITON_PTR, TritonKernel, cdiv, check_int_config, dtype_name,
+                            next_pow2, pow2, torch_dtype)
 
 SMEM_LIMIT = 232448
 _ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -52,6 +53,20 @@ class EntmaxStatic:
         return cls(s.block_size, m.head_dim, m.group_size, dtype or m.dtype, c.layout,
                    c.page_size or 0, s.sink_blocks, s.local_blocks, s.entmax.alpha,
                    s.entmax.halley_iters, s.entmax.prior)
+
+    @classmethod
+    def from_rule(cls, rule: EntmaxRule, q: torch.Tensor, num_kv_heads: int) -> "EntmaxStatic":
+        """The statics of a rule applied to q [B, T, Hq, D] over num_kv_heads."""
+        return cls(rule.block_size, q.shape[-1], q.shape[2] // num_kv_heads,
+                   dtype_name(q.dtype), sink_blocks=rule.sink_blocks,
+                   local_blocks=rule.local_blocks, alpha=rule.alpha,
+                   halley_iters=rule.halley_iters, prior=rule.prior)
+
+    def rule(self, scale: float = 1.0) -> EntmaxRule:
+        """The method's rule these statics compile (scale is a runtime argument)."""
+        return EntmaxRule(block_size=self.block_size, sink_blocks=self.sink_blocks,
+                          local_blocks=self.local_blocks, alpha=self.alpha, scale=scale,
+                          halley_iters=self.halley_iters, prior=self.prior)
 
     def decode_static(self) -> DecodeStatic:
         return DecodeStatic(self.block_size, self.head_dim, self.group_size, self.dtype,
@@ -165,7 +180,8 @@ def _g_pad(group: int) -> int:
 class EntmaxTauTriton(TritonKernel):
     """Decode selection of the entmax rule on the GPU (see sparsegen.methods.entmax.
     select_blocks). Call: (q [B, Hq, D], summaries [B, Hkv, cap, D], seq_lens [B] int32,
-    lengths=None, scale=1.0) -> Selection with width = cap. No device sync."""
+    lengths=None, scale=1.0) -> sparsegen.methods.entmax.Selection with width = cap (fp32
+    bias). No device sync."""
 
     name = "entmax_tau"
     template = "triton/entmax_tau.py.j2"
@@ -259,7 +275,7 @@ class EntmaxTauTriton(TritonKernel):
             width = cap
         coef = (s.alpha - 1.0) * self.scale / math.sqrt(D)
         if width > 0:
-            mod.entmax_scores[(triton_cdiv(width, self.config["block_j"]), Hkv, B)](
+            mod.entmax_scores[(cdiv(width, self.config["block_j"]), Hkv, B)](
                 q, summaries, seq_lens, z, coef, cap,
                 q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1),
                 summaries.stride(2), z.stride(0), z.stride(1),
@@ -269,7 +285,7 @@ class EntmaxTauTriton(TritonKernel):
             z.stride(0), z.stride(1), idx.stride(0), idx.stride(1), cnt.stride(0),
             bias.stride(0), bias.stride(1),
             num_warps=self.config["select_warps"], num_stages=1)
-        return TauSelection(idx, cnt, bias)
+        return Selection(idx, cnt, bias)
 
     # --- tuner protocol --------------------------------------------------------------------
     @classmethod
@@ -317,30 +333,11 @@ class EntmaxTauTriton(TritonKernel):
 
     def reference(self, q, summaries, seq_lens, lengths=None):
         """sparsegen.methods.entmax.select_blocks at this kernel's scale."""
-        from ..methods.entmax import EntmaxRule, select_blocks
+        from ..methods.entmax import select_blocks
 
-        s = self.static
-        rule = EntmaxRule(block_size=s.block_size, sink_blocks=s.sink_blocks,
-                          local_blocks=s.local_blocks, alpha=s.alpha, scale=self.scale,
-                          halley_iters=s.halley_iters, prior=s.prior)
-        sel = select_blocks(q, summaries, seq_lens, rule, width=summaries.shape[2])
-        return TauSelection(sel.indices, sel.counts, sel.bias.float())
-
-
-class TauSelection(NamedTuple):
-    """EntmaxTauTriton's output: sparsegen.methods.entmax.Selection's fields as a tuple
-    (the tuner compares the tensors of tuples, lists and dicts)."""
-
-    indices: torch.Tensor  # [B, Hkv, width] int32 ascending, -1 padded
-    counts: torch.Tensor   # [B, Hkv] int32
-    bias: torch.Tensor     # [B, Hkv, width] fp32 log p_bar (0 for always-on)
-
-    def blocks(self, b: int, h: int) -> list[int]:
-        return self.indices[b, h, : int(self.counts[b, h])].tolist()
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+        sel = select_blocks(q, summaries, seq_lens, self.static.rule(self.scale),
+                            width=summaries.shape[2])
+        return Selection(sel.indices, sel.counts, sel.bias.float())
 
 
 # ---------------------------------------------------------------------------------------
@@ -348,54 +345,83 @@ def triton_cdiv(a: int, b: int) -> int:
 # ---------------------------------------------------------------------------------------
 class EntmaxPrefillTriton(TritonKernel):
     """Token level of the entmax prefill: `attention(q, k, v, sel, block_size, sm_scale)`
-    is the `attention` argument of sparsegen.methods.entmax.entmax_prefill."""
+    is the `attention` argument of sparsegen.methods.entmax.entmax_prefill. Three kernels:
+    forward, dq (which also writes DELTA = rowsum(o * do)), then dk/dv; each tile stacks
+    `pack` query heads of a KV group (they share the selection)."""
 
     name = "entmax_prefill"
     template = "triton/entmax_prefill.py.j2"
     _TILES = ("block_m", "block_n", "dq_m", "dq_n", "kv_m", "kv_n")
-    _KEYS = _TILES + ("num_warps", "num_stages", "bwd_warps", "bwd_stages", "idx_ptx")
-    # configs recorded before a key existed (plans, tuning records) mean its old behaviour
-    _ADDED = {"idx_ptx": 0}
+    _PACKS = ("pack", "dq_pack", "kv_pack")
+    _KEYS = _TILES + _PACKS + ("num_warps", "num_stages", "bwd_warps", "bwd_stages",
+                               "kv_warps", "kv_stages", "kv_qrows", "idx_ptx")
+    # configs recorded before a key existed (plans, tuning records) mean its old behaviour:
+    # one head per tile, plain index loads, key rows as the dk/dv matmuls' M, the dk/dv
+    # kernel at the dq kernel's warps/stages
+    _ADDED = {"idx_ptx": 0, "pack": 1, "dq_pack": 1, "kv_pack": 1, "kv_qrows": 0}
+    _FOLLOWS = {"kv_warps": "bwd_warps", "kv_stages": "bwd_stages"}
+    MAX_ROWS = 256   # tokens * pack of one tile (fp32 accumulators of 256 x D fill the RF)
 
     def __init__(self, static, config: dict | None = None, build_dir=None):
-        super().__init__(static, None if config is None else {**self._ADDED, **config},
+        super().__init__(static, None if config is None else self._upgraded(config),
                          build_dir)
+
+    @classmethod
+    def _upgraded(cls, config: dict) -> dict:
+        config = {**cls._ADDED, **config}
+        for key, old in cls._FOLLOWS.items():
+            if key not in config and old in config:
+                config[key] = config[old]
+        return config
 
     @classmethod
     def tunable_space(cls, static) -> dict[str, list]:
         tiles = [n for n in (16, 32, 64, 128) if static.block_size % n == 0]
-        return {**{t: tiles for t in cls._TILES}, "num_warps": [4, 8],
-                "num_stages": [1, 2, 3, 4], "bwd_warps": [4, 8], "bwd_stages": [1, 2, 3],
-                "idx_ptx": [0, 1]}
+        packs = [n for n in (1, 2, 4, 8) if static.group_size % n == 0]
+        return {**{t: tiles for t in cls._TILES}, **{p: packs for p in cls._PACKS},
+                "num_warps": [4, 8], "num_stages": [1, 2, 3, 4], "bwd_warps": [4, 8],
+                "bwd_stages": [1, 2, 3], "kv_warps": [4, 8], "kv_stages": [1, 2, 3],
+                "kv_qrows": [0, 1], "idx_ptx": [0, 1]}
 
     @classmethod
     def default_config(cls, static) -> dict:
-        # spill-free on sm_90 at D 128, bf16 (ptxas): the forward keeps a 64-row query tile;
-        # both backward kernels hold two fp32 accumulators and need 32-row tiles at 8 warps
-        # H100, D 128, bf16, 32K tokens at 75 % skipped (bench/results/H100-entmax-prefill-
-        # probe.md): 64-row tiles at 4 warps everywhere; forward 6.1 ms at 3 stages (10.0 at
-        # 8 warps / 2), backward 25.0 ms (90.4 with 32-row tiles at 8 warps)
+        # H100, D 128, bf16, G 4, 32K tokens at 75 % skipped (bench/results/H100-entmax-
+        # prefill-probe.md), each kernel timed alone: forward 6.4 -> 5.3 ms with the group's
+        # 4 heads in one 256-row tile at 8 warps; dq 8.7 -> 7.7 ms with 2 heads (128 rows)
+        # at 8 warps; dk/dv 14.3 -> 12.7 ms with query columns as the matmuls' M (kv_qrows)
+        # over 16 tokens x 4 heads at 4 warps (key rows cap M at 64: 8 warps split N and
+        # ran 25 ms). Smaller statics (fp32, short blocks, small groups) step down to the
+        # first variant that fits.
         tile = min(64, static.block_size)
-        return {"block_m": tile, "block_n": tile, "dq_m": tile, "dq_n": tile,
-                "kv_m": tile, "kv_n": tile, "num_warps": 4, "num_stages": 3,
-                "bwd_warps": 4, "bwd_stages": 2,
+        fast = {"block_m": tile, "block_n": tile, "pack": 4, "num_warps": 8, "num_stages": 3,
+                "dq_m": tile, "dq_n": tile, "dq_pack": 2, "bwd_warps": 8, "bwd_stages": 3,
+                "kv_m": 16, "kv_n": tile, "kv_pack": 4, "kv_warps": 4, "kv_stages": 2,
+                "kv_qrows": 1,
                 # block indices read by inline PTX (see the template): forward 6.64 -> 6.13
                 # ms on the H100, backward unchanged (25.10 / 25.08)
                 "idx_ptx": 1}
+        for packs, stages in (((4, 2, 4), 3), ((2, 2, 2), 2), ((1, 1, 1), 2), ((1, 1, 1), 1)):
+            cfg = dict(fast, num_stages=stages, bwd_stages=stages, kv_stages=min(stages, 2))
+            for key, want in zip(cls._PACKS, packs):
+                cfg[key] = max(n for n in (1, 2, 4) if n <= want and static.group_size % n == 0)
+            cfg["kv_m"] = min(tile, 64 // cfg["kv_pack"])
+            if cls.check_config(static, cfg) is None:
+                return cfg
+        return cfg   # nothing fits: check_config names why when the kernel is built
 
     @classmethod
     def smem_bytes(cls, static, config) -> int:
         """Estimate: streamed operand tiles times stages plus the resident tiles."""
         eb, d = _ELEM[static.dtype], static.head_dim
         c = config
-        fwd = c["num_stages"] * 2 * c["block_n"] * d * eb + c["block_m"] * d * eb
-        dq = c["bwd_stages"] * 2 * c["dq_n"] * d * eb + 2 * c["dq_m"] * d * eb
-        kv = c["bwd_stages"] * 2 * c["kv_m"] * d * eb + 2 * c["kv_n"] * d * eb
+        fwd = c["num_stages"] * 2 * c["block_n"] * d * eb + c["block_m"] * c["pack"] * d * eb
+        dq = c["bwd_stages"] * 2 * c["dq_n"] * d * eb + 2 * c["dq_m"] * c["dq_pack"] * d * eb
+        kv = c["kv_stages"] * 2 * c["kv_m"] * c["kv_pack"] * d * eb + 2 * c["kv_n"] * d * eb
         return max(fwd, dq, kv)
 
     @classmethod
     def check_config(cls, static, config) -> str | None:
-        config = {**cls._ADDED, **config}
+        config = cls._upgraded(config)
         bad = check_int_config(config, cls._KEYS)
         if bad:
             return bad
@@ -403,12 +429,22 @@ class EntmaxPrefillTriton(TritonKernel):
             t = config[key]
             if not pow2(t) or t < 16 or static.block_size % t:
                 return f"{key}={t} must be a power of two >= 16 dividing block_size"
-        if not 1 <= config["num_stages"] <= 6 or not 1 <= config["bwd_stages"] <= 6:
-            return "stages out of [1, 6]"
-        if config["bwd_warps"] not in (2, 4, 8):
-            return f"bwd_warps={config['bwd_warps']} not in (2, 4, 8)"
-        if config["idx_ptx"] not in (0, 1):
-            return f"idx_ptx={config['idx_ptx']} not in (0, 1)"
+        for key, tile in zip(cls._PACKS, ("block_m", "dq_m", "kv_m")):
+            n = config[key]
+            if not pow2(n) or static.group_size % n:
+                return (f"{key}={n} must be a power of two dividing the GQA group "
+                        f"({static.group_size})")
+            if config[tile] * n > cls.MAX_ROWS:
+                return f"{tile}={config[tile]} x {key}={n} rows > {cls.MAX_ROWS}"
+        for key in ("num_stages", "bwd_stages", "kv_stages"):
+            if not 1 <= config[key] <= 6:
+                return f"{key}={config[key]} out of [1, 6]"
+        for key in ("bwd_warps", "kv_warps"):
+            if config[key] not in (2, 4, 8):
+                return f"{key}={config[key]} not in (2, 4, 8)"
+        for key in ("kv_qrows", "idx_ptx"):
+            if config[key] not in (0, 1):
+                return f"{key}={config[key]} not in (0, 1)"
         smem = cls.smem_bytes(static, config)
         if smem > SMEM_LIMIT:
             return f"shared memory estimate {smem} B exceeds {SMEM_LIMIT} B"
@@ -430,7 +466,7 @@ class EntmaxPrefillTriton(TritonKernel):
         fwd = {"Q": dt, "K": dt, "V": dt, "BIAS": "*fp32", "IDX": "*i32", "CNT": "*i32",
                "O": dt, "LSE": "*fp32", "qk_scale": "fp32"}
         dq = {"Q": dt, "K": dt, "V": dt, "BIAS": "*fp32", "IDX": "*i32", "CNT": "*i32",
-              "DO": dt, "LSE": "*fp32", "DELTA": "*fp32", "DQ": dt, "DBIAS": "*fp32",
+              "O": dt, "DO": dt, "LSE": "*fp32", "DELTA": "*fp32", "DQ": dt, "DBIAS": "*fp32",
               "qk_scale": "fp32", "sm_scale": "fp32"}
         dkdv = {"Q": dt, "K": dt, "V": dt, "BIAS": "*fp32", "RIDX": "*i32", "RCNT": "*i32",
                 "DO": dt, "LSE": "*fp32", "DELTA": "*fp32", "DK": dt, "DV": dt,
@@ -441,13 +477,16 @@ class EntmaxPrefillTriton(TritonKernel):
             # sm_90 compile falls back to 2-byte loads (no cp.async) and its register / spill
             # figures are not the launched kernel's
             div += tuple(strides)
-        c = self.config
-        fw = {"num_warps": c["num_warps"], "num_stages": c["num_stages"]}
-        bw = {"num_warps": c["bwd_warps"], "num_stages": c["bwd_stages"]}
         fwd, dq, dkdv = ({**f, **i32} for f in (fwd, dq, dkdv))
-        return [("entmax_prefill_fwd", fwd, tuple(a for a in div if a in fwd), fw),
-                ("entmax_prefill_bwd_dq", dq, tuple(a for a in div if a in dq), bw),
-                ("entmax_prefill_bwd_dkdv", dkdv, tuple(a for a in div if a in dkdv), bw)]
+        return [(name, sig, tuple(a for a in div if a in sig), self._launch_opts(part))
+                for name, sig, part in (("entmax_prefill_fwd", fwd, "fwd"),
+                                        ("entmax_prefill_bwd_dq", dq, "dq"),
+                                        ("entmax_prefill_bwd_dkdv", dkdv, "kv"))]
+
+    def _launch_opts(self, part: str) -> dict:
+        warps, stages = {"fwd": ("num_warps", "num_stages"), "dq": ("bwd_warps", "bwd_stages"),
+                         "kv": ("kv_warps", "kv_stages")}[part]
+        return {"num_warps": self.config[warps], "num_stages": self.config[stages]}
 
     # --- runtime -----------------------------------------------------------------------
     def _check(self, q, k, v):
@@ -470,34 +509,48 @@ class EntmaxPrefillTriton(TritonKernel):
         nk = bias.shape[-1]
         o = torch.empty_like(q)
         lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
-        bm = self.config["block_m"]
-        self.module.entmax_prefill_fwd[(triton_cdiv(T, bm), Hq, B)](
+        c = self.config
+        self.module.entmax_prefill_fwd[(Hq // c["pack"], cdiv(T, c["block_m"]), B)](
             q, k, v, bias, idx, cnt, o, lse, sm_scale * LOG2E, T, nk,
-            *self._strides(q, k, v, o),
-            num_warps=self.config["num_warps"], num_stages=self.config["num_stages"])
+            *self._strides(q, k, v, o), **self._launch_opts("fwd"))
         return o, lse
 
-    def backward(self, q, k, v, bias, idx, cnt, ridx, rcnt, o, lse, do, sm_scale):
+    def backward_dq(self, q, k, v, bias, idx, cnt, o, lse, do, sm_scale):
+        """dq, the bias gradient [B, Hkv, nq, nk] and DELTA (for backward_dkdv)."""
         B, T, Hq, _ = q.shape
         Hkv = k.shape[2]
         nq = nk = bias.shape[-1]
-        bs, bm, bn = self.static.block_size, self.config["dq_m"], self.config["kv_n"]
-        delta = (o.float() * do.float()).sum(-1).permute(0, 2, 1).contiguous()  # [B, Hq, T]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        n_mt = triton_cdiv(T, bm)
-        dbias_part = torch.zeros(B, Hq, n_mt, nk, dtype=torch.float32, device=q.device)
-        kw = {"num_warps": self.config["bwd_warps"], "num_stages": self.config["bwd_stages"]}
-        mod = self.module
-        mod.entmax_prefill_bwd_dq[(n_mt, Hq, B)](
-            q, k, v, bias, idx, cnt, do, lse, delta, dq, dbias_part,
-            sm_scale * LOG2E, sm_scale, T, nk, *self._strides(q, k, v, do), **kw)
-        mod.entmax_prefill_bwd_dkdv[(triton_cdiv(T, bn), Hkv, B)](
-            q, k, v, bias, ridx, rcnt, do, lse, delta, dk, dv,
-            sm_scale * LOG2E, sm_scale, T, nk, *self._strides(q, k, v, do), **kw)
-        # per-sub-tile bias gradients -> per (query block, key block), summed over the group
+        c = self.config
+        bs, bm, pack = self.static.block_size, c["dq_m"], c["dq_pack"]
+        dq = torch.empty_like(q)
+        delta = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+        n_mt = cdiv(T, bm)
+        dbias_part = torch.zeros(B, Hq // pack, n_mt, nk, dtype=torch.float32, device=q.device)
+        self.module.entmax_prefill_bwd_dq[(Hq // pack, n_mt, B)](
+            q, k, v, bias, idx, cnt, o, do, lse, delta, dq, dbias_part,
+            sm_scale * LOG2E, sm_scale, T, nk, *self._strides(q, k, v, do),
+            **self._launch_opts("dq"))
+        # per (sub-tile, head pack) bias gradients -> per (query block, key block), summed
+        # over the group
         pad = nq * (bs // bm) - n_mt
         dbias = torch.nn.functional.pad(dbias_part, (0, 0, 0, pad))
-        dbias = dbias.view(B, Hkv, Hq // Hkv, nq, bs // bm, nk).sum((2, 4))
+        dbias = dbias.view(B, Hkv, Hq // Hkv // pack, nq, bs // bm, nk).sum((2, 4))
+        return dq, dbias, delta
+
+    def backward_dkdv(self, q, k, v, bias, ridx, rcnt, do, lse, delta, sm_scale):
+        B, T, _, _ = q.shape
+        Hkv = k.shape[2]
+        nk = bias.shape[-1]
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        self.module.entmax_prefill_bwd_dkdv[(Hkv, cdiv(T, self.config["kv_n"]), B)](
+            q, k, v, bias, ridx, rcnt, do, lse, delta, dk, dv,
+            sm_scale * LOG2E, sm_scale, T, nk, *self._strides(q, k, v, do),
+            **self._launch_opts("kv"))
+        return dk, dv
+
+    def backward(self, q, k, v, bias, idx, cnt, ridx, rcnt, o, lse, do, sm_scale):
+        dq, dbias, delta = self.backward_dq(q, k, v, bias, idx, cnt, o, lse, do, sm_scale)
+        dk, dv = self.backward_dkdv(q, k, v, bias, ridx, rcnt, do, lse, delta, sm_scale)
         return dq, dk, dv, dbias
 
     def attention(self, q, k, v, sel, block_size, sm_scale=None):

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from .entmax_kernels import EntmaxStatic, triton_cdiv
+from .entmax_kernels import EntmaxStatic
 from .triton_kernel import (
     TRITON_PTR,
     TritonKernel,
+    cdiv,
     check_int_config,
-    dtype_name,
     next_pow2,
     pow2,
     torch_dtype,
@@ -145,7 +145,7 @@ class _PoolQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kern):
         B, T, Hq, D = q.shape
-        nq = triton_cdiv(T, kern.static.block_size)
+        nq = cdiv(T, kern.static.block_size)
         qbar = torch.empty(B, Hq, nq, D, dtype=torch.float32, device=q.device)
         if qbar.numel():
             kern._launch("pool_q_fwd", (nq, Hq, B), q, qbar, T, *_strides(q))
@@ -215,9 +215,5 @@ class _EntmaxPbar(torch.autograd.Function):
 
 def block_ops_for(q: torch.Tensor, num_kv_heads: int, rule) -> EntmaxPoolTriton:
     """One EntmaxPoolTriton per (rule, shape, dtype) in this process (default config)."""
-    static = EntmaxStatic(rule.block_size, q.shape[-1], q.shape[2] // num_kv_heads,
-                          dtype_name(q.dtype), sink_blocks=rule.sink_blocks,
-                          local_blocks=rule.local_blocks, alpha=rule.alpha,
-                          halley_iters=rule.halley_iters, prior=rule.prior)
-    return EntmaxPoolTriton.shared(static)
+    return EntmaxPoolTriton.shared(EntmaxStatic.from_rule(rule, q, num_kv_heads))
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from .select_kernels import SelectStatic, TritonBlockSelect
-from .triton_kernel import (TRITON_PTR, TritonKernel, check_int_config, dtype_name, pow2,
+from .triton_kernel import (TRITON_PTR, TritonKernel, cdiv, check_int_config, dtype_name, pow2,
                             torch_dtype)
 
 _KEYS = ("block_j", "tiles", "num_stages", "num_warps")
@@ -96,7 +96,7 @@ class TritonGateScore(TritonKernel):
         if out is None:
             out = torch.empty(B, H, NB, dtype=torch.float32, device=kc.device)
         per = self.config["block_j"] * self.config["tiles"]
-        self.module.gate_score[(triton_cdiv(NB, per), H, B)](
+        self.module.gate_score[(cdiv(NB, per), H, B)](
             q_gate, kc, seq_lens, out, 1.0 / math.sqrt(dg),
             q_gate.stride(0), q_gate.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
             out.stride(0), out.stride(1), num_warps=self.config["num_warps"],
@@ -119,10 +119,6 @@ class TritonGateScore(TritonKernel):
     def reference(self, q_gate, kc, seq_lens):
         from ..methods.gate import gate_logits_reference
         return gate_logits_reference(q_gate, kc, seq_lens, self.static.block_size)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class GateSelect:

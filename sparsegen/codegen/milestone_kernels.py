@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .triton_decode import LOG2E
-from .triton_kernel import (TRITON_PTR, TritonKernel, check_int_config, next_pow2, pow2,
+from .triton_kernel import (TRITON_PTR, TritonKernel, cdiv, check_int_config, next_pow2, pow2,
                             torch_dtype)
 
 
@@ -101,7 +101,7 @@ class MilestoneScoreTriton(TritonKernel):
             out = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
         scale = (D ** -0.5 if sm_scale is None else sm_scale) * LOG2E
         chunk = self.config["slot_chunk"]
-        self.module.milestone_bounds[(triton_cdiv(L, chunk), Hkv, B)](
+        self.module.milestone_bounds[(cdiv(L, chunk), Hkv, B)](
             q, kmin, kmax, slot_phys, out, scale, L,
             q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), slot_phys.stride(0),
             out.stride(0), out.stride(1),
@@ -139,10 +139,6 @@ class MilestoneScoreTriton(TritonKernel):
     def reference(self, q, kmin, kmax, slot_phys, sm_scale=None):
         from ..methods.milestone import torch_page_scores
         return torch_page_scores(q, kmin, kmax, slot_phys, sm_scale)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,11 @@ class TritonBlockSelect(TritonKernel):
             # thread compiles to ~220 registers, no spill; 1024 stalls the compiler)
             return (f"{algo}: radix_chunk={rc} keys x {1 << ALGOS[algo][1]} candidates exceed "
                     f"512 a thread at num_warps={config['num_warps']}")
+        if algo == "radix8" and rc > 64 * threads:
+            # 128 keys a thread (8192 at 2 warps) did not compile within 180 s on the H100
+            # (bench/results/H100-tune-seer-rules.log); 64 a thread compiles and runs
+            return (f"radix8: radix_chunk={rc} keys exceed 64 a thread at "
+                    f"num_warps={config['num_warps']}")
         if algo == "sort" and rc > 32 * threads:  # 64 a thread spills
             return (f"sort: radix_chunk={rc} 64-bit words exceed 32 a thread at "
                     f"num_warps={config['num_warps']}")

@@ -57,6 +57,11 @@ def dtype_name(dtype) -> str:
     return names[dtype]
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host ints (grid sizes)."""
+    return -(-a // b)
+
+
 def check_int_config(config: dict, keys: tuple) -> str | None:
     """Common shape check of a tile config: exactly `keys`, all ints."""
     missing = [k for k in keys if k not in config]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .selection import always_on, mask_to_indices, num_blocks
+from .selection import always_on, ascending_lists, mask_to_indices, num_blocks
 from .sparse_decode_ref import sparse_decode_reference
 
 NEG_INF = float("-inf")
@@ -349,23 +349,6 @@ class PrefillSelection:
         fi, fc = ascending_lists(self.mask)
         ri, rc = ascending_lists(self.mask.transpose(-1, -2))
         return fi, fc, ri, rc
-
-
-def ascending_lists(mask: torch.Tensor):
-    """[..., n] bool -> (indices [..., n] int32 of the set entries in ascending order, -1
-    padded; counts [...] int32) by a compaction (cumsum + scatter, no sort): the set entry
-    j goes to its rank among the set entries, an unset one to counts + its rank among the
-    unset ones, so the scatter is a permutation of each row."""
-    mask = mask.contiguous()
-    n = mask.shape[-1]
-    rank = mask.cumsum(-1, dtype=torch.int32)           # set entries up to and including j
-    counts = rank[..., -1].contiguous() if n else torch.zeros(mask.shape[:-1], dtype=torch.int32,
-                                                  device=mask.device)
-    j = torch.arange(n, dtype=torch.int32, device=mask.device)
-    slot = torch.where(mask, rank - 1, counts[..., None] + (j - rank))
-    idx = torch.empty_like(rank)
-    idx.scatter_(-1, slot.long(), torch.where(mask, j, torch.full_like(j, -1)))
-    return idx, counts
 
 
 def _promoted(x: torch.Tensor):

@@ -54,19 +54,33 @@ def topk_width(k: int, sink: int, local: int, max_blocks: int, rows: int = 1) ->
     return max(1, min(max_blocks, rows * max(k, sink + local)))
 
 
+def ascending_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., n] bool -> (indices [..., n] int32 of the set entries in ascending order, -1
+    padded; counts [...] int32) by a compaction (cumsum + scatter, no sort, no host sync):
+    the set entry j goes to its rank among the set entries, an unset one to counts + its
+    rank among the unset ones, so the scatter is a permutation of each row."""
+    mask = mask.contiguous()
+    n = mask.shape[-1]
+    rank = mask.cumsum(-1, dtype=torch.int32)           # set entries up to and including j
+    counts = rank[..., -1].contiguous() if n else torch.zeros(mask.shape[:-1], dtype=torch.int32,
+                                                  device=mask.device)
+    j = torch.arange(n, dtype=torch.int32, device=mask.device)
+    slot = torch.where(mask, rank - 1, counts[..., None] + (j - rank))
+    idx = torch.empty_like(rank)
+    idx.scatter_(-1, slot.long(), torch.where(mask, j, torch.full_like(j, -1)))
+    return idx, counts
+
+
 def mask_to_indices(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, H, NB] bool -> ascending indices [B, H, width] int32 (-1 padded), counts [B, H]."""
-    B, H, NB = mask.shape
-    counts = mask.sum(-1)
+    idx, counts = ascending_lists(mask)
+    # the width check is the one host sync: a selection cut short would drop blocks silently
     if counts.numel() and int(counts.max()) > width:
         raise ValueError(f"a selection of {int(counts.max())} blocks does not fit width {width}")
-    j = torch.arange(NB, device=mask.device).expand(B, H, NB)
-    keyed = torch.where(mask, j, torch.full_like(j, NB)).sort(-1).values
+    NB = mask.shape[-1]
     if NB < width:
-        keyed = torch.nn.functional.pad(keyed, (0, width - NB), value=NB)
-    idx = keyed[..., :width]
-    idx = torch.where(idx == NB, torch.full_like(idx, -1), idx)
-    return idx.to(torch.int32), counts.to(torch.int32)
+        return torch.nn.functional.pad(idx, (0, width - NB), value=-1), counts
+    return idx[..., :width].contiguous(), counts
 
 
 def _union(mask: torch.Tensor, rows: int) -> torch.Tensor:

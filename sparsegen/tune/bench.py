@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 
 from .worker import CandidateError, make_adapter
 
@@ -299,9 +299,7 @@ def time_graph(torch, adapter, sets, call=_call) -> float:
     def run(_):
         graph.replay()
 
-    ms = _median_ms(torch, run, _reps(torch, run, 3)) / len(sets)
-    del graph
-    return ms
+    return _median_ms(torch, run, _reps(torch, run, 3)) / len(sets)
 
 
 def evaluate(task: dict) -> dict:
@@ -338,10 +336,14 @@ def evaluate(task: dict) -> dict:
 # Rule kernels: inputs from the adapter's bench_inputs, gate against its reference
 # ---------------------------------------------------------------------------------------
 def _tensors(obj) -> list:
+    """The tensors of a kernel's inputs or outputs, in order: through tuples, lists, dicts
+    and dataclass instances (a method's result types, e.g. entmax.Selection)."""
     if isinstance(obj, (tuple, list)):
         return [t for o in obj for t in _tensors(o)]
     if isinstance(obj, dict):
         return [t for o in obj.values() for t in _tensors(o)]
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in fields(obj) for t in _tensors(getattr(obj, f.name))]
     return [obj] if hasattr(obj, "untyped_storage") else []
 
 

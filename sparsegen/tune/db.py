@@ -76,18 +76,25 @@ def detect_gpu(override: str | None = None) -> GpuId:
         return GpuId.parse(override)
     if os.environ.get("SPARSEGEN_GPU"):
         return GpuId.parse(os.environ["SPARSEGEN_GPU"], "$SPARSEGEN_GPU")
-    found = _gpu_from_driver()
-    if found:
-        return found
-    import torch
-
-    if not torch.cuda.is_available():
+    found = _gpu_from_driver() or torch_gpu()
+    if found is None:
         raise SparsegenError(
             "no CUDA GPU found: tuning measures kernels on a GPU. On a machine without one, "
             "name the GPU whose tuned results to use with --gpu-name 'NAME@9.0' (or "
             "$SPARSEGEN_GPU); then only a warm tuning database is read")
-    major, minor = torch.cuda.get_device_capability(0)
-    return GpuId(torch.cuda.get_device_name(0), f"{major}.{minor}")
+    return found
+
+
+def torch_gpu(device="cuda:0") -> GpuId | None:
+    """The GpuId of a torch device (name and capability as torch reports them), the key of
+    its tuned configs; None off CUDA."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return GpuId(torch.cuda.get_device_name(device), f"{major}.{minor}")
 
 
 def _gpu_from_driver() -> GpuId | None:
