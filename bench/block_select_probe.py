@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import gpu_facts, save_results, time_graph
+from bench.timing import gpu_facts, results_header, save_results, time_graph
 from sparsegen.codegen.select_kernels import ALGOS, SelectStatic, TritonBlockSelect
 from sparsegen.codegen.triton_kernel import next_pow2
 from sparsegen.methods import selection as sel
@@ -115,8 +115,7 @@ def main():
             rows += probe(shape, gen)
 
     def write_md(path):
-        L = [f"# block_select probe on {facts['gpu']}", "", f"- date: {facts['date']}",
-             f"- versions: {facts['versions']}", f"- command: `{facts['command']}`",
+        L = [*results_header("block_select probe", facts),
              (f"- {KV_HEADS} KV heads, sink {SINK}, local {LOCAL}; CUDA-graph median over 4 "
               "fresh score sets; every config checked against the torch reference first "
               "(random, tied and mixed-length scores)"), ""]

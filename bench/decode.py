@@ -30,7 +30,8 @@ from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
 from bench.baselines import cudnn_decode_variants  # noqa: E402
-from bench.timing import copy_bandwidth, gpu_facts, save_results, time_graph, time_plain  # noqa: E402
+from bench.timing import (copy_bandwidth, gpu_facts, results_header, save_results,  # noqa: E402
+                          time_graph, time_plain)
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 64
 PAGE = 64
@@ -183,10 +184,8 @@ def best_graph(row, name):
 
 
 def write_markdown(rows, facts, args, path):
-    lines = [f"# Sparse decode attention on {facts['gpu']}", "",
-             f"- date: {facts['date']}", f"- versions: {facts['versions']}",
+    lines = [*results_header("Sparse decode attention", facts),
              f"- measured copy bandwidth (read+write): {facts['copy_TBps']:.2f} TB/s",
-             f"- command: `{facts['command']}`",
              f"- Hq {HQ}, Hkv {HKV}, D {D}, block {BLOCK}, page {PAGE} (paged layout), "
              f"{ROTATE} input sets rotated; times are medians in ms; `graph` = CUDA-graph replay",
              "- speedup = cuDNN dense graph time / kernel graph time (paged rows use the "

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import methods_entmax_milestone as em  # noqa: E402
-from bench.timing import gpu_facts, rel_err, save_results, time_graph  # noqa: E402
+from bench.timing import gpu_facts, rel_err, results_header, save_results, time_graph  # noqa: E402
 from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxStatic,  # noqa: E402
                                               EntmaxTauTriton)
 from sparsegen.codegen.triton_decode import TritonSparseDecode  # noqa: E402
@@ -78,8 +78,7 @@ def main():
             rows.append(row)
 
     def write_md(path):
-        L = [f"# entmax decode probe on {facts['gpu']}", "", f"- date: {facts['date']}",
-             f"- versions: {facts['versions']}", f"- command: `{facts['command']}`",
+        L = [*results_header("entmax decode probe", facts),
              f"- B {B}, {n} tokens, Hq {em.HQ}, Hkv {em.HKV}, D {em.D}, block {em.BLOCK}, "
              f"scale {c:.3f}; tau {rows[0]['graph_ms']:.4f} ms (graph), config "
              f"{rows[0]['config']}; selected {rows[0]['mean_selected']:.0f} blocks on average, "

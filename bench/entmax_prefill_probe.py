@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import methods_entmax_milestone as em
 from bench.baselines import dense_prefill_fwd_bwd
-from bench.timing import gpu_facts, note, rel_err, save_results, time_plain
+from bench.timing import fmt, gpu_facts, note, rel_err, results_header, save_results, time_plain
 from sparsegen.codegen.entmax_kernels import EntmaxPrefillTriton, EntmaxStatic
 from sparsegen.codegen.entmax_pool import EntmaxPoolTriton
 from sparsegen.methods.entmax import EntmaxRule, entmax_prefill, prefill_selection
@@ -192,8 +192,9 @@ def kernel_configs(rows, q, k, v, sel, st, gen) -> dict:
     return out
 
 
-def whole(rows, rule, st, gen, config=None, label="default", dense=True):
-    """entmax_prefill fwd + bwd (Triton block ops, torch block level) vs dense SDPA."""
+def whole(rows, rule, st, gen, config=None, label="default", baselines=True):
+    """entmax_prefill fwd + bwd (Triton block ops) at one kernel config; with baselines, also
+    with the torch block level and dense SDPA (returns the best dense fwd + bwd ms)."""
     kern = EntmaxPrefillTriton(st, config)
     row = {"part": "whole", "label": label, "config": kern.config, "seq_len": T,
            "scale": rule.scale}
@@ -217,18 +218,16 @@ def whole(rows, rule, st, gen, config=None, label="default", dense=True):
             row["note"] = "WRONG prefill vs torch path"
             return
         a, b, c, ww = leaves(q, k, v, w)
-        for name, ops in (("ours", "auto"), ("torch_block", None))[:2 if dense else 1]:
-            def fwd_bwd(ops=ops):
-                out, _ = entmax_prefill(a, b, c, ww, rule, attention=kern.attention,
-                                        block_ops=ops)
-                out.backward(do)
-
+        paths = [("ours", "auto")] + ([("torch_block", None)] if baselines else [])
+        for name, ops in paths:
             def fwd(ops=ops):
                 with torch.no_grad():
                     entmax_prefill(a, b, c, ww, rule, attention=kern.attention, block_ops=ops)
-            row[f"{name}_fwd_bwd_ms"] = time_plain([fwd_bwd], warmup_ms=200, rep_ms=1000)
+            row[f"{name}_fwd_bwd_ms"] = time_plain(
+                [em.prefill_fwd_bwd(kern, a, b, c, ww, rule, do, block_ops=ops)],
+                warmup_ms=200, rep_ms=1000)
             row[f"{name}_fwd_ms"] = time_plain([fwd], warmup_ms=100, rep_ms=500)
-        dense_ms = dense_prefill_fwd_bwd(q, k, v, do, row, time_plain) if dense else None
+        dense_ms = dense_prefill_fwd_bwd(q, k, v, do, row, time_plain) if baselines else None
         if dense_ms:
             row["speedup_vs_best_dense"] = dense_ms / row["ours_fwd_bwd_ms"]
         return dense_ms
@@ -259,13 +258,8 @@ def profile(rule, st, config, path):
     print(table, flush=True)
 
 
-def fmt(x, spec=".2f"):
-    return format(x, spec) if isinstance(x, (int, float)) and math.isfinite(x) else "-"
-
-
 def write_md(path, rows, facts, base_cfg):
-    L = [f"# entmax prefill on {facts['gpu']}", "", f"- date: {facts['date']}",
-         f"- versions: {facts['versions']}", f"- command: `{facts['command']}`",
+    L = [*results_header("entmax prefill", facts),
          (f"- T {T}, B 1, Hq {em.HQ}, Hkv {em.HKV}, D {em.D}, block {em.BLOCK}, bf16, scale "
          f"{SCALE}; kernel default config {base_cfg}"), ""]
     for r in rows:
@@ -298,7 +292,7 @@ def write_md(path, rows, facts, base_cfg):
         m, n, pack, warps, stages = (r["config"][key] for key in PART_KEYS[r["part"]][:5])
         qrows = r["config"]["kv_qrows"] if r["part"] == "kv" else "-"
         L.append(f"| {r['part']} | {m} x {n} | {pack} | {warps} / {stages} | {qrows} | "
-                 f"{fmt(r.get('ms'))} | {fmt(r.get('err'), '.1e')} | {r.get('note', '')} |")
+                 f"{fmt(r.get('ms'), '.2f')} | {fmt(r.get('err'), '.1e')} | {r.get('note', '')} |")
     wholes = [r for r in rows if r["part"] == "whole"]
     if wholes:
         r0 = wholes[0]
@@ -312,12 +306,14 @@ def write_md(path, rows, facts, base_cfg):
               "|---|---|---|---|"]
         for r in wholes:
             L.append(f"| ours (Triton block ops), {r['label']} config | "
-                     f"{fmt(r.get('ours_fwd_ms'))} | {fmt(r.get('ours_fwd_bwd_ms'))} | "
-                     f"{fmt(r.get('speedup_vs_best_dense'))} |")
+                     f"{fmt(r.get('ours_fwd_ms'), '.2f')} | "
+                     f"{fmt(r.get('ours_fwd_bwd_ms'), '.2f')} | "
+                     f"{fmt(r.get('speedup_vs_best_dense'), '.2f')} |")
         L += [f"| ours with the torch block level, {r0['label']} config | "
-              f"{fmt(r0.get('torch_block_fwd_ms'))} | {fmt(r0.get('torch_block_fwd_bwd_ms'))} | |",
-              f"| dense flash | - | {fmt(r0.get('flash_fwd_bwd_ms'))} | |",
-              f"| dense cuDNN | - | {fmt(r0.get('cudnn_fwd_bwd_ms'))} | |"]
+              f"{fmt(r0.get('torch_block_fwd_ms'), '.2f')} | "
+              f"{fmt(r0.get('torch_block_fwd_bwd_ms'), '.2f')} | |",
+              f"| dense flash | - | {fmt(r0.get('flash_fwd_bwd_ms'), '.2f')} | |",
+              f"| dense cuDNN | - | {fmt(r0.get('cudnn_fwd_bwd_ms'), '.2f')} | |"]
     Path(path).write_text("\n".join(L) + "\n")
 
 
@@ -343,7 +339,7 @@ def main():
     if best != EntmaxPrefillTriton.default_config(st):
         others.append((best, "best of the sweep"))
     for config, label in others:
-        whole(rows, rule, st, gen, config, label, dense=False)
+        whole(rows, rule, st, gen, config, label, baselines=False)
         if dense_ms and rows[-1].get("ours_fwd_bwd_ms"):
             rows[-1]["speedup_vs_best_dense"] = dense_ms / rows[-1]["ours_fwd_bwd_ms"]
     stem = ROOT / "bench" / "results" / f"{facts['gpu_slug']}-entmax-prefill-probe"

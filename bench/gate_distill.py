@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import fmt, gpu_facts, note, save_results, time_graph, time_plain
+from bench.timing import fmt, gpu_facts, note, results_header, save_results, time_graph, time_plain
 from sparsegen.codegen.distill_kernels import (
     DistillStatic,
     TritonDistillTarget,
@@ -210,9 +210,7 @@ def bench_memory(seq_lens, gen, rows, batch=1):
 
 # --- report ----------------------------------------------------------------------------------
 def write_markdown(rows, facts, path):
-    lines = [f"# Gate self-distillation on {facts['gpu']}", "",
-             f"- date: {facts['date']}", f"- versions: {facts['versions']}",
-             f"- command: `{facts['command']}`",
+    lines = [*results_header("Gate self-distillation", facts),
              (f"- B 1, Hq {HQ}, Hkv {HKV}, D {D}, block {BS}, bf16; medians in ms; `graph` = "
               "CUDA-graph replay; every output checked against the plain-torch reference "
               "before timing"), ""]

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.baselines import dense_prefill_fwd_bwd, fastest_cudnn_decode  # noqa: E402
-from bench.timing import (fmt, gpu_facts, note, rel_err, save_results,  # noqa: E402
-                          time_graph, time_plain)
+from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa: E402
+                          save_results, time_graph, time_plain)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxPrefillTriton,  # noqa: E402
@@ -156,10 +156,10 @@ def prefill_inputs(T, gen, batch=1):
     return [t.requires_grad_() for t in (q, k, v, w)]
 
 
-def prefill_fwd_bwd(kern, q, k, v, w, rule, do):
+def prefill_fwd_bwd(kern, q, k, v, w, rule, do, block_ops="auto"):
     """entmax_prefill through kern, forward and backward of `do`, as a function of nothing."""
     def run():
-        out, _ = entmax_prefill(q, k, v, w, rule, attention=kern.attention)
+        out, _ = entmax_prefill(q, k, v, w, rule, attention=kern.attention, block_ops=block_ops)
         out.backward(do)
     return run
 
@@ -354,9 +354,7 @@ def bench_milestone(batch, prefill, budget, mem_tokens, ctx_tokens, rows, gen):
 
 # ---------------------------------------------------------------------------------------
 def write_markdown(rows, facts, path):
-    L = [f"# entmax and milestone rules on {facts['gpu']}", "",
-         f"- date: {facts['date']}", f"- versions: {facts['versions']}",
-         f"- command: `{facts['command']}`",
+    L = [*results_header("entmax and milestone rules", facts),
          f"- Hq {HQ}, Hkv {HKV}, D {D}, bf16; medians in ms; graph = CUDA-graph replay", ""]
     dec = [r for r in rows if r["part"] == "entmax_decode"]
     if dec:

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.baselines import fastest_cudnn_decode  # noqa: E402
-from bench.timing import (fmt, gpu_facts, note, rel_err, save_results,  # noqa: E402
-                          time_graph, time_plain)
+from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa: E402
+                          save_results, time_graph, time_plain)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.methods.decode_step import GateDecoder, TopkDecoder  # noqa: E402
@@ -204,9 +204,7 @@ def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, g
 
 
 def write_markdown(rows, facts, path):
-    lines = [f"# gate / topk decode step on {facts['gpu']}", "",
-             f"- date: {facts['date']}", f"- versions: {facts['versions']}",
-             f"- command: `{facts['command']}`",
+    lines = [*results_header("gate / topk decode step", facts),
              f"- Hq {HQ}, Hkv {HKV}, D {D}, bf16; medians in ms; `graph` = CUDA-graph replay",
              "- step = append K/V + metadata update + scoring + selection + Triton sparse "
              "attention; speedup = cuDNN SDPA graph time / step graph time (target >= 7x)",

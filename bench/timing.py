@@ -106,6 +106,13 @@ def gpu_facts() -> dict:
             "command": "python " + " ".join(sys.argv)}
 
 
+def results_header(title: str, facts: dict) -> list[str]:
+    """The first lines of a results file: what was measured, on which GPU, when, with which
+    versions, by which command."""
+    return [f"# {title} on {facts['gpu']}", "", f"- date: {facts['date']}",
+            f"- versions: {facts['versions']}", f"- command: `{facts['command']}`"]
+
+
 def save_results(stem, facts: dict, rows: list, write_markdown) -> None:
     """Write <stem>.json and <stem>.md (through write_markdown(path)), print the table and
     copy both to $OUT when set (the device tool brings $OUT back)."""
