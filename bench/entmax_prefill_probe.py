@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 from bench import methods_entmax_milestone as em
 from bench.baselines import dense_prefill_fwd_bwd
 from bench.timing import fmt, gpu_facts, note, rel_err, results_header, save_results, time_plain
-from sparsegen.codegen.entmax_kernels import EntmaxPrefillTriton, EntmaxStatic
+from sparsegen.codegen.entmax_kernels import EntmaxStatic
+from sparsegen.codegen.entmax_prefill import EntmaxPrefillTriton
 from sparsegen.codegen.entmax_pool import EntmaxPoolTriton
 from sparsegen.methods.entmax import EntmaxRule, entmax_prefill, prefill_selection
 from sparsegen.methods.selection import mask_to_indices

@@ -37,8 +37,9 @@ from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa
                           save_results, time_graph, time_plain)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
-from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxPrefillTriton,  # noqa: E402
-                                              EntmaxStatic, EntmaxTauTriton)
+from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxStatic,  # noqa: E402
+                                              EntmaxTauTriton)
+from sparsegen.codegen.entmax_prefill import EntmaxPrefillTriton  # noqa: E402
 from sparsegen.codegen.milestone_kernels import MilestoneScoreTriton, MilestoneStatic  # noqa: E402
 from sparsegen.methods.entmax import (EntmaxRule, block_summaries,  # noqa: E402
                                       entmax_prefill,
@@ -189,7 +190,8 @@ def bench_entmax_prefill(T, target, rows, gen):
     row = {"part": "entmax_prefill", "seq_len": T, "target_sparsity": target}
     rows.append(row)
     try:
-        kern = EntmaxPrefillTriton(ENTMAX_STATIC)
+        kern, row["kernel"] = prefill_kernel(T)
+        row["config"] = kern.config
         row["check_2k_err"] = check_prefill_2k(kern, gen)
         if not row["check_2k_err"] < 3e-2:
             row["note"] = "WRONG prefill vs torch path"
@@ -262,28 +264,53 @@ def paged_triton_attention(page_size):
     return decode_backend("triton")(st)
 
 
-def milestone_attention(page_size):
-    """The attention the emitted raas-milestone module runs (its nearest tuned bucket on
-    this GPU, from tuning_db/) when the example spec matches the bench's shape, else the
-    Triton default. Returns (attend, description)."""
+_PACKAGES: dict = {}
+
+
+def emitted(spec_stem):
+    """(spec, package module) of an example spec, built once from tuning_db/: the configs a
+    user of that spec gets on this GPU."""
     import tempfile
 
     from sparsegen.emit import build_package, load_package
     from sparsegen.plan import make_plan
     from sparsegen.spec import load_spec
 
-    spec = load_spec(ROOT / "examples" / "specs" / "raas-milestone.yaml")
+    if spec_stem not in _PACKAGES:
+        spec = load_spec(ROOT / "examples" / "specs" / f"{spec_stem}.yaml")
+        pkg = build_package(make_plan(spec), Path(tempfile.mkdtemp(prefix="sg-bench-")))
+        _PACKAGES[spec_stem] = spec, load_package(pkg)
+    return _PACKAGES[spec_stem]
+
+
+def milestone_attention(page_size):
+    """The attention the emitted raas-milestone module runs (its nearest tuned bucket on
+    this GPU, from tuning_db/) when the example spec matches the bench's shape, else the
+    Triton default. Returns (attend, description)."""
+    spec, mod = emitted("raas-milestone")
     m = spec.model
     if (m.num_q_heads, m.num_kv_heads, m.head_dim, m.dtype, spec.cache.page_size) != (
             HQ, HKV, D, "bf16", page_size):
         return paged_triton_attention(page_size), "triton default"
-    pkg = build_package(make_plan(spec), Path(tempfile.mkdtemp(prefix="sg-bench-")))
-    module = load_package(pkg).SparseDecodeAttention()
+    module = mod.SparseDecodeAttention()
 
     def attend(q, k, v, block_indices, block_counts, seq_lens, block_table=None):
         return module(q, k, v, block_indices, block_counts, seq_lens, block_table)
     attend.module = module
     return attend, "emitted raas-milestone module (tuned bucket)"
+
+
+def prefill_kernel(T):
+    """The token-level prefill kernel at the config the emitted dash-entmax module runs for
+    one T-token prompt (its nearest tuned bucket on this GPU) when the spec's statics are
+    the bench's, else the default. Returns (kernel, description)."""
+    from sparsegen.tune.db import torch_gpu
+
+    spec, mod = emitted("dash-entmax")
+    cfg = mod.rule_kernel_configs(torch_gpu().slug, 1, T).get("entmax_prefill")
+    if EntmaxStatic.from_spec(spec) != ENTMAX_STATIC or cfg is None:
+        return EntmaxPrefillTriton(ENTMAX_STATIC), "default config"
+    return EntmaxPrefillTriton(ENTMAX_STATIC, cfg), "emitted dash-entmax module (tuned bucket)"
 
 
 def bench_milestone(batch, prefill, budget, mem_tokens, ctx_tokens, rows, gen):
@@ -374,6 +401,8 @@ def write_markdown(rows, facts, path):
     pre = [r for r in rows if r["part"] == "entmax_prefill"]
     if pre:
         L += ["## entmax prefill forward + backward (B 1, block 64)", "",
+              *[f"- {r['seq_len']} tokens: {r.get('kernel', '-')}, config `{r.get('config')}`"
+                for r in pre], "",
               "| T | sparsity | ours fwd+bwd ms | ours fwd ms | selection fwd ms | flash fwd+bwd | "
               "cuDNN fwd+bwd | speedup vs best dense (>= 2) | check err (2K) | note |",
               "|" + "---|" * 10]

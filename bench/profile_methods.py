@@ -88,7 +88,7 @@ def part_milestone(gen):
 
 
 def part_prefill(gen):
-    from sparsegen.codegen.entmax_kernels import EntmaxPrefillTriton
+    from sparsegen.codegen.entmax_prefill import EntmaxPrefillTriton
     from sparsegen.methods.entmax import EntmaxRule
 
     kern = EntmaxPrefillTriton(em.ENTMAX_STATIC)

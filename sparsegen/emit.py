@@ -78,7 +78,7 @@ def build_package(plan, out_dir: str | Path, db: TuningDB | None = None) -> Path
             "spec_name": spec.name, "package": name, "spec_source": Path(spec.source).name,
             "kernel": decode.name, "num_q_heads": decode.num_q_heads,
             "num_kv_heads": decode.num_kv_heads, "static": decode.static.as_dict(),
-            "rule": spec.selection.rule, "version": _version()}))
+            "rule": spec.selection.rule, "phases": list(spec.phases), "version": _version()}))
         # swap in the new package whole: an importer never sees a half-written one
         if final.exists():
             old = out_dir / f".{name}.old"

@@ -195,7 +195,7 @@ def _other_config(adapter, static) -> dict:
 @pytest.mark.parametrize("spec_file,kernels", [
     ("seer-attention-r.yaml", ("gate_step", "gate_score", "block_select")),
     ("quest-topk.yaml", ("quest_meta", "quest_score", "block_select")),
-    ("dash-entmax.yaml", ("entmax_tau",)),
+    ("dash-entmax.yaml", ("entmax_tau", "entmax_prefill")),
     ("raas-milestone.yaml", ("milestone_score", "milestone_select")),
 ])
 def test_every_rule_kernel_runs_its_tuned_config(spec_file, kernels):
@@ -219,7 +219,7 @@ def test_every_rule_kernel_runs_its_tuned_config(spec_file, kernels):
         built = {"quest_meta": meta, "quest_score": select.score,
                  "block_select": select.select}
     elif spec.selection.rule == "entmax":
-        built = {"entmax_tau": dec.selector}
+        built = {"entmax_tau": dec.selector, "entmax_prefill": dec.prefill_kernel.__self__}
     else:
         built = {"milestone_score": dec.scorer, "milestone_select": dec.selector}
     for name in kernels:

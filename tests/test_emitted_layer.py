@@ -60,3 +60,47 @@ def test_layer_step_matches_the_rule_driven_by_hand(spec_path, tmp_path):
     assert layer.cache.lengths == [prompt + 40, prompt - 113 + 40]
     if rule == "gate":  # the gate is a submodule: trainable and saved with the layer
         assert any(n.startswith("gate.") for n, _ in layer.named_parameters())
+
+
+def test_entmax_layer_trains_its_pool_through_prefill_attention(tmp_path):
+    """The entmax layer's training forward: gradients reach q, k, v and the layer's pool
+    (a saved submodule) as in the method's torch prefill; a step of training changes the
+    pool the decode summarises new blocks with. Other rules say what to change."""
+    from sparsegen.methods.entmax import EntmaxRule, entmax_prefill
+
+    spec = load_spec(next(p for p in SPECS if p.stem == "dash-entmax"))
+    mod = load_package(build_package(make_plan(spec), tmp_path))
+    m = spec.model
+    layer = mod.SparseAttentionLayer(1, 256, dtype=torch.float64, impl="torch")
+    assert [n for n, _ in layer.named_parameters()] == ["pool.w"]
+    assert "pool.w" in layer.state_dict()
+    g = torch.Generator().manual_seed(3)
+    T = 200  # four blocks of 64 and a partial one
+    q = torch.randn(1, T, m.num_q_heads, m.head_dim, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, T, m.num_kv_heads, m.head_dim, generator=g, dtype=torch.float64)
+            for _ in range(2))
+    with torch.no_grad():
+        layer.pool.w.normal_(generator=g)
+    w0 = layer.pool.w.detach().clone()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = layer.prefill_attention(*leaves)
+    do = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(do)
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v, w0)]
+    rule = EntmaxRule.from_spec(spec)
+    want, _ = entmax_prefill(*ref_leaves, rule, block_ops=None)
+    want.backward(do)
+    torch.testing.assert_close(out, want)
+    for a, b in zip([t.grad for t in leaves] + [layer.pool.w.grad],
+                    [t.grad for t in ref_leaves]):
+        torch.testing.assert_close(a, b)
+    assert layer.pool.w.grad.abs().sum() > 0
+    torch.optim.SGD(layer.pool.parameters(), lr=10.0).step()
+    assert not torch.equal(layer.decoder.w, w0)
+    torch.testing.assert_close(layer.decoder.w, layer.pool.w.detach(), rtol=0, atol=0)
+
+    quest = load_spec(next(p for p in SPECS if p.stem == "quest-topk"))
+    other = load_package(build_package(make_plan(quest), tmp_path / "o"))
+    lay = other.SparseAttentionLayer(1, 256, dtype=torch.float32, impl="torch")
+    with pytest.raises(ValueError, match="rule 'topk'.*add `prefill` to phases"):
+        lay.prefill_attention(q.float(), k.float(), v.float())

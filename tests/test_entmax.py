@@ -21,10 +21,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxPrefillTriton,  # noqa: E402
-                                              EntmaxStatic, EntmaxTauTriton)
+from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxStatic,  # noqa: E402
+                                              EntmaxTauTriton)
+from sparsegen.codegen.entmax_prefill import EntmaxPrefillTriton  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
-from sparsegen.methods.entmax import (EntmaxDecoder, EntmaxRule, block_summaries,  # noqa: E402
+from sparsegen.methods.entmax import (EntmaxDecoder, EntmaxPool, EntmaxRule, block_summaries,  # noqa: E402
                                       entmax, entmax_forward,
                                       entmax_prefill, select_blocks)
 from sparsegen.methods.kv_cache import KVCache  # noqa: E402
@@ -277,7 +278,7 @@ def test_long_decode_matches_scratch_reference(layout, prior):
     w = 0.3 * torch.randn(Hkv, D, generator=g, dtype=F64)
     cache = KVCache(B, Hkv, D, cap, dtype=F64, layout=layout,
                     page_size=16 if layout == "paged" else 0)
-    dec = EntmaxDecoder(rule, Hkv * G, Hkv, D, pool_weight=w, compute_dtype=F64)
+    dec = EntmaxDecoder(rule, Hkv * G, Hkv, D, pool=EntmaxPool(Hkv, D, w), compute_dtype=F64)
     K = torch.randn(B, cap, Hkv, D, generator=g, dtype=F64)
     V = torch.randn(B, cap, Hkv, D, generator=g, dtype=F64)
     # ragged prompts: sequence 1 starts shorter, so both hit block boundaries at other steps
@@ -316,7 +317,7 @@ def test_decoder_on_triton_kernels_matches_torch_decoder():
                                        "block_n": 16, "num_stages": 1, "num_warps": 2})
     for selector in (None, kern_sel):
         cache = KVCache(B, Hkv, D, 256, dtype=torch.float32)
-        dec = EntmaxDecoder(rule, Hkv * G, Hkv, D, pool_weight=w, selector=selector)
+        dec = EntmaxDecoder(rule, Hkv * G, Hkv, D, pool=EntmaxPool(Hkv, D, w), selector=selector)
         dec.prefill(cache, prompt_k, prompt_v, lengths=[200, 190])
         decs.append(dec)
         caches.append(cache)
@@ -366,6 +367,7 @@ def test_from_spec():
 _COMPILE = r"""
 import json, sys
 from sparsegen.codegen.entmax_kernels import *
+from sparsegen.codegen.entmax_prefill import *
 from sparsegen.codegen.milestone_kernels import *
 out = {}
 for name, st in [("bf16-64-128", EntmaxStatic(64, 128, 4, "bf16")),

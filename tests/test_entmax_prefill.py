@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsegen.codegen.entmax_kernels import EntmaxPrefillTriton, EntmaxStatic
+from sparsegen.codegen.entmax_kernels import EntmaxStatic
+from sparsegen.codegen.entmax_prefill import EntmaxPrefillTriton
 from sparsegen.codegen.entmax_pool import EntmaxPoolTriton
 from sparsegen.methods.entmax import (
     TORCH_BLOCK_OPS,
@@ -26,6 +27,7 @@ from sparsegen.methods.entmax import (
     entmax_prefill,
     prefill_selection,
     token_attention,
+    token_attention_grads,
 )
 from sparsegen.methods.selection import ascending_lists
 from tests.interp import needs_interp, only_if_not_interpreted, rerun_in_interpreter
@@ -266,6 +268,53 @@ def test_prefill_kernel_idx_ptx_matches_default_and_fp64(T, bs, D, G, dtype, til
     assert got[0][4].abs().sum() > 0
 
 
+def test_token_attention_grads_chunks_match_one_autograd_pass():
+    """The tuner's blockwise reference (row chunks, each with its own backward) equals one
+    autograd pass of token_attention over the whole sequence, in fp64; chunks that split
+    query blocks and a length not a multiple of the block included."""
+    B, Hkv, G, D, bs, T = 2, 2, 3, 16, 16, 75
+    mask, bias = _random_selection(B, Hkv, T, bs, 0.4, seed=11)
+    bias = bias.double()
+    q, k, v, _ = _inputs(B, T, Hkv, G, D, F64, seed=12)
+    do = torch.randn(q.shape, generator=_gen(13), dtype=F64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    ref = token_attention(*leaves[:3], mask, leaves[3], bs)
+    ref.backward(do)
+    want = [ref.detach()] + [t.grad for t in leaves]
+    row_bytes = B * Hkv * G * T * 4
+    for rows in (T, 16, 7):
+        got = token_attention_grads(q, k, v, mask, bias, bs, do, chunk_bytes=rows * row_bytes)
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"{name} rows={rows}")
+
+
+@needs_interp
+@pytest.mark.parametrize("seq_len,budget", [(100, 3), (64, None)])
+def test_prefill_tuner_protocol(seq_len, budget):
+    """bench_inputs draws a causal selection near the budget's share (always the sink,
+    local and diagonal blocks), and __call__ (forward + backward through the kernels)
+    matches the adapter's reference on it, as the tuner's gate checks."""
+    st = EntmaxStatic(block_size=16, head_dim=16, group_size=2, dtype="fp16")
+    kern = EntmaxPrefillTriton(st, _prefill_config(st, block_m=16, block_n=16, dq_m=16,
+                                                   dq_n=16, kv_m=16, kv_n=16))
+    inputs = kern.bench_inputs(st, 2, seq_len, kv_heads=2, budget_blocks=budget,
+                               device="cpu", seed=3)
+    sel = inputs["sel"]
+    nq = -(-seq_len // 16)
+    diag = torch.eye(nq, dtype=torch.bool)
+    assert sel.mask[..., diag].all() and not sel.mask.triu(1).any()
+    assert sel.mask[..., :, 0].all()                               # the sink block
+    assert (sel.bias[~sel.mask] == 0).all() and (sel.bias <= 0).all()
+    got = kern(**inputs)
+    want = kern.reference(**inputs)
+    assert len(got) == len(want) == 5
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), got, want):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2, msg=name)
+    with pytest.raises(ValueError, match="positive"):
+        kern.bench_inputs(st, 0, seq_len, device="cpu")
+
+
 def test_idx_ptx_config_checked():
     st = EntmaxStatic(64, 128, 4, "bf16")
     assert EntmaxPrefillTriton.check_config(st, _prefill_config(st, idx_ptx=1)) is None
@@ -283,7 +332,8 @@ def test_idx_ptx_config_checked():
 
 _COMPILE_PREFILL = r"""
 import json
-from sparsegen.codegen.entmax_kernels import EntmaxPrefillTriton, EntmaxStatic
+from sparsegen.codegen.entmax_kernels import EntmaxStatic
+from sparsegen.codegen.entmax_prefill import EntmaxPrefillTriton
 st = EntmaxStatic(64, 128, 4, "bf16")
 base = EntmaxPrefillTriton.default_config(st)
 tiles = {"default": {}, "tiles2": {"dq_n": 32, "block_n": 32},

@@ -166,15 +166,12 @@ def test_bad_shapes_get_clear_errors():
 
 @pytest.mark.parametrize("spec_file", sorted(p.name for p in SPECS.glob("*.yaml")))
 def test_every_rule_kernel_of_the_examples_is_tunable(spec_file):
-    """No rule kernel is left for the tuner's 'has no bench_inputs/reference' note (the
-    entmax prefill kernel, outside the decode step, excepted); bench_inputs takes what
-    the plan hands it and its references run on a small shape."""
+    """No rule kernel is left for the tuner's 'has no bench_inputs/reference' note;
+    bench_inputs takes what the plan hands it and its references run on a small shape."""
     plan = make_plan(load_spec(SPECS / spec_file))
     kernels = rule_kernel_plans(plan)
     assert kernels
     for k in kernels:
-        if k.name == "entmax_prefill":
-            continue
         assert k.tunable, k.name
         space = k.adapter.tunable_space(k.static)
         assert sum(len(v) > 1 for v in space.values()) >= 1, k.name  # a real space

@@ -5,7 +5,8 @@ reference / __call__)."""
 from __future__ import annotations
 
 from .distill_kernels import DistillStatic, TritonDistillTarget
-from .entmax_kernels import EntmaxDecodeTriton, EntmaxPrefillTriton, EntmaxStatic, EntmaxTauTriton
+from .entmax_kernels import EntmaxDecodeTriton, EntmaxStatic, EntmaxTauTriton
+from .entmax_prefill import EntmaxPrefillTriton
 from .gate_kernels import GateScoreStatic, GateStepStatic, TritonGateScore, TritonGateStep
 from .milestone_kernels import (MilestoneScoreTriton, MilestoneSelectStatic,
                                 MilestoneSelectTriton, MilestoneStatic)

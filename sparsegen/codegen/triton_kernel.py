@@ -31,6 +31,9 @@ def _resource_usage(cubin: bytes, name: str) -> dict:
 
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+SMEM_LIMIT = 232448   # 227 KB: the most dynamic shared memory one H100 CTA may take
+LOG2E = 1.4426950408889634
 TRITON_PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 _SHARED: dict = {}  # (adapter class, static, config) -> instance, see TritonKernel.shared

@@ -60,13 +60,17 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
     if rule == "entmax":
         from .entmax import EntmaxDecoder
 
-        selector = None
+        selector = prefill = None
         if impl == "triton":
             from ..codegen.entmax_kernels import EntmaxStatic, EntmaxTauTriton
+            from ..codegen.entmax_prefill import EntmaxPrefillTriton
 
-            selector = EntmaxTauTriton(EntmaxStatic.from_spec(spec), kc.get("entmax_tau"),
+            static = EntmaxStatic.from_spec(spec)
+            selector = EntmaxTauTriton(static, kc.get("entmax_tau"),
                                        scale=spec.selection.entmax.scale)
-        return EntmaxDecoder.from_spec(spec, selector=selector)
+            if "prefill" in spec.phases:
+                prefill = EntmaxPrefillTriton(static, kc.get("entmax_prefill")).attention
+        return EntmaxDecoder.from_spec(spec, selector=selector, prefill_attention=prefill)
     if rule == "milestone":
         from .milestone import MilestoneDecoder
 

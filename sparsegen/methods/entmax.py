@@ -160,6 +160,20 @@ def block_summaries(k: torch.Tensor, w: torch.Tensor, block_size: int,
     return pool_blocks(kb, w)
 
 
+class EntmaxPool(torch.nn.Module):
+    """The learned block-summary pooling of DashAttention: one vector per KV head, the
+    softmax over a block of k . w weighs its keys (zeros: the mean). Trained through the
+    prefill (EntmaxDecoder.prefill_attention), read by the decode summaries."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int, weight: torch.Tensor | None = None):
+        super().__init__()
+        w = torch.zeros(num_kv_heads, head_dim) if weight is None else weight.detach().clone()
+        if tuple(w.shape) != (num_kv_heads, head_dim):
+            raise ValueError(f"pool weight must be [num_kv_heads, head_dim] = "
+                             f"[{num_kv_heads}, {head_dim}], got {tuple(w.shape)}")
+        self.w = torch.nn.Parameter(w)
+
+
 # ---------------------------------------------------------------------------------------
 # Decode selection
 # ---------------------------------------------------------------------------------------
@@ -242,16 +256,23 @@ class EntmaxDecoder:
     """
 
     def __init__(self, rule: EntmaxRule, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 pool_weight: torch.Tensor | None = None, selector=None,
-                 compute_dtype=torch.float32):
+                 pool: EntmaxPool | None = None, selector=None,
+                 compute_dtype=torch.float32, prefill_attention=None):
         self.rule = rule
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
-        self.w = (torch.zeros(num_kv_heads, head_dim) if pool_weight is None
-                  else pool_weight.detach())
+        self.pool = pool if pool is not None else EntmaxPool(num_kv_heads, head_dim)
         self.compute_dtype = compute_dtype
         self.selector = selector
+        # token level of the training prefill (EntmaxPrefillTriton.attention); None: torch
+        self.prefill_kernel = prefill_attention
         self.summaries = None  # [B, Hkv, capacity blocks, D] in the cache dtype
         self.last_selection: Selection | None = None
+
+    @property
+    def w(self) -> torch.Tensor:
+        """The pooling vectors as they are now (a trained pool changes the summaries of the
+        blocks that fill from then on)."""
+        return self.pool.w.detach()
 
     @classmethod
     def from_spec(cls, spec, **kw) -> "EntmaxDecoder":
@@ -263,7 +284,7 @@ class EntmaxDecoder:
             blocks = math.ceil(cache.capacity / self.rule.block_size)
             self.summaries = torch.zeros(cache.batch, cache.kv_heads, blocks, cache.head_dim,
                                          dtype=cache.k.dtype, device=cache.device)
-            self.w = self.w.to(cache.device)
+            self.pool.to(cache.device)
 
     def _summarize(self, kb: torch.Tensor) -> torch.Tensor:
         """kb [n, bs, Hkv, D] -> [Hkv, n, D] in the summary dtype."""
@@ -330,6 +351,18 @@ class EntmaxDecoder:
         return attend(q, block_indices=sel.indices, block_counts=sel.counts,
                       block_bias=sel.bias if self.rule.prior else None,
                       **cache.attention_args())
+
+
+    def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          sm_scale: float | None = None) -> torch.Tensor:
+        """The method's training forward over prompts q [B, T, Hq, D], k, v [B, T, Hkv, D]:
+        causal block-sparse entmax attention (entmax_prefill), differentiable in q, k, v and
+        the pool's w. The generated kernels run it for 16-bit CUDA inputs, torch otherwise."""
+        fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+        out, _ = entmax_prefill(q, k, v, self.pool.w, self.rule,
+                                attention=self.prefill_kernel if fast else None,
+                                sm_scale=sm_scale, block_ops="auto" if fast else None)
+        return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -447,24 +480,46 @@ def prefill_selection(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
     return PrefillSelection(mask, bias, pbar)
 
 
-def token_attention(q, k, v, mask, bias, block_size, sm_scale=None):
+def token_attention(q, k, v, mask, bias, block_size, sm_scale=None, row0: int = 0):
     """Torch path of the token level: causal attention restricted to the selected blocks
-    with the block bias on the logits. q [B, T, Hq, D]; k, v [B, T, Hkv, D]; mask/bias
-    [B, Hkv, nq, nk]. Dense [T, T] logits: for CPU, small shapes and gradcheck."""
-    B, T, Hq, D = q.shape
-    Hkv = k.shape[2]
+    with the block bias on the logits. q [B, Tq, Hq, D] holds the sequence's rows row0 ..
+    row0 + Tq; k, v [B, T, Hkv, D] all of it; mask/bias [B, Hkv, nq, nk]. Dense [Tq, T]
+    logits: for CPU, small shapes and gradcheck (token_attention_grads chunks the rows)."""
+    B, Tq, Hq, D = q.shape
+    T, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
     scale = D ** -0.5 if sm_scale is None else sm_scale
-    blk = torch.arange(T, device=q.device) // block_size
-    tok_mask = mask[:, :, blk][..., blk]  # [B, Hkv, T, T]
-    tok_bias = bias[:, :, blk][..., blk]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    allowed = (tok_mask & causal).repeat_interleave(G, dim=1)
+    rows = torch.arange(row0, row0 + Tq, device=q.device)
+    cols = torch.arange(T, device=q.device)
+    tok_mask = mask[:, :, rows // block_size][..., cols // block_size]  # [B, Hkv, Tq, T]
+    tok_bias = bias[:, :, rows // block_size][..., cols // block_size]
+    allowed = (tok_mask & (cols[None, :] <= rows[:, None])).repeat_interleave(G, dim=1)
     logits = torch.einsum("bthd,bshd->bhts", q, k.repeat_interleave(G, dim=2)) * scale
     logits = logits + tok_bias.repeat_interleave(G, dim=1)
     logits = logits.masked_fill(~allowed, NEG_INF)
     p = torch.softmax(logits, -1)
     return torch.einsum("bhts,bshd->bthd", p, v.repeat_interleave(G, dim=2))
+
+
+def token_attention_grads(q, k, v, mask, bias, block_size, do, sm_scale=None,
+                          chunk_bytes: int = 1 << 30):
+    """Reference forward + backward of the token level at any length: (out, dq, dk, dv,
+    dbias) in fp32 (fp64 for fp64 inputs) for the output gradient `do`. Autograd through
+    token_attention over row chunks whose [B, Hq, rows, T] logits stay near chunk_bytes, so
+    memory is linear in T per chunk; the chunks' k, v and bias gradients add up."""
+    dt = _promoted(q)
+    B, T, Hq, _ = q.shape
+    k, v, bias = (t.detach().to(dt).requires_grad_() for t in (k, v, bias))
+    rows = max(1, min(T, chunk_bytes // max(1, B * Hq * T * 4)))
+    outs, dqs = [], []
+    for r0 in range(0, T, rows):
+        qc = q[:, r0:r0 + rows].detach().to(dt).requires_grad_()
+        with torch.enable_grad():
+            o = token_attention(qc, k, v, mask, bias, block_size, sm_scale, row0=r0)
+            o.backward(do[:, r0:r0 + rows].to(dt))
+        outs.append(o.detach())
+        dqs.append(qc.grad)
+    return torch.cat(outs, 1), torch.cat(dqs, 1), k.grad, v.grad, bias.grad
 
 
 def entmax_prefill(q, k, v, w, rule: EntmaxRule, attention=None, sm_scale=None,
