@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.baselines import dense_prefill_fwd_bwd, fastest_cudnn_decode  # noqa: E402
+from bench.emitted import emitted, tuned_rule_configs  # noqa: E402
 from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa: E402
                           save_results, time_graph, time_plain)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
@@ -264,25 +265,6 @@ def paged_triton_attention(page_size):
     return decode_backend("triton")(st)
 
 
-_PACKAGES: dict = {}
-
-
-def emitted(spec_stem):
-    """(spec, package module) of an example spec, built once from tuning_db/: the configs a
-    user of that spec gets on this GPU."""
-    import tempfile
-
-    from sparsegen.emit import build_package, load_package
-    from sparsegen.plan import make_plan
-    from sparsegen.spec import load_spec
-
-    if spec_stem not in _PACKAGES:
-        spec = load_spec(ROOT / "examples" / "specs" / f"{spec_stem}.yaml")
-        pkg = build_package(make_plan(spec), Path(tempfile.mkdtemp(prefix="sg-bench-")))
-        _PACKAGES[spec_stem] = spec, load_package(pkg)
-    return _PACKAGES[spec_stem]
-
-
 def milestone_attention(page_size):
     """The attention the emitted raas-milestone module runs (its nearest tuned bucket on
     this GPU, from tuning_db/) when the example spec matches the bench's shape, else the
@@ -304,13 +286,11 @@ def prefill_kernel(T):
     """The token-level prefill kernel at the config the emitted dash-entmax module runs for
     one T-token prompt (its nearest tuned bucket on this GPU) when the spec's statics are
     the bench's, else the default. Returns (kernel, description)."""
-    from sparsegen.tune.db import torch_gpu
-
-    spec, mod = emitted("dash-entmax")
-    cfg = mod.rule_kernel_configs(torch_gpu().slug, 1, T).get("entmax_prefill")
-    if EntmaxStatic.from_spec(spec) != ENTMAX_STATIC or cfg is None:
+    cfg = tuned_rule_configs("dash-entmax", {"entmax_prefill": ENTMAX_STATIC}, 1, T)
+    if "entmax_prefill" not in cfg:
         return EntmaxPrefillTriton(ENTMAX_STATIC), "default config"
-    return EntmaxPrefillTriton(ENTMAX_STATIC, cfg), "emitted dash-entmax module (tuned bucket)"
+    return (EntmaxPrefillTriton(ENTMAX_STATIC, cfg["entmax_prefill"]),
+            "emitted dash-entmax module (tuned bucket)")
 
 
 def bench_milestone(batch, prefill, budget, mem_tokens, ctx_tokens, rows, gen):

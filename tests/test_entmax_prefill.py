@@ -328,6 +328,11 @@ def test_idx_ptx_config_checked():
     del cfg["kv_n"]
     assert "missing keys ['kv_n']" in EntmaxPrefillTriton.check_config(st, cfg)
     assert EntmaxPrefillTriton.tunable_space(st)["idx_ptx"] == [0, 1]
+    # the dk/dv variant Triton miscompiles for sm_90 is never built
+    corner = _prefill_config(st, kv_qrows=1, kv_stages=1, kv_n=32, kv_m=32, kv_pack=2)
+    assert "miscompiled" in EntmaxPrefillTriton.check_config(st, corner)
+    assert EntmaxPrefillTriton.check_config(st, {**corner, "kv_n": 64}) is None
+    assert EntmaxPrefillTriton.check_config(st, {**corner, "kv_stages": 2}) is None
 
 
 _COMPILE_PREFILL = r"""

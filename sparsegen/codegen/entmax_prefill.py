@@ -122,6 +122,12 @@ class EntmaxPrefillTriton(TritonKernel):
         for key in ("kv_qrows", "idx_ptx"):
             if config[key] not in (0, 1):
                 return f"{key}={config[key]} not in (0, 1)"
+        if config["kv_qrows"] and config["kv_stages"] == 1 and config["kv_n"] < static.block_size:
+            # Triton 3.6's sm_90 build of this dk/dv variant wrote NaN dk (kv_m 64, kv_n 16,
+            # kv_pack 4) or faulted (kv_m 32, kv_n 32, kv_pack 2) on the H100, while the same
+            # tiles pass under the interpreter and at kv_stages 2, kv_n = block or kv_qrows 0
+            # (bench/results/H100-tune-dash-prefill.log)
+            return "kv_qrows=1 at kv_stages=1 needs kv_n = block_size (miscompiled otherwise)"
         smem = cls.smem_bytes(static, config)
         if smem > SMEM_LIMIT:
             return f"shared memory estimate {smem} B exceeds {SMEM_LIMIT} B"

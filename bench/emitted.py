@@ -1,0 +1,40 @@
+"""The emitted package of an example spec, as a bench's source of the configs a user gets.
+
+Benches time the method kernels at the configs the emitted module would run on this GPU (its
+nearest tuned bucket in tuning_db/), where the bench's kernel statics are the example spec's;
+elsewhere they fall back to the kernels' defaults and say so.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_PACKAGES: dict = {}
+
+
+def emitted(spec_stem: str):
+    """(spec, package module) of examples/specs/<spec_stem>.yaml, built once from
+    tuning_db/."""
+    from sparsegen.emit import build_package, load_package
+    from sparsegen.plan import make_plan
+    from sparsegen.spec import load_spec
+
+    if spec_stem not in _PACKAGES:
+        spec = load_spec(ROOT / "examples" / "specs" / f"{spec_stem}.yaml")
+        pkg = build_package(make_plan(spec), Path(tempfile.mkdtemp(prefix="sg-bench-")))
+        _PACKAGES[spec_stem] = spec, load_package(pkg)
+    return _PACKAGES[spec_stem]
+
+
+def tuned_rule_configs(spec_stem: str, statics: dict, batch: int, seq_len: int) -> dict:
+    """{rule kernel name: config} the emitted module of spec_stem runs at (batch, seq_len)
+    on this GPU, for the kernels whose statics ({name: static}) equal the spec's; the others
+    are left out (they run their defaults)."""
+    from sparsegen.codegen.rule_kernels import rule_kernels
+    from sparsegen.tune.db import torch_gpu
+
+    spec, mod = emitted(spec_stem)
+    same = {name for name, _cls, static in rule_kernels(spec) if statics.get(name) == static}
+    tuned = mod.rule_kernel_configs(torch_gpu().slug, batch, seq_len)
+    return {name: cfg for name, cfg in tuned.items() if name in same}
