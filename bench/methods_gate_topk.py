@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.baselines import fastest_cudnn_decode  # noqa: E402
+from bench.emitted import tuned_rule_configs  # noqa: E402
 from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa: E402
                           save_results, time_graph, time_plain)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
@@ -42,12 +43,15 @@ from sparsegen.methods.decode_step import GateDecoder, TopkDecoder  # noqa: E402
 from sparsegen.methods.gate import AttnGate  # noqa: E402
 from sparsegen.methods.kv_cache import KVCache  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
-from sparsegen.spec import SelectionSpec, TopkParams  # noqa: E402
+from sparsegen.codegen.rule_kernels import rule_kernels  # noqa: E402
+from sparsegen.spec import parse_spec  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 G = HQ // HKV
 DT = torch.bfloat16
 ROTATE = 4
+# example specs whose tuned rule-kernel configs a bench row runs when its statics are theirs
+TUNED_EXAMPLES = ("seer-attention-r", "nsa-topk", "quest-topk")
 PAGE_SIZE = 256  # of the paged caches `build` makes
 # (name, rule, block size, topk score, topk group)
 RULES = [("gate", "gate", 64, None, None),
@@ -56,31 +60,54 @@ RULES = [("gate", "gate", 64, None, None),
          ("nsa-mean-shared-b64", "topk", 64, "mean_pooled", "shared")]
 
 
-def selection_spec(rule, bs, score, group, seq_len, sparsity):
-    """Budget for `sparsity` of the blocks skipped. Quest per_head selects k blocks per query
-    head and the KV head attends their union (up to G x k), so there k = budget / G."""
+def bench_spec(rule, bs, score, group, seq_len, sparsity):
+    """The spec of one bench row: Hq 32 / Hkv 8 / D 128 bf16, contiguous, a budget for
+    `sparsity` of the blocks skipped. Quest per_head selects k blocks per query head and the
+    KV head attends their union (up to G x k), so there k = budget / G."""
     share = (1 - sparsity) / (G if group == "per_head" else 1)
     budget = max(2, round(share * seq_len / bs)) * bs
+    sel = {"rule": rule, "block_size": bs, "sink_blocks": 1, "local_blocks": 1,
+           "budget_tokens": budget}
     if rule == "gate":
-        return SelectionSpec(rule="gate", block_size=bs, sink_blocks=1, local_blocks=1,
-                             budget_tokens=budget)
-    return SelectionSpec(rule="topk", block_size=bs, sink_blocks=1, local_blocks=1,
-                         budget_tokens=budget, topk=TopkParams(score, group))
+        sel["gate"] = {"d_gate": 128}
+    else:
+        sel["topk"] = {"score": score, "group": group}
+    return parse_spec(json.dumps({
+        "name": "bench", "model": {"num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D,
+                                   "dtype": "bf16", "num_layers": 1},
+        "cache": {"layout": "contiguous"}, "selection": sel}), "bench")
 
 
-def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="triton"):
+def tuned_configs(spec, batch, seq_len):
+    """The rule-kernel configs the emitted module of an example spec with the same kernel
+    statics runs at this shape on this GPU (its nearest tuned bucket); kernels no example
+    shares run their defaults. Returns ({kernel: config}, {kernel: example spec})."""
+    statics = {name: static for name, _cls, static in rule_kernels(spec)}
+    configs, source = {}, {}
+    for stem in TUNED_EXAMPLES:
+        for name, cfg in tuned_rule_configs(stem, statics, batch, seq_len).items():
+            configs.setdefault(name, cfg)
+            source.setdefault(name, stem)
+    return configs, source
+
+
+def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="triton",
+          tuned=True):
     """A cache of seq_len - 1 random tokens per sequence, its rule state filled by prefill,
-    and the decoder."""
+    and the decoder (at the tuned rule-kernel configs where an example spec shares them).
+    Returns (cache, decoder, {kernel: example spec whose tuned config it runs})."""
     cap = seq_len + 256  # room for the check loop's steps at any block size
     cache = KVCache(batch, HKV, D, cap, dtype=DT, device="cuda", layout=layout,
                     page_size=PAGE_SIZE if layout == "paged" else 0)
     n = seq_len - 1
-    sel = selection_spec(rule, bs, score, group, seq_len, sparsity)
+    spec = bench_spec(rule, bs, score, group, seq_len, sparsity)
+    cfgs, source = tuned_configs(spec, batch, seq_len) if tuned else ({}, {})
     if rule == "gate":
-        gate = AttnGate(HQ, HKV, D, bs, d_gate=128).cuda()
-        dec = GateDecoder(gate, sel, batch, cap, device="cuda", impl=impl, kc_dtype=DT)
+        gate = AttnGate.from_spec(spec).cuda()
+        dec = GateDecoder.from_spec(spec, gate, batch, cap, device="cuda", impl=impl,
+                                    kc_dtype=DT, kernel_configs=cfgs)
     else:
-        dec = TopkDecoder(sel, HQ, cache, impl=impl)
+        dec = TopkDecoder.from_spec(spec, cache, impl=impl, kernel_configs=cfgs)
     chunk = 8192
     for b in range(batch):
         for s in range(0, n, chunk):
@@ -92,7 +119,7 @@ def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="t
                 dec.state.extend(b, k[0] * 0.5, start)   # stand-in for the pre-RoPE keys
             else:
                 dec.meta.fill(cache, b, start, stop)
-    return cache, dec
+    return cache, dec, source
 
 
 def triton_attention(bs, layout):
@@ -110,17 +137,22 @@ def step_inputs(batch, gen):
     return q, k, v, qn, kn
 
 
-def step_fn(dec, cache, attend, q, k_new, v_new, qn, kn, n):
-    """One decode step at a fixed length: reset the cache to n tokens, then step (capturable:
-    the reset is a device fill, the rest never syncs)."""
+def step_fn(dec, cache, attend, q, k_new, v_new, qn, kn, n, steps=1):
+    """`steps` decode steps from a cache reset to n tokens (capturable: the reset is a device
+    fill, the rest never syncs). One step from n = seq_len - 1 is the block-filling step
+    (the gate's costliest: it also projects the filled block into the compression cache);
+    block_size steps from seq_len - block_size cover every position of a block once."""
     is_gate = isinstance(dec, GateDecoder)
 
     def run():
         cache.lengths = [n] * cache.batch
         cache.seq_lens.fill_(n)
-        if is_gate:
-            return dec.step(q, k_new, v_new, cache, attend, q_nope=qn, k_nope=kn)
-        return dec.step(q, k_new, v_new, cache, attend)
+        for _ in range(steps):
+            if is_gate:
+                out = dec.step(q, k_new, v_new, cache, attend, q_nope=qn, k_nope=kn)
+            else:
+                out = dec.step(q, k_new, v_new, cache, attend)
+        return out
     return run
 
 
@@ -133,7 +165,7 @@ def check_rule(name, rule, bs, score, group, layout, gen, rows):
     """Kernels vs references at a small shape: selection agreement over steps, outputs."""
     row = {"part": "check", "rule": name, "layout": layout}
     try:
-        cache, dec = build(rule, bs, score, group, 2, 8192 + 37, 0.9, layout, gen)
+        cache, dec, _ = build(rule, bs, score, group, 2, 8192 + 37, 0.9, layout, gen)
         attend = triton_attention(bs, layout)
         agree = total = 0
         worst = 0.0
@@ -172,7 +204,9 @@ def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, g
     row = {"part": "step", "rule": name, "layout": layout, "batch": batch, "seq_len": seq_len,
            "sparsity": sparsity, "block_size": bs}
     try:
-        cache, dec = build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen)
+        cache, dec, source = build(rule, bs, score, group, batch, seq_len, sparsity, layout,
+                                   gen)
+        row["tuned_from"] = source
         attend = triton_attention(bs, layout)
         n = seq_len - 1
         sets = [step_inputs(batch, gen) for _ in range(ROTATE)]
@@ -183,14 +217,19 @@ def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, g
         row["blocks"] = -(-seq_len // bs)
         row["step_ms"] = time_plain(steps)
         row["step_graph_ms"] = time_graph(steps)
+        blocks = [step_fn(dec, cache, attend, *s[:3], s[3], s[4], seq_len - bs, steps=bs)
+                  for s in sets]
+        row["block_mean_step_graph_ms"] = time_graph(blocks) / bs
         sels = [select_fn(dec, cache, s[0], s[3]) for s in sets]
         row["select_graph_ms"] = time_graph(sels)
         row["select_share"] = row["select_graph_ms"] / row["step_graph_ms"]
+        row["select_share_block_mean"] = row["select_graph_ms"] / row["block_mean_step_graph_ms"]
         if layout == "contiguous":
             row["sdpa_variant"], dense, row["sdpa_graph_ms"] = fastest_cudnn_decode(
                 [s[0] for s in sets], cache.k[:, :seq_len], cache.v[:, :seq_len], time_graph)
             row["sdpa_ms"] = time_plain(dense)
             row["speedup"] = row["sdpa_graph_ms"] / row["step_graph_ms"]
+            row["speedup_block_mean"] = row["sdpa_graph_ms"] / row["block_mean_step_graph_ms"]
         meta = sum(t.numel() * t.element_size() for t in
                    (dec.meta.tensors() if rule == "topk" else (dec.state.kc,)))
         kv = 2 * cache.k.numel() * cache.k.element_size()
@@ -207,9 +246,16 @@ def write_markdown(rows, facts, path):
     lines = [*results_header("gate / topk decode step", facts),
              f"- Hq {HQ}, Hkv {HKV}, D {D}, bf16; medians in ms; `graph` = CUDA-graph replay",
              "- step = append K/V + metadata update + scoring + selection + Triton sparse "
-             "attention; speedup = cuDNN SDPA graph time / step graph time (target >= 7x)",
-             "- select share = scoring + selection graph time / step graph time (target <= "
-             "10 %); floor = metadata bytes / (metadata + selected KV bytes)", ""]
+             "attention (default config); the rule kernels run the configs the emitted module "
+             "of an example spec with the same statics runs (its nearest tuned bucket), named "
+             "under the table, else their defaults",
+             "- `fill step`: the step whose token fills a block (the gate also projects the "
+             "block into its compression cache then); `block mean`: the mean step over a "
+             "block's positions (block_size consecutive steps in one graph / block_size), what "
+             "a decode sees per token",
+             "- speedup = cuDNN SDPA graph time / step graph time (target >= 7x); select share ="
+             " scoring + selection graph time / step graph time (target <= 10 %); floor = "
+             "metadata bytes / (metadata + selected KV bytes)", ""]
     checks = [r for r in rows if r["part"] == "check"]
     if checks:
         lines += ["## Kernel checks (before timing)", "",
@@ -224,22 +270,28 @@ def write_markdown(rows, facts, path):
     steps = [r for r in rows if r["part"] == "step"]
     if steps:
         lines += ["## Decode step vs dense cuDNN SDPA", "",
-                  "| rule | layout | B | len | blocks sel / total | step ms (graph) | select ms "
-                  "(graph) | select share | floor | cuDNN ms (graph) | speedup |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| rule | layout | B | len | blocks sel / total | fill step ms (graph) | "
+                  "block mean (graph) | select ms (graph) | select share fill / mean | floor | "
+                  "cuDNN ms (graph) | speedup fill / mean |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in steps:
             if "step_ms" not in r:
                 lines.append(f"| {r['rule']} | {r['layout']} | {r['batch']} | {r['seq_len']} | "
-                             f"{r.get('step_note', '-')} | | | | | | |")
+                             f"{r.get('step_note', '-')} | | | | | | | |")
                 continue
             lines.append(
                 f"| {r['rule']} | {r['layout']} | {r['batch']} | {r['seq_len']} | "
                 f"{r['selected_blocks_mean']:.0f} / {r['blocks']} | {r['step_ms']:.4f} "
-                f"({r['step_graph_ms']:.4f}) | {r['select_graph_ms']:.4f} | "
-                f"{100 * r['select_share']:.1f} % | {100 * r['scoring_floor_share']:.1f} % | "
+                f"({r['step_graph_ms']:.4f}) | {r['block_mean_step_graph_ms']:.4f} | "
+                f"{r['select_graph_ms']:.4f} | {100 * r['select_share']:.1f} / "
+                f"{100 * r['select_share_block_mean']:.1f} % | "
+                f"{100 * r['scoring_floor_share']:.1f} % | "
                 f"{fmt(r.get('sdpa_ms'), '.4f')} ({fmt(r.get('sdpa_graph_ms'), '.4f')}) | "
-                f"{fmt(r.get('speedup'), '.2f')}x |")
+                f"{fmt(r.get('speedup'), '.2f')}x / {fmt(r.get('speedup_block_mean'), '.2f')}x |")
         lines.append("")
+        tuned = sorted({(r["rule"], k, v) for r in steps for k, v in r.get("tuned_from", {}).items()})
+        lines += ["Tuned rule-kernel configs: " + ("; ".join(
+            f"{rule} {k} from {v}" for rule, k, v in tuned) or "none (defaults)"), ""]
     path.write_text("\n".join(lines) + "\n")
 
 

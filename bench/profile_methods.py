@@ -57,7 +57,7 @@ def kernel_table(fn, steps=STEPS, title=""):
 
 def part_rule(name, gen):
     _, rule, bs, score, group = {r[0]: r for r in gt.RULES}[name]
-    cache, dec = gt.build(rule, bs, score, group, 16, 131072, 0.9, "contiguous", gen)
+    cache, dec, _ = gt.build(rule, bs, score, group, 16, 131072, 0.9, "contiguous", gen)
     attend = gt.triton_attention(bs, "contiguous")
     q, k, v, qn, kn = gt.step_inputs(16, gen)
     step = gt.step_fn(dec, cache, attend, q, k, v, qn, kn, 131071)
