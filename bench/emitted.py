@@ -38,3 +38,23 @@ def tuned_rule_configs(spec_stem: str, statics: dict, batch: int, seq_len: int) 
     same = {name for name, _cls, static in rule_kernels(spec) if statics.get(name) == static}
     tuned = mod.rule_kernel_configs(torch_gpu().slug, batch, seq_len)
     return {name: cfg for name, cfg in tuned.items() if name in same}
+
+
+def emitted_attention(static, spec_stems):
+    """(attend, description) for the first example spec in spec_stems whose decode attention
+    has these statics (a sparsegen.codegen.decode_api.DecodeStatic): its emitted
+    SparseDecodeAttention, which picks the nearest tuned bucket on every call; None when no
+    example has them. attend takes the Triton adapter's keywords (k, v, ...)."""
+    from sparsegen.plan import make_plan
+
+    for stem in spec_stems:
+        spec, mod = emitted(stem)
+        if make_plan(spec).kernels[0].static != static:
+            continue
+        module = mod.SparseDecodeAttention()
+
+        def attend(q, k, v, block_indices, block_counts, seq_lens, block_table=None):
+            return module(q, k, v, block_indices, block_counts, seq_lens, block_table)
+        attend.module = module
+        return attend, f"emitted {stem} module (tuned bucket)"
+    return None

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.baselines import dense_prefill_fwd_bwd, fastest_cudnn_decode  # noqa: E402
-from bench.emitted import emitted, tuned_rule_configs  # noqa: E402
+from bench.emitted import emitted_attention, tuned_rule_configs  # noqa: E402
 from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa: E402
                           save_results, time_graph, time_plain)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
@@ -269,17 +269,9 @@ def milestone_attention(page_size):
     """The attention the emitted raas-milestone module runs (its nearest tuned bucket on
     this GPU, from tuning_db/) when the example spec matches the bench's shape, else the
     Triton default. Returns (attend, description)."""
-    spec, mod = emitted("raas-milestone")
-    m = spec.model
-    if (m.num_q_heads, m.num_kv_heads, m.head_dim, m.dtype, spec.cache.page_size) != (
-            HQ, HKV, D, "bf16", page_size):
-        return paged_triton_attention(page_size), "triton default"
-    module = mod.SparseDecodeAttention()
-
-    def attend(q, k, v, block_indices, block_counts, seq_lens, block_table=None):
-        return module(q, k, v, block_indices, block_counts, seq_lens, block_table)
-    attend.module = module
-    return attend, "emitted raas-milestone module (tuned bucket)"
+    static = DecodeStatic(page_size, D, G, "bf16", "paged", page_size)
+    return (emitted_attention(static, ["raas-milestone"])
+            or (paged_triton_attention(page_size), "triton default"))
 
 
 def prefill_kernel(T):

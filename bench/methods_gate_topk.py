@@ -6,10 +6,11 @@
 Every figure first checks the generated kernels against the plain-torch references, then times
 (triton.testing.do_bench medians of CUDA events; plain calls and CUDA-graph replays; several
 input sets rotated):
-- the whole decode step (append K/V, update the rule's metadata, score, select, attend with
-  the Triton sparse decode kernel) vs dense cuDNN SDPA over the same cache (its fastest
-  formulation, bench/baselines.py), at batch 8/16, 32K/128K, 90 % of blocks skipped
-  (target: >= 7x), and the share of scoring + selection in the step (target: <= 10 %).
+- the whole decode step (append K/V, update the rule's metadata, score, select, attend) vs
+  dense cuDNN SDPA over the same cache (its fastest formulation, bench/baselines.py), at
+  batch 8/16, 32K/128K, 90 % of blocks skipped (target: >= 7x), and the share of scoring +
+  selection in the step (target: <= 10 %). Every kernel runs the config an emitted module
+  runs where an example spec (TUNED_EXAMPLES) shares its statics, else its default.
 The gate distillation figures are bench/gate_distill.py's.
 Hq 32, Hkv 8, D 128, bf16. Writes bench/results/<GPU>-step-gate-topk.{md,json} (and $OUT).
 Quest per_head selects budget / G blocks per query head so that the union its KV head
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.baselines import fastest_cudnn_decode  # noqa: E402
-from bench.emitted import tuned_rule_configs  # noqa: E402
+from bench.emitted import emitted_attention, tuned_rule_configs  # noqa: E402
 from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa: E402
                           save_results, time_graph, time_plain)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
@@ -122,10 +123,14 @@ def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="t
     return cache, dec, source
 
 
-def triton_attention(bs, layout):
-    """The Triton sparse decode kernel (default config) over the caches `build` makes."""
+def attention(bs, layout):
+    """The attention over the caches `build` makes: the emitted module of an example spec
+    with these attention statics (its nearest tuned bucket), else the Triton kernel's
+    default config. Returns (attend, description)."""
     page = PAGE_SIZE if layout == "paged" else 0
-    return decode_backend("triton")(DecodeStatic(bs, D, G, "bf16", layout, page))
+    static = DecodeStatic(bs, D, G, "bf16", layout, page)
+    return (emitted_attention(static, TUNED_EXAMPLES)
+            or (decode_backend("triton")(static), "triton default"))
 
 
 def step_inputs(batch, gen):
@@ -166,7 +171,7 @@ def check_rule(name, rule, bs, score, group, layout, gen, rows):
     row = {"part": "check", "rule": name, "layout": layout}
     try:
         cache, dec, _ = build(rule, bs, score, group, 2, 8192 + 37, 0.9, layout, gen)
-        attend = triton_attention(bs, layout)
+        attend, _ = attention(bs, layout)
         agree = total = 0
         worst = 0.0
         for _ in range(20):
@@ -207,7 +212,7 @@ def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, g
         cache, dec, source = build(rule, bs, score, group, batch, seq_len, sparsity, layout,
                                    gen)
         row["tuned_from"] = source
-        attend = triton_attention(bs, layout)
+        attend, row["attention"] = attention(bs, layout)
         n = seq_len - 1
         sets = [step_inputs(batch, gen) for _ in range(ROTATE)]
         steps = [step_fn(dec, cache, attend, *s[:3], s[3], s[4], n) for s in sets]
@@ -245,10 +250,9 @@ def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, g
 def write_markdown(rows, facts, path):
     lines = [*results_header("gate / topk decode step", facts),
              f"- Hq {HQ}, Hkv {HKV}, D {D}, bf16; medians in ms; `graph` = CUDA-graph replay",
-             "- step = append K/V + metadata update + scoring + selection + Triton sparse "
-             "attention (default config); the rule kernels run the configs the emitted module "
-             "of an example spec with the same statics runs (its nearest tuned bucket), named "
-             "under the table, else their defaults",
+             "- step = append K/V + metadata update + scoring + selection + sparse attention; "
+             "each kernel runs the config the emitted module of an example spec with the same "
+             "statics runs (its nearest tuned bucket), named under the table, else its default",
              "- `fill step`: the step whose token fills a block (the gate also projects the "
              "block into its compression cache then); `block mean`: the mean step over a "
              "block's positions (block_size consecutive steps in one graph / block_size), what "
@@ -290,6 +294,8 @@ def write_markdown(rows, facts, path):
                 f"{fmt(r.get('speedup'), '.2f')}x / {fmt(r.get('speedup_block_mean'), '.2f')}x |")
         lines.append("")
         tuned = sorted({(r["rule"], k, v) for r in steps for k, v in r.get("tuned_from", {}).items()})
+        attn = sorted({(r["rule"], r.get("attention", "-")) for r in steps})
+        lines += ["Attention: " + "; ".join(f"{rule}: {a}" for rule, a in attn), ""]
         lines += ["Tuned rule-kernel configs: " + ("; ".join(
             f"{rule} {k} from {v}" for rule, k, v in tuned) or "none (defaults)"), ""]
     path.write_text("\n".join(lines) + "\n")

@@ -58,7 +58,7 @@ def kernel_table(fn, steps=STEPS, title=""):
 def part_rule(name, gen):
     _, rule, bs, score, group = {r[0]: r for r in gt.RULES}[name]
     cache, dec, _ = gt.build(rule, bs, score, group, 16, 131072, 0.9, "contiguous", gen)
-    attend = gt.triton_attention(bs, "contiguous")
+    attend, _ = gt.attention(bs, "contiguous")
     q, k, v, qn, kn = gt.step_inputs(16, gen)
     step = gt.step_fn(dec, cache, attend, q, k, v, qn, kn, 131071)
     return kernel_table(step, title=f"{name} step, B16 128K 0.9")

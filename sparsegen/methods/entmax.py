@@ -352,7 +352,6 @@ class EntmaxDecoder:
                       block_bias=sel.bias if self.rule.prior else None,
                       **cache.attention_args())
 
-
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           sm_scale: float | None = None) -> torch.Tensor:
         """The method's training forward over prompts q [B, T, Hq, D], k, v [B, T, Hkv, D]:
