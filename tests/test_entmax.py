@@ -362,6 +362,16 @@ def test_from_spec():
     assert st.group_size == 4 and st.dtype == "bf16"
     dec = EntmaxDecoder.from_spec(spec)
     assert dec.w.shape == (8, 128) and not dec.w.any()  # zero init: summaries start as means
+    assert not dec.w.requires_grad and dec.pool.w.requires_grad  # the decode reads, never trains
+
+
+def test_pool_weight_checked_and_copied():
+    w = torch.randn(2, 16)
+    pool = EntmaxPool(2, 16, w)
+    w.zero_()
+    assert pool.w.abs().sum() > 0      # a copy: the caller's tensor stays theirs
+    with pytest.raises(ValueError, match=r"\[num_kv_heads, head_dim\] = \[2, 32\]"):
+        EntmaxPool(2, 32, torch.zeros(2, 16))
 
 
 _COMPILE = r"""
