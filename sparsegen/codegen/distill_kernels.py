@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .triton_kernel import (
+    ELEM_BYTES,
+    LOG2E,
+    SMEM_LIMIT,
     TRITON_PTR,
     TritonKernel,
     check_int_config,
@@ -19,10 +22,7 @@ from .triton_kernel import (
     torch_dtype,
 )
 
-LOG2E = 1.4426950408889634
-SMEM_LIMIT = 232448
 _KEYS = ("block_m", "block_n", "block_j", "num_warps", "num_stages")
-_ELEM = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class TritonDistillTarget(TritonKernel):
             return f"block_n={bn} must lie in [16, block_size={static.block_size}]"
         if not 1 <= config["num_stages"] <= 4:
             return f"num_stages={config['num_stages']} out of [1, 4]"
-        eb = _ELEM[static.dtype]
+        eb = ELEM_BYTES[static.dtype]
         smem = config["num_stages"] * bn * static.head_dim * eb + rows * static.head_dim * eb
         if smem > SMEM_LIMIT:
             return f"shared memory estimate {smem} B exceeds {SMEM_LIMIT} B"
