@@ -1,0 +1,47 @@
+"""The GPU benches time what the emitted modules run: their rows must share the kernel statics
+of the example specs whose tuned configs they take (bench/emitted.py), or they would silently
+fall back to default configs. CPU only (no kernel runs)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sparsegen.codegen.decode_api import DecodeStatic
+from sparsegen.codegen.rule_kernels import rule_kernels
+from sparsegen.plan import make_plan
+from sparsegen.spec import load_spec
+
+SPECS = Path(__file__).resolve().parents[1] / "examples" / "specs"
+
+
+def _statics(spec) -> dict:
+    return {name: static for name, _cls, static in rule_kernels(spec)}
+
+
+@pytest.mark.parametrize("row,example,kernels", [
+    ("gate", "seer-attention-r", ("gate_step", "gate_score", "block_select")),
+    ("nsa-mean-shared-b64", "nsa-topk", ("quest_meta", "quest_score", "block_select")),
+    ("quest-ub-per-head-b16", "quest-topk", ("block_select",)),
+])
+def test_step_bench_rows_share_the_examples_statics(row, example, kernels):
+    from bench import methods_gate_topk as gt
+
+    _, rule, bs, score, group = {r[0]: r for r in gt.RULES}[row]
+    assert example in gt.TUNED_EXAMPLES
+    ours = _statics(gt.bench_spec(rule, bs, score, group, 131072, 0.9))
+    theirs = _statics(load_spec(SPECS / f"{example}.yaml"))
+    for name in kernels:
+        assert ours[name] == theirs[name], name
+
+
+def test_bench_attention_statics_are_an_examples():
+    """The block-64 rows attend through the seer spec's tuned attention; the entmax bench's
+    prefill statics are the dash spec's."""
+    from bench import methods_entmax_milestone as em
+    from bench import methods_gate_topk as gt
+
+    seer = make_plan(load_spec(SPECS / "seer-attention-r.yaml")).kernels[0].static
+    assert DecodeStatic(64, gt.D, gt.G, "bf16", "contiguous", 0) == seer
+    dash = _statics(load_spec(SPECS / "dash-entmax.yaml"))
+    assert dash["entmax_prefill"] == em.ENTMAX_STATIC
