@@ -166,6 +166,28 @@ def test_rule_kernels_are_tuned_per_shape_and_recorded(tmp_path, fake_log, monke
     assert sorted(r.status for r in again) == ["skipped"] + ["warm"] * 4
 
 
+def test_tune_only_the_named_kernels_and_shapes(tmp_path, fake_log):
+    """--kernels / --shapes narrow a run to what is missing (a spot re-tune costs only its
+    own GPU time); a name the plan lacks is one clear error before any work."""
+    kernel = fake_kernel(shapes=((1, 1024), (4, 4096)))
+    plan = FakePlan(kernel, rule_kernels=(("fake_select", FakeRule, FakeRuleStatic(64)),))
+    results = tune_plan(plan, options(tmp_path, trials=3, kernels=("fake_select",),
+                                      shapes=("b4_s4096",)))
+    assert [(r.kernel, r.shape, r.status) for r in results] == [
+        ("fake_select", "b4_s4096", "tuned")]
+    assert all("block" in e["config"] for e in evaluations(fake_log))  # no attention trial
+    again = tune_plan(plan, options(tmp_path, trials=3))
+    assert sorted((r.kernel, r.shape, r.status) for r in again) == [
+        ("fake_decode", "b1_s1024", "tuned"), ("fake_decode", "b4_s4096", "tuned"),
+        ("fake_select", "b1_s1024", "tuned"), ("fake_select", "b4_s4096", "warm")]
+    with pytest.raises(SparsegenError, match="--kernels nope: not in this spec's plan; its "
+                                             "kernels are fake_decode, fake_select"):
+        tune_plan(plan, options(tmp_path, kernels=("nope",)))
+    with pytest.raises(SparsegenError, match="--shapes b9_s9: no such bucket for the chosen "
+                                             "kernels; they have b1_s1024, b4_s4096"):
+        tune_plan(plan, options(tmp_path, shapes=("b9_s9",)))
+
+
 def test_rule_kernel_gate_compares_with_the_reference():
     import torch
 
@@ -341,3 +363,15 @@ def test_cli_tune_without_gpu_needs_a_warm_database(tmp_path):
     assert warm.stdout.count("warm") == 16 and "skipped" not in warm.stdout
     configs = json.loads((tmp_path / "out" / "cli_case" / "tuned_configs.json").read_text())
     assert len(configs["kernels"]["sparse_decode"]["tuned"]["fake-gpu-sm90"]["buckets"]) == 4
+
+
+def test_cli_tune_kernel_filter_typo_is_one_line(tmp_path):
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(SPEC)
+    env = {**os.environ, "SPARSEGEN_CACHE_DIR": str(tmp_path / "cache")}
+    r = _cli("tune", str(spec_path), "--gpu-name", "Fake GPU@9.0", "--db", str(tmp_path / "db"),
+             "--kernels", "block_selct", env=env)
+    assert r.returncode == 2, r.stderr
+    assert "--kernels block_selct: not in this spec's plan; its kernels are " in r.stderr
+    assert "block_select" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "db").exists()   # nothing written

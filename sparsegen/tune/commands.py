@@ -29,6 +29,11 @@ def register(sub) -> None:
     p.add_argument("--db", default=None, metavar="DIR",
                    help="tuning database (default: $SPARSEGEN_TUNING_DB or ./tuning_db)")
     p.add_argument("--build-dir", default=None, help="where rendered kernels go")
+    p.add_argument("--kernels", nargs="+", default=(), metavar="NAME",
+                   help="tune only these kernels of the plan (e.g. block_select; "
+                   "`sparsegen check` lists them); default: all")
+    p.add_argument("--shapes", nargs="+", default=(), metavar="bB_sS",
+                   help="tune only these shape buckets (e.g. b16_s32768); default: all")
     p.add_argument("-o", "--out", default=None, metavar="DIR",
                    help="then build the Python package into DIR (as `sparsegen build`)")
     p.set_defaults(func=cmd_tune)
@@ -120,7 +125,7 @@ def cmd_tune(args) -> int:
         trials=args.trials or spec.tuning.trials,
         timeout_s=args.timeout or spec.tuning.timeout_s, workers=args.workers,
         storage=args.storage, build_dir=Path(args.build_dir) if args.build_dir else None,
-        seed=spec.tuning.seed)
+        seed=spec.tuning.seed, kernels=tuple(args.kernels), shapes=tuple(args.shapes))
     results = tune_plan(plan, opts)
     print_summary(results)
     failed = [r for r in results if r.status == "failed"]

@@ -75,6 +75,8 @@ class TuneOptions:
     compile_timeout_s: float | None = None   # default: max(timeout_s, 180)
     prepare_timeout_s: float = 600.0
     stream: object = None                    # progress output (stderr)
+    kernels: tuple[str, ...] = ()            # tune only these kernels (empty: all)
+    shapes: tuple[str, ...] = ()             # tune only these buckets, e.g. "b16_s32768"
 
 
 @dataclass
@@ -169,7 +171,11 @@ def tune_plan(plan, opts: TuneOptions) -> list[ShapeResult]:
     """Tune every (kernel, shape) of the plan that the database lacks; record winners."""
     versions = library_versions()
     results, todo = [], []
-    for kernel in list(plan.kernels) + rule_kernel_plans(plan):
+    kernels = list(plan.kernels) + rule_kernel_plans(plan)
+    _check_selection(opts, kernels)
+    for kernel in kernels:
+        if opts.kernels and kernel.name not in opts.kernels:
+            continue
         if not getattr(kernel, "tunable", True):
             note = (f"{kernel.adapter.__name__} has no bench_inputs/reference to measure it "
                     "with; not tuned (its default config is used)")
@@ -177,6 +183,8 @@ def tune_plan(plan, opts: TuneOptions) -> list[ShapeResult]:
             continue
         identity = kernel_identity(kernel)
         for shape in kernel.shapes:
+            if opts.shapes and shape.key not in opts.shapes:
+                continue
             entry = opts.db.lookup(opts.gpu, identity, _shape(shape), versions)
             if entry is not None:
                 results.append(ShapeResult(kernel.name, shape.key, "warm", entry))
@@ -197,6 +205,21 @@ def tune_plan(plan, opts: TuneOptions) -> list[ShapeResult]:
     finally:
         session.close()
     return results
+
+
+def _check_selection(opts: TuneOptions, kernels) -> None:
+    """--kernels / --shapes name only what the plan has (a typo would tune nothing)."""
+    names = sorted({k.name for k in kernels})
+    unknown = sorted(set(opts.kernels) - set(names))
+    if unknown:
+        raise SparsegenError(f"--kernels {' '.join(unknown)}: not in this spec's plan; its "
+                             f"kernels are {', '.join(names)}")
+    chosen = [k for k in kernels if not opts.kernels or k.name in opts.kernels]
+    keys = sorted({s.key for k in chosen for s in k.shapes})
+    unknown = sorted(set(opts.shapes) - set(keys))
+    if unknown:
+        raise SparsegenError(f"--shapes {' '.join(unknown)}: no such bucket for the chosen "
+                             f"kernels; they have {', '.join(keys)}")
 
 
 def _require_cuda(gpu: GpuId, todo) -> None:
