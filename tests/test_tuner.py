@@ -101,13 +101,14 @@ def test_tune_enqueues_defaults_first_and_reports_infeasible_on_cpu(tmp_path, fa
     evaluated = {(e["trial"]) for e in evaluations(fake_log)}
     assert not evaluated & {t.number for t in infeasible}
     measured = [t for t in trials if t.user_attrs.get("outcome") == "measured"]
-    assert len(measured) == 12 == len(evaluated)
+    assert 12 <= len(measured) <= 13 and len(measured) == len(evaluated)  # overshoot: <= 1
     # the winner is the best measured, never worse than the default
     best = r.entry["best"]
     assert best["median_ms"] == pytest.approx(min(t.value for t in measured))
     assert best["median_ms"] <= r.entry["default"]["median_ms"] == pytest.approx(cost(
         "fake", {"tile": 32, "warps": 2, "stages": 2}))
-    assert r.entry["trials"] == {"measured": 12, "failed": 0, "infeasible": len(infeasible)}
+    assert r.entry["trials"] == {"measured": len(measured), "failed": 0,
+                                 "infeasible": len(infeasible)}
 
 
 def test_rule_kernels_are_tuned_per_shape_and_recorded(tmp_path, fake_log, monkeypatch):
@@ -136,6 +137,7 @@ def test_rule_kernels_are_tuned_per_shape_and_recorded(tmp_path, fake_log, monke
     assert identity["templates"]["triton"]["adapter"] == "tests.tune_fakes"
     assert identity["templates"]["triton"]["adapter_hash"]
     db = TuningDB(tmp_path / "db")
+    n_measured = 0
     for shape in kernel.shapes:
         r = by[("fake_select", shape.key)]
         assert r.status == "tuned"
@@ -148,7 +150,10 @@ def test_rule_kernels_are_tuned_per_shape_and_recorded(tmp_path, fake_log, monke
             assert t.state == TrialState.PRUNED and t.constraints[CONSTRAINT] > 0
             assert "exceeds registers" in t.user_attrs["reason"]
         measured = [t for t in trials if t.user_attrs.get("outcome") == "measured"]
-        assert len(measured) == 6
+        # the budget: 6, or one more where the two workers raced for the last slot (the
+        # tuner's documented overshoot, never an undershoot)
+        assert 6 <= len(measured) <= 7 and r.entry["trials"]["measured"] == len(measured)
+        n_measured += len(measured)
         assert r.entry["best"]["median_ms"] == pytest.approx(min(t.value for t in measured))
         assert r.entry["default"]["median_ms"] == pytest.approx(
             cost("triton", {"block": 32, "num_warps": 2}))
@@ -159,7 +164,7 @@ def test_rule_kernels_are_tuned_per_shape_and_recorded(tmp_path, fake_log, monke
     assert db.path_for(GPU, identity).name.startswith("fake_select-")
     # rule-kernel evaluations got their own workload and static class
     rule_evals = [e for e in evaluations(fake_log) if "block" in e["config"]]
-    assert len(rule_evals) == 12
+    assert len(rule_evals) == n_measured
     # the attention kernel is tuned as before, and a second run is warm throughout
     assert all(by[("fake_decode", s.key)].status == "tuned" for s in kernel.shapes)
     again = tune_plan(plan, options(tmp_path, trials=6))
