@@ -27,17 +27,23 @@ def emitted(spec_stem: str):
     return _PACKAGES[spec_stem]
 
 
-def tuned_rule_configs(spec_stem: str, statics: dict, batch: int, seq_len: int) -> dict:
-    """{rule kernel name: config} the emitted module of spec_stem runs at (batch, seq_len)
-    on this GPU, for the kernels whose statics ({name: static}) equal the spec's; the others
-    are left out (they run their defaults)."""
+def tuned_rule_configs(statics: dict, spec_stems, batch: int, seq_len: int):
+    """The rule-kernel configs the emitted modules of spec_stems run at (batch, seq_len) on
+    this GPU (their nearest tuned bucket), for the kernels whose statics ({name: static})
+    equal an example's (the first such example in spec_stems); the others are left out
+    (they run their defaults). Returns ({name: config}, {name: example spec stem})."""
     from sparsegen.codegen.rule_kernels import rule_kernels
     from sparsegen.tune.db import torch_gpu
 
-    spec, mod = emitted(spec_stem)
-    same = {name for name, _cls, static in rule_kernels(spec) if statics.get(name) == static}
-    tuned = mod.rule_kernel_configs(torch_gpu().slug, batch, seq_len)
-    return {name: cfg for name, cfg in tuned.items() if name in same}
+    configs, source = {}, {}
+    for stem in spec_stems:
+        spec, mod = emitted(stem)
+        same = {name for name, _cls, static in rule_kernels(spec)
+                if statics.get(name) == static and name not in configs}
+        tuned = mod.rule_kernel_configs(torch_gpu().slug, batch, seq_len)
+        for name in same & set(tuned):
+            configs[name], source[name] = tuned[name], stem
+    return configs, source
 
 
 def emitted_attention(static, spec_stems):

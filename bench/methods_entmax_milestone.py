@@ -278,7 +278,7 @@ def prefill_kernel(T):
     """The token-level prefill kernel at the config the emitted dash-entmax module runs for
     one T-token prompt (its nearest tuned bucket on this GPU) when the spec's statics are
     the bench's, else the default. Returns (kernel, description)."""
-    cfg = tuned_rule_configs("dash-entmax", {"entmax_prefill": ENTMAX_STATIC}, 1, T)
+    cfg, _ = tuned_rule_configs({"entmax_prefill": ENTMAX_STATIC}, ["dash-entmax"], 1, T)
     if "entmax_prefill" not in cfg:
         return EntmaxPrefillTriton(ENTMAX_STATIC), "default config"
     return (EntmaxPrefillTriton(ENTMAX_STATIC, cfg["entmax_prefill"]),

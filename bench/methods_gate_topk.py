@@ -79,21 +79,7 @@ def bench_spec(rule, bs, score, group, seq_len, sparsity):
         "cache": {"layout": "contiguous"}, "selection": sel}), "bench")
 
 
-def tuned_configs(spec, batch, seq_len):
-    """The rule-kernel configs the emitted module of an example spec with the same kernel
-    statics runs at this shape on this GPU (its nearest tuned bucket); kernels no example
-    shares run their defaults. Returns ({kernel: config}, {kernel: example spec})."""
-    statics = {name: static for name, _cls, static in rule_kernels(spec)}
-    configs, source = {}, {}
-    for stem in TUNED_EXAMPLES:
-        for name, cfg in tuned_rule_configs(stem, statics, batch, seq_len).items():
-            configs.setdefault(name, cfg)
-            source.setdefault(name, stem)
-    return configs, source
-
-
-def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="triton",
-          tuned=True):
+def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="triton"):
     """A cache of seq_len - 1 random tokens per sequence, its rule state filled by prefill,
     and the decoder (at the tuned rule-kernel configs where an example spec shares them).
     Returns (cache, decoder, {kernel: example spec whose tuned config it runs})."""
@@ -102,7 +88,8 @@ def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="t
                     page_size=PAGE_SIZE if layout == "paged" else 0)
     n = seq_len - 1
     spec = bench_spec(rule, bs, score, group, seq_len, sparsity)
-    cfgs, source = tuned_configs(spec, batch, seq_len) if tuned else ({}, {})
+    statics = {name: static for name, _cls, static in rule_kernels(spec)}
+    cfgs, source = tuned_rule_configs(statics, TUNED_EXAMPLES, batch, seq_len)
     if rule == "gate":
         gate = AttnGate.from_spec(spec).cuda()
         dec = GateDecoder.from_spec(spec, gate, batch, cap, device="cuda", impl=impl,

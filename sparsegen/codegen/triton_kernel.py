@@ -17,6 +17,9 @@ from pathlib import Path
 from .backend import CompileError
 from .render import import_file, render_to_file
 from .triton_decode import _patch_interpreter_index
+# the decode adapter's constants, re-exported for the rule kernels' adapters
+from .triton_decode import _ELEM_BYTES as ELEM_BYTES  # noqa: F401
+from .triton_decode import LOG2E, SMEM_LIMIT  # noqa: F401
 
 
 
@@ -31,9 +34,6 @@ def _resource_usage(cubin: bytes, name: str) -> dict:
 
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-SMEM_LIMIT = 232448   # 227 KB: the most dynamic shared memory one H100 CTA may take
-LOG2E = 1.4426950408889634
 TRITON_PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 _SHARED: dict = {}  # (adapter class, static, config) -> instance, see TritonKernel.shared

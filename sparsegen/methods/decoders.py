@@ -58,7 +58,7 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
 
         return DenseDecoder(spec.selection, cache.capacity)
     if rule == "entmax":
-        from .entmax import EntmaxDecoder, EntmaxPool
+        from .entmax import EntmaxDecoder
 
         selector = prefill = None
         if impl == "triton":
@@ -70,10 +70,9 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
                                        scale=spec.selection.entmax.scale)
             if "prefill" in spec.phases:
                 prefill = EntmaxPrefillTriton(static, kc.get("entmax_prefill")).attention
-        m = spec.model
-        pool = EntmaxPool(m.num_kv_heads, m.head_dim).to(cache.device)
-        return EntmaxDecoder.from_spec(spec, pool=pool, selector=selector,
-                                       prefill_attention=prefill)
+        dec = EntmaxDecoder.from_spec(spec, selector=selector, prefill_attention=prefill)
+        dec.pool.to(cache.device)  # trainable before the first decode step
+        return dec
     if rule == "milestone":
         from .milestone import MilestoneDecoder
 

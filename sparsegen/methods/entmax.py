@@ -360,7 +360,7 @@ class EntmaxDecoder:
         fast = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
         out, _ = entmax_prefill(q, k, v, self.pool.w, self.rule,
                                 attention=self.prefill_kernel if fast else None,
-                                sm_scale=sm_scale, block_ops="auto" if fast else None)
+                                sm_scale=sm_scale)
         return out
 
 

@@ -171,11 +171,7 @@ def tune_plan(plan, opts: TuneOptions) -> list[ShapeResult]:
     """Tune every (kernel, shape) of the plan that the database lacks; record winners."""
     versions = library_versions()
     results, todo = [], []
-    kernels = list(plan.kernels) + rule_kernel_plans(plan)
-    _check_selection(opts, kernels)
-    for kernel in kernels:
-        if opts.kernels and kernel.name not in opts.kernels:
-            continue
+    for kernel in _selected_kernels(opts, list(plan.kernels) + rule_kernel_plans(plan)):
         if not getattr(kernel, "tunable", True):
             note = (f"{kernel.adapter.__name__} has no bench_inputs/reference to measure it "
                     "with; not tuned (its default config is used)")
@@ -207,8 +203,9 @@ def tune_plan(plan, opts: TuneOptions) -> list[ShapeResult]:
     return results
 
 
-def _check_selection(opts: TuneOptions, kernels) -> None:
-    """--kernels / --shapes name only what the plan has (a typo would tune nothing)."""
+def _selected_kernels(opts: TuneOptions, kernels) -> list:
+    """The kernels --kernels names (all without it), after checking that --kernels and
+    --shapes name only what the plan has (a typo would tune nothing)."""
     names = sorted({k.name for k in kernels})
     unknown = sorted(set(opts.kernels) - set(names))
     if unknown:
@@ -220,6 +217,7 @@ def _check_selection(opts: TuneOptions, kernels) -> None:
     if unknown:
         raise SparsegenError(f"--shapes {' '.join(unknown)}: no such bucket for the chosen "
                              f"kernels; they have {', '.join(keys)}")
+    return chosen
 
 
 def _require_cuda(gpu: GpuId, todo) -> None:
