@@ -212,6 +212,11 @@ def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, g
         blocks = [step_fn(dec, cache, attend, *s[:3], s[3], s[4], seq_len - bs, steps=bs)
                   for s in sets]
         row["block_mean_step_graph_ms"] = time_graph(blocks) / bs
+        if rule == "gate":  # the same steps with the compression-cache update kept serial
+            dec.overlap_append = False
+            row["serial_step_graph_ms"] = time_graph(steps)
+            row["serial_block_mean_step_graph_ms"] = time_graph(blocks) / bs
+            dec.overlap_append = True
         sels = [select_fn(dec, cache, s[0], s[3]) for s in sets]
         row["select_graph_ms"] = time_graph(sels)
         row["select_share"] = row["select_graph_ms"] / row["step_graph_ms"]
@@ -280,6 +285,20 @@ def write_markdown(rows, facts, path):
                 f"{fmt(r.get('sdpa_ms'), '.4f')} ({fmt(r.get('sdpa_graph_ms'), '.4f')}) | "
                 f"{fmt(r.get('speedup'), '.2f')}x / {fmt(r.get('speedup_block_mean'), '.2f')}x |")
         lines.append("")
+        serial = [r for r in steps if "serial_step_graph_ms" in r and "sdpa_graph_ms" in r]
+        if serial:
+            lines += ["### gate: compression-cache update on a side stream vs serial "
+                      "(same steps, same run)", "",
+                      "| B | len | fill step ms side / serial | block mean ms side / serial | "
+                      "speedup mean side / serial |", "|---|---|---|---|---|"]
+            for r in serial:
+                lines.append(
+                    f"| {r['batch']} | {r['seq_len']} | {r['step_graph_ms']:.4f} / "
+                    f"{r['serial_step_graph_ms']:.4f} | {r['block_mean_step_graph_ms']:.4f} / "
+                    f"{r['serial_block_mean_step_graph_ms']:.4f} | "
+                    f"{r['speedup_block_mean']:.2f}x / "
+                    f"{r['sdpa_graph_ms'] / r['serial_block_mean_step_graph_ms']:.2f}x |")
+            lines.append("")
         tuned = sorted({(r["rule"], k, v) for r in steps for k, v in r.get("tuned_from", {}).items()})
         attn = sorted({(r["rule"], r.get("attention", "-")) for r in steps})
         lines += ["Attention: " + "; ".join(f"{rule}: {a}" for rule, a in attn), ""]

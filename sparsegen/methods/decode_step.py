@@ -74,7 +74,8 @@ class GateDecoder(_Decoder):
 
     def __init__(self, gate: AttnGate, selection, batch: int, capacity: int, device="cpu",
                  impl: str = "torch", dense: bool = False, kc_dtype=torch.float32,
-                 kernel_configs: dict | None = None, build_dir=None):
+                 kernel_configs: dict | None = None, build_dir=None,
+                 overlap_append: bool = True):
         if gate.block_size != selection.block_size:
             raise ValueError(f"gate block_size {gate.block_size} != selection block_size "
                              f"{selection.block_size}")
@@ -87,6 +88,9 @@ class GateDecoder(_Decoder):
         self._kernel_configs = kernel_configs or {}
         self._build_dir = build_dir
         self.logits = None  # scratch [B, Hkv, max_blocks] of the kernel path
+        # step(): the state update's side stream (overlap_append=False keeps it serial)
+        self.overlap_append = overlap_append
+        self._side, self._stepped = None, False
 
     @classmethod
     def from_spec(cls, spec, gate: AttnGate, batch: int, capacity: int, layer: int = 0,
@@ -175,14 +179,44 @@ class GateDecoder(_Decoder):
 
     def step(self, q, k_new, v_new, cache: KVCache, attend, q_nope=None, k_nope=None):
         """q [B, Hq, D], k_new / v_new [B, Hkv, D] post-RoPE; q_nope / k_nope the same
-        token's pre-RoPE query and key (the gate's inputs). Returns attend's output."""
+        token's pre-RoPE query and key (the gate's inputs). Returns attend's output.
+
+        On the kernel path the compression-cache update (gate_append) runs on a side stream
+        beside query -> score -> select -> attend, joined before returning: it writes the
+        running pools and the entry of the block this token is in, which this step never
+        reads (gate_score scores only the blocks strictly before it; gate_query reads
+        neither). The decoder's first step runs serially, so the kernels' lazily built
+        tables and counters are created on the caller's stream before any overlap."""
         cache.append(k_new, v_new)
-        if not self.dense:
-            if q_nope is None or k_nope is None:
-                raise ValueError("the gate rule's step needs the pre-RoPE q_nope and k_nope")
+        if self.dense:
+            idx, cnt = self.select(q_nope, cache)
+            return attend(q, block_indices=idx, block_counts=cnt, **cache.attention_args())
+        if q_nope is None or k_nope is None:
+            raise ValueError("the gate rule's step needs the pre-RoPE q_nope and k_nope")
+        side = self._append_stream(k_nope)
+        if side is None:
             self.append_state(k_nope, cache)
+        else:
+            side.wait_stream(torch.cuda.current_stream(k_nope.device))
+            with torch.cuda.stream(side):
+                self.append_state(k_nope, cache)
         idx, cnt = self.select(q_nope, cache)
-        return attend(q, block_indices=idx, block_counts=cnt, **cache.attention_args())
+        out = attend(q, block_indices=idx, block_counts=cnt, **cache.attention_args())
+        if side is None:
+            self._stepped = True
+        else:
+            torch.cuda.current_stream(k_nope.device).wait_stream(side)
+        return out
+
+    def _append_stream(self, k_nope: torch.Tensor):
+        """The side stream of the state update: kernel path on CUDA after the first step
+        (with overlap_append), else None (serial)."""
+        if not (self.overlap_append and self.impl == "triton" and k_nope.is_cuda
+                and self._stepped):
+            return None
+        if self._side is None or self._side.device != k_nope.device:
+            self._side = torch.cuda.Stream(k_nope.device)
+        return self._side
 
 
 class TopkDecoder(_Decoder):
