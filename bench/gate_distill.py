@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.emitted import tuned_rule_configs
 from bench.timing import fmt, gpu_facts, note, results_header, save_results, time_graph, time_plain
 from sparsegen.codegen.distill_kernels import (
     DistillStatic,
@@ -85,12 +86,26 @@ def chunked_target(kern, q, k):
         kern(q, k, None, r0, min(chunk, S - r0))
 
 
+STATIC = DistillStatic(BS, D, G, dtype_name(DT))
+
+
+def distill_config(batch, seq_len, row):
+    """The target kernel's config `sparsegen distill` runs at this shape (the seer spec's
+    tuned bucket, else None: the default), noted in row."""
+    configs, source = tuned_rule_configs({"distill_target": STATIC}, ("seer-attention-r",),
+                                         batch, seq_len)
+    config = configs.get("distill_target")
+    row["config"] = config or TritonDistillTarget.default_config(STATIC)
+    row["config_source"] = source.get("distill_target", "default")
+    return config
+
+
 def bench_target(seq_lens, gen, rows, batch=1):
-    kern = TritonDistillTarget(DistillStatic(BS, D, G, dtype_name(DT)))
     for S in seq_lens:
         row = {"part": "target", "seq_len": S, "batch": batch, "block_size": BS,
                "chunk_rows": default_chunk_rows(batch, HKV, S, BS)}
         try:
+            kern = TritonDistillTarget(STATIC, distill_config(batch, S, row))
             sets = [qk(S, gen, batch, scale=2.0) for _ in range(ROTATE)]
             q, k = sets[0]
             got, want = kern(q, k), distill_target_reference(q, k, BS)
@@ -138,17 +153,17 @@ def make_gate():
     return gate
 
 
-def chunked_step(gate, inputs):
+def chunked_step(gate, inputs, config=None):
     gate.zero_grad(set_to_none=True)
-    loss = gate_distill_loss(gate, *inputs, impl="triton")
+    loss = gate_distill_loss(gate, *inputs, impl="triton", config=config)
     loss.backward()
     return loss.detach()
 
 
-def whole_step(gate, inputs):
+def whole_step(gate, inputs, config=None):
     gate.zero_grad(set_to_none=True)
     qn, kn, qp, kp = inputs
-    loss = gate_kl_loss(gate(qn, kn), distill_target(qp, kp, BS, impl="triton"))
+    loss = gate_kl_loss(gate(qn, kn), distill_target(qp, kp, BS, impl="triton", config=config))
     loss.backward()
     return loss.detach()
 
@@ -161,12 +176,13 @@ def bench_memory(seq_lens, gen, rows, batch=1):
                "chunk_rows": default_chunk_rows(batch, HKV, S, BS)}
         inputs = None
         try:
+            config = distill_config(batch, S, row)
             inputs = (*qk(S, gen, batch), *qk(S, gen, batch, scale=2.0))   # pre-, post-RoPE
             row["inputs_MB"] = sum(t.numel() * t.element_size() for t in inputs) / MB
             out = {}
-            row["chunked_peak_MB"], out["chunked"] = peak_extra_mb(chunked_step, gate, inputs)
+            row["chunked_peak_MB"], out["chunked"] = peak_extra_mb(chunked_step, gate, inputs, config)
             try:
-                row["whole_peak_MB"], out["whole"] = peak_extra_mb(whole_step, gate, inputs)
+                row["whole_peak_MB"], out["whole"] = peak_extra_mb(whole_step, gate, inputs, config)
             except torch.cuda.OutOfMemoryError:
                 row["whole_note"] = "out of memory"
             gate.zero_grad(set_to_none=True)
@@ -193,10 +209,10 @@ def bench_memory(seq_lens, gen, rows, batch=1):
             sets = [inputs] + [(*qk(S, gen, batch), *qk(S, gen, batch, scale=2.0))
                                for _ in range(ROTATE - 1)]
             row["chunked_fwd_bwd_ms"] = time_plain(
-                [lambda x=x: chunked_step(gate, x) for x in sets], rep_ms=300)
+                [lambda x=x: chunked_step(gate, x, config) for x in sets], rep_ms=300)
             if "whole_peak_MB" in row:
                 row["whole_fwd_bwd_ms"] = time_plain(
-                    [lambda x=x: whole_step(gate, x) for x in sets], rep_ms=300)
+                    [lambda x=x: whole_step(gate, x, config) for x in sets], rep_ms=300)
             sets = None
         except Exception as e:  # noqa: BLE001 - one failed length must not stop the others
             note(row, "memory_note", e)
@@ -234,7 +250,10 @@ def write_markdown(rows, facts, path):
                 f" / {fmt(r.get('chunked_peak_extra_MB'), '.1f')} / "
                 f"{fmt(r.get('torch_peak_extra_MB'), '.1f')} | {fmt(r.get('max_abs_err'), '.1e')}"
                 f" | {r.get('ok')} {r.get('target_note', '')} {r.get('graph_note', '')} |")
-        lines.append("")
+        lines += ["", "Kernel config at each length (what `sparsegen distill` runs there: the "
+                  "nearest tuned bucket of examples/specs/seer-attention-r.yaml, else the "
+                  "default): " + "; ".join(f"{r['seq_len']}: {r.get('config')} "
+                                           f"({r.get('config_source')})" for r in target), ""]
     mem = [r for r in rows if r["part"] == "memory"]
     if mem:
         lines += ["## Peak memory of one layer's loss, forward + backward", "",

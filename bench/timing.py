@@ -68,6 +68,19 @@ def time_graph(fns, warmup_ms=25, rep_ms=120) -> float:
                     return_mode="median")
 
 
+def time_graph_per_call(fns, calls: int, warmup_ms=25, rep_ms=120) -> float:
+    """Median ms per call of CUDA graphs that each hold `calls` calls of one of fns: the
+    graph's own launch cost (~10-15 us on the H100) spread over them, as in a model whose
+    one graph holds every layer. Compare like with like: a step timed this way against a
+    baseline timed this way."""
+    def repeated(fn):
+        def run():
+            for _ in range(calls):
+                fn()
+        return run
+    return time_graph([repeated(fn) for fn in fns], warmup_ms, rep_ms) / calls
+
+
 def copy_bandwidth(nbytes=4 << 30) -> float:
     """Device-to-device copy in TB/s, counting bytes read plus written."""
     from triton.testing import do_bench

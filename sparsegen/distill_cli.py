@@ -88,9 +88,11 @@ def run_distill(spec_path, model, data, out, steps: int = 800, lr: float = 1e-3,
                 batch: int = 1, seq_len: int = 4096, warmup: int | None = None,
                 device: str | None = None, dtype: str = "auto", data_format: str = "auto",
                 tokenizer: str | None = None, seed: int = 0, log_every: int = 10,
-                log=print) -> dict:
+                log=print, db=None) -> dict:
     """Train the gates; returns {"losses": [...], "out": path, "layers": [...]}. `model` is a
-    path / hub id or an already-loaded transformers model."""
+    path / hub id or an already-loaded transformers model. On a GPU the distillation target
+    kernel runs the config `sparsegen tune` found for this spec and GPU in the tuning
+    database `db` (default: $SPARSEGEN_TUNING_DB or ./tuning_db), else its default."""
     import torch
 
     from .integrations.hf_distill import GateDistiller
@@ -114,7 +116,8 @@ def run_distill(spec_path, model, data, out, steps: int = 800, lr: float = 1e-3,
     if tok_source is None and data_format != "tokens" and Path(data).suffix not in TOKEN_SUFFIXES:
         tok_source = getattr(model, "name_or_path", None) or None
     ids = load_tokens(data, data_format, tok_source, model.config.vocab_size)
-    distiller = GateDistiller(model, spec).to(device)
+    target_config = _tuned_target_config(spec, device, batch, seq_len, db, log)
+    distiller = GateDistiller(model, spec, target_config=target_config).to(device)
     params = list(distiller.gates.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20) if warmup is None else max(1, warmup)
@@ -134,6 +137,25 @@ def run_distill(spec_path, model, data, out, steps: int = 800, lr: float = 1e-3,
     save_gates(out, distiller.gate_dict(),
                {"spec": spec.name, "steps": steps, "final_loss": losses[-1] if losses else ""})
     return {"losses": losses, "out": str(out), "layers": sorted(distiller.gate_dict())}
+
+
+def _tuned_target_config(spec, device, batch: int, seq_len: int, db, log) -> dict | None:
+    """The distillation target kernel's tuned config for this GPU (None: its default)."""
+    from .emit import tuned_rule_config
+    from .plan import make_plan
+    from .tune.db import TuningDB, torch_gpu
+
+    gpu = torch_gpu(device)
+    if gpu is None:
+        return None
+    tuning_db = TuningDB(db)
+    config = tuned_rule_config(make_plan(spec), "distill_target", gpu, batch, seq_len,
+                               tuning_db)
+    if log:
+        log(f"distillation target kernel: tuned config {config}" if config else
+            f"distillation target kernel: default config (none tuned for {gpu.slug} in "
+            f"{tuning_db.root})")
+    return config
 
 
 def _load_model(path, device, dtype):
@@ -157,7 +179,8 @@ def cmd_distill(args) -> int:
     result = run_distill(args.spec, args.model, args.data, args.out, steps=args.steps,
                          lr=args.lr, batch=args.batch, seq_len=args.seq_len, warmup=args.warmup,
                          device=args.device, dtype=args.dtype, data_format=args.data_format,
-                         tokenizer=args.tokenizer, seed=args.seed, log_every=args.log_every)
+                         tokenizer=args.tokenizer, seed=args.seed, log_every=args.log_every,
+                         db=args.db)
     losses = result["losses"]
     print(f"saved gates of layers {result['layers']} to {result['out']} "
           f"(loss {losses[0]:.5f} -> {losses[-1]:.5f})")
@@ -188,4 +211,6 @@ def register(subparsers) -> None:
                    help="tokenizer path for text data (default: the model's), or `bytes`")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--db", default=None, help="tuning database whose distill_target config "
+                   "runs on the GPU (default: $SPARSEGEN_TUNING_DB or ./tuning_db)")
     p.set_defaults(func=cmd_distill)

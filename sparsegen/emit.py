@@ -32,7 +32,8 @@ from .codegen.backend import decode_backend
 from .codegen.render import render
 from .errors import SparsegenError
 from .plan import rule_kernel_plans
-from .tune.db import GpuId, TuningDB, identity_key, kernel_identity, library_versions
+from .tune.db import (GpuId, TuningDB, identity_key, kernel_identity, library_versions,
+                      nearest_bucket)
 from .tune.space import Candidate, SearchSpace
 
 MARKER = "tuned_configs.json"
@@ -154,6 +155,16 @@ def _rule_kernel_configs(kernel, db: TuningDB) -> dict:
 
     return {"identity_key": identity_key(identity), "templates": identity["templates"],
             "tuned": _tuned(db, identity, bucket)}
+
+
+def tuned_rule_config(plan, kernel_name: str, gpu: GpuId, batch: int, seq_len: int,
+                      db: TuningDB) -> dict | None:
+    """The config `sparsegen tune` found for one of a plan's rule kernels on `gpu`, from the
+    tuned bucket nearest (batch, seq_len), as an emitted module picks it; None when the plan
+    has no such kernel or nothing is tuned for it with today's templates."""
+    kernel = next((k for k in rule_kernel_plans(plan) if k.name == kernel_name), None)
+    tuned = _rule_kernel_configs(kernel, db)["tuned"].get(gpu.slug) if kernel else None
+    return nearest_bucket(tuned["buckets"], batch, seq_len)["config"] if tuned else None
 
 
 def _tuned(db: TuningDB, identity: dict, bucket) -> dict:

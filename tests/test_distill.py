@@ -485,3 +485,40 @@ def test_distill_target_is_tuned_on_its_own_buckets():
     assert shapes["distill_target"] == [(1, 8192), (1, 16384)]
     attention = [(s.batch, s.seq_len) for s in plan.kernels[0].shapes]
     assert shapes["gate_score"] == shapes["block_select"] == attention
+
+
+def test_distill_picks_the_tuned_target_config(tmp_path, monkeypatch):
+    """On a GPU `sparsegen distill` runs distill_target at the config `sparsegen tune` stored
+    for the spec and GPU (the committed H100 entries; nearest bucket, as an emitted module
+    picks); nothing tuned (another GPU, an empty database), no GPU or no such kernel: None,
+    the kernel's default."""
+    import json
+    from pathlib import Path
+
+    from sparsegen import distill_cli
+    from sparsegen.emit import tuned_rule_config
+    from sparsegen.plan import make_plan
+    from sparsegen.spec import load_spec
+    from sparsegen.tune import db as tdb
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_spec(root / "examples" / "specs" / "seer-attention-r.yaml")
+    plan, h100 = make_plan(spec), tdb.GpuId("NVIDIA H100 80GB HBM3", "9.0")
+    db = tdb.TuningDB(root / "tuning_db")
+    (path,) = (root / "tuning_db" / h100.slug).glob("distill_target-*.json")
+    want = {e["shape"]["seq_len"]: e["best"]["config"]
+            for e in json.loads(path.read_text())["entries"]}
+    assert set(want) == {8192, 16384}
+    assert tuned_rule_config(plan, "distill_target", h100, 1, 8192, db) == want[8192]
+    assert tuned_rule_config(plan, "distill_target", h100, 2, 40000, db) == want[16384]
+    assert tuned_rule_config(plan, "distill_target", tdb.GpuId("Fake", "9.0"), 1, 8192,
+                             db) is None
+    assert tuned_rule_config(plan, "distill_target", h100, 1, 8192,
+                             tdb.TuningDB(tmp_path)) is None
+    assert tuned_rule_config(plan, "no_such_kernel", h100, 1, 8192, db) is None
+
+    logs = []
+    assert distill_cli._tuned_target_config(spec, "cpu", 1, 8192, db.root, logs.append) is None
+    monkeypatch.setattr(tdb, "torch_gpu", lambda device: h100)
+    got = distill_cli._tuned_target_config(spec, "cuda", 1, 4096, db.root, logs.append)
+    assert got == want[8192] and logs == [f"distillation target kernel: tuned config {got}"]
