@@ -522,3 +522,20 @@ def test_distill_picks_the_tuned_target_config(tmp_path, monkeypatch):
     monkeypatch.setattr(tdb, "torch_gpu", lambda device: h100)
     got = distill_cli._tuned_target_config(spec, "cuda", 1, 4096, db.root, logs.append)
     assert got == want[8192] and logs == [f"distillation target kernel: tuned config {got}"]
+
+
+def test_distill_looks_up_the_target_config_for_its_gpu(tmp_path, monkeypatch):
+    """run_distill on a (pretend) GPU asks the tuning database for its spec's distill_target
+    config and says what it runs; a spec nobody tuned runs the default."""
+    from sparsegen.distill_cli import run_distill
+    from sparsegen.tune import db as tdb
+
+    model = tiny_model("llama", tmp_path / "m")
+    torch.save(torch.randint(0, 256, (200,)), tmp_path / "t.pt")
+    monkeypatch.setattr(tdb, "torch_gpu",
+                        lambda device: tdb.GpuId("NVIDIA H100 80GB HBM3", "9.0"))
+    logs = []
+    run_distill(parse_spec(SPEC.format(dense="")), model, tmp_path / "t.pt", tmp_path / "g.pt",
+                steps=1, seq_len=32, device="cpu", log=logs.append, db=tmp_path / "db")
+    assert logs[0] == ("distillation target kernel: default config (none tuned for "
+                       f"nvidia-h100-80gb-hbm3-sm90 in {tmp_path / 'db'})")
