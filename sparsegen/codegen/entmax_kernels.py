@@ -186,8 +186,9 @@ class EntmaxTauTriton(TritonKernel):
 
     @classmethod
     def tunable_space(cls, static) -> dict[str, list]:
-        return {"block_j": [16, 32, 64, 128], "chunk": [256, 512, 1024, 2048, 4096],
-                "num_warps": [2, 4, 8], "select_warps": [1, 2, 4, 8]}
+        return {"block_j": [16, 32, 64, 128], "tiles": [1, 2, 4, 8], "stages": [1, 2, 3],
+                "chunk": [256, 512, 1024, 2048, 4096], "num_warps": [2, 4, 8],
+                "select_warps": [1, 2, 4, 8]}
 
     @classmethod
     def default_config(cls, static) -> dict:
@@ -195,16 +196,22 @@ class EntmaxTauTriton(TritonKernel):
         # to 8192 group values stays resident (one chunk at 128K / block 64, G 4), so every
         # pass is one vectorized reduction instead of a serial chunk loop (H100, B 8 x 128K:
         # 57 us with 256-block chunks padded to 16 rows)
-        return {"block_j": 64, "chunk": min(4096, 8192 // next_pow2(static.group_size)),
+        return {"block_j": 64, "tiles": 1, "stages": 2,
+                "chunk": min(4096, 8192 // next_pow2(static.group_size)),
                 "num_warps": 4, "select_warps": 8}
 
     @classmethod
     def check_config(cls, static, config) -> str | None:
-        bad = check_int_config(config, ("block_j", "chunk", "num_warps", "select_warps"))
+        bad = check_int_config(config, ("block_j", "tiles", "stages", "chunk", "num_warps",
+                                        "select_warps"))
         if bad:
             return bad
         if not pow2(config["block_j"]) or not 16 <= config["block_j"] <= 256:
             return f"block_j={config['block_j']} must be a power of two in [16, 256]"
+        if not pow2(config["tiles"]) or not 1 <= config["tiles"] <= 16:
+            return f"tiles={config['tiles']} must be a power of two in [1, 16]"
+        if not 1 <= config["stages"] <= 4:
+            return f"stages={config['stages']} out of [1, 4]"
         if not pow2(config["chunk"]) or not 16 <= config["chunk"] <= 4096:
             return f"chunk={config['chunk']} must be a power of two in [16, 4096]"
         if config["select_warps"] not in (1, 2, 4, 8):
@@ -267,11 +274,12 @@ class EntmaxTauTriton(TritonKernel):
             width = cap
         coef = (s.alpha - 1.0) * self.scale / math.sqrt(D)
         if width > 0:
-            mod.entmax_scores[(cdiv(width, self.config["block_j"]), Hkv, B)](
+            per_program = self.config["block_j"] * self.config["tiles"]
+            mod.entmax_scores[(cdiv(width, per_program), Hkv, B)](
                 q, summaries, seq_lens, z, coef, cap,
                 q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1),
                 summaries.stride(2), z.stride(0), z.stride(1),
-                num_warps=self.config["num_warps"], num_stages=2)
+                num_warps=self.config["num_warps"], num_stages=self.config["stages"])
         mod.entmax_select[(Hkv, B)](
             z, seq_lens, idx, cnt, bias,
             z.stride(0), z.stride(1), idx.stride(0), idx.stride(1), cnt.stride(0),
