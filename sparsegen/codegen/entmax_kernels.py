@@ -195,8 +195,11 @@ class EntmaxTauTriton(TritonKernel):
         # the select kernel runs ~iters + 3 passes over a row of candidate blocks: a row up
         # to 8192 group values stays resident (one chunk at 128K / block 64, G 4), so every
         # pass is one vectorized reduction instead of a serial chunk loop (H100, B 8 x 128K:
-        # 57 us with 256-block chunks padded to 16 rows)
-        return {"block_j": 64, "tiles": 1, "stages": 2,
+        # 57 us with 256-block chunks padded to 16 rows). Scoring: 32-block tiles, one per
+        # program, 3 stages were fastest or within 1 % on every probed shape (the solve 1.04-
+        # 1.26x faster than with 64-block tiles; more tiles per program gained nothing:
+        # bench/results/H100-entmax-tau-probe.md)
+        return {"block_j": 32, "tiles": 1, "stages": 3,
                 "chunk": min(4096, 8192 // next_pow2(static.group_size)),
                 "num_warps": 4, "select_warps": 8}
 
