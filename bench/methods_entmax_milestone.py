@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 from bench.baselines import dense_prefill_fwd_bwd, fastest_cudnn_decode  # noqa: E402
 from bench.emitted import emitted_attention, tuned_rule_configs  # noqa: E402
 from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa: E402
-                          save_results, time_graph, time_graph_per_call, time_plain)
+                          save_results, time_graph, time_graph_per_call, time_plain,
+                          GRAPH_CALLS)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxStatic,  # noqa: E402
@@ -55,7 +56,6 @@ DT = torch.bfloat16
 ROTATE = 4
 ENTMAX_STATIC = EntmaxStatic(BLOCK, D, G, "bf16")
 MILESTONE_PAGE = 16
-GRAPH_CALLS = 8  # calls per graph of the per-call timings
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,9 +156,9 @@ def bench_entmax_decode(batch, seq_len, target, rows, gen):
         sels = [(s.indices.clone(), s.counts.clone(), s.bias.clone()) for s in sels]
         atts = [lambda q=q, s=s: att(q, k, v, s[0], s[1], seq, block_bias=s[2])
                 for q, s in zip(qs, sels)]
-        row["step_mean_graph_ms"] = time_graph_per_call(steps, GRAPH_CALLS)
-        row["attn_mean_graph_ms"] = time_graph_per_call(atts, GRAPH_CALLS)
-        row["dense_mean_graph_ms"] = time_graph_per_call(dense, GRAPH_CALLS)
+        row["step_mean_graph_ms"] = time_graph_per_call(steps)
+        row["attn_mean_graph_ms"] = time_graph_per_call(atts)
+        row["dense_mean_graph_ms"] = time_graph_per_call(dense)
         row["speedup_mean"] = row["dense_mean_graph_ms"] / row["step_mean_graph_ms"]
         row["of_ideal_mean"] = row["speedup_mean"] / row["ideal_speedup"]
         row["tau_share_mean"] = 1 - row["attn_mean_graph_ms"] / row["step_mean_graph_ms"]

@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from bench.baselines import fastest_cudnn_decode  # noqa: E402
 from bench.emitted import emitted_attention, tuned_rule_configs  # noqa: E402
 from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa: E402
-                          save_results, time_graph, time_graph_per_call, time_plain)
+                          save_results, time_graph, time_graph_per_call, time_plain,
+                          GRAPH_CALLS)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.methods.decode_step import GateDecoder, TopkDecoder  # noqa: E402
@@ -55,7 +56,6 @@ ROTATE = 4
 # example specs whose tuned rule-kernel configs a bench row runs when its statics are theirs
 TUNED_EXAMPLES = ("seer-attention-r", "nsa-topk", "quest-topk")
 PAGE_SIZE = 256  # of the paged caches `build` makes
-DENSE_CALLS = 8  # dense calls per graph for the baseline of the block-mean step
 # (name, rule, block size, topk score, topk group)
 RULES = [("gate", "gate", 64, None, None),
          ("quest-ub-per-head-b16", "topk", 16, "upper_bound", "per_head"),
@@ -248,7 +248,7 @@ def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, g
             row["speedup"] = row["sdpa_graph_ms"] / row["step_graph_ms"]
             # the block mean amortizes the graph's launch over block_size steps: so must the
             # baseline it is compared with
-            row["sdpa_mean_graph_ms"] = time_graph_per_call(dense, DENSE_CALLS)
+            row["sdpa_mean_graph_ms"] = time_graph_per_call(dense)
             row["speedup_block_mean"] = (row["sdpa_mean_graph_ms"]
                                          / row["block_mean_step_graph_ms"])
         meta = sum(t.numel() * t.element_size() for t in
@@ -275,7 +275,7 @@ def write_markdown(rows, facts, path):
              "a decode sees per token",
              "- like is timed against like: a CUDA graph's replay costs ~10-15 us of its own, "
              f"so the fill step is compared with one call of dense cuDNN SDPA in one graph, the "
-             f"block mean with dense per call of graphs of {DENSE_CALLS} calls",
+             f"block mean with dense per call of graphs of {GRAPH_CALLS} calls",
              "- speedup = cuDNN SDPA time / step time (target >= 7x); select share = what the "
              "step loses to scoring + selection, 1 - (the same steps attending a selection "
              "fixed in advance) / step (target <= 10 %); `select ms` = scoring + selection "
@@ -297,7 +297,7 @@ def write_markdown(rows, facts, path):
         lines += ["## Decode step vs dense cuDNN SDPA", "",
                   "| rule | layout | B | len | blocks sel / total | fill step ms (graph) | "
                   "block mean (graph) | select ms (graph) | select share fill / mean | floor | "
-                  f"cuDNN ms (graph / per call of {DENSE_CALLS}) | speedup fill / mean |",
+                  f"cuDNN ms (graph / per call of {GRAPH_CALLS}) | speedup fill / mean |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in steps:
             if "step_ms" not in r:

@@ -68,7 +68,10 @@ def time_graph(fns, warmup_ms=25, rep_ms=120) -> float:
                     return_mode="median")
 
 
-def time_graph_per_call(fns, calls: int, warmup_ms=25, rep_ms=120) -> float:
+GRAPH_CALLS = 8  # calls per graph of the benches' per-call timings
+
+
+def time_graph_per_call(fns, calls: int = GRAPH_CALLS, warmup_ms=25, rep_ms=120) -> float:
     """Median ms per call of CUDA graphs that each hold `calls` calls of one of fns: the
     graph's own launch cost (~10-15 us on the H100) spread over them, as in a model whose
     one graph holds every layer. Compare like with like: a step timed this way against a

@@ -188,18 +188,17 @@ class GateDecoder(_Decoder):
         neither). The decoder's first step runs serially, so the kernels' lazily built
         tables and counters are created on the caller's stream before any overlap."""
         cache.append(k_new, v_new)
-        if self.dense:
-            idx, cnt = self.select(q_nope, cache)
-            return attend(q, block_indices=idx, block_counts=cnt, **cache.attention_args())
-        if q_nope is None or k_nope is None:
-            raise ValueError("the gate rule's step needs the pre-RoPE q_nope and k_nope")
-        side = self._append_stream(k_nope)
-        if side is None:
-            self.append_state(k_nope, cache)
-        else:
-            side.wait_stream(torch.cuda.current_stream(k_nope.device))
-            with torch.cuda.stream(side):
+        side = None
+        if not self.dense:
+            if q_nope is None or k_nope is None:
+                raise ValueError("the gate rule's step needs the pre-RoPE q_nope and k_nope")
+            side = self._append_stream(k_nope)
+            if side is None:
                 self.append_state(k_nope, cache)
+            else:
+                side.wait_stream(torch.cuda.current_stream(k_nope.device))
+                with torch.cuda.stream(side):
+                    self.append_state(k_nope, cache)
         idx, cnt = self.select(q_nope, cache)
         out = attend(q, block_indices=idx, block_counts=cnt, **cache.attention_args())
         if side is None:
