@@ -51,6 +51,12 @@ def render(name: str, params: dict) -> str:
     return _ENV.get_template(name).render(**params)
 
 
+def render_source(source: str, params: dict) -> str:
+    """Render template text (not a file under templates/, e.g. an earlier revision of one)
+    with the same options as `render`."""
+    return _ENV.from_string(source).render(**params)
+
+
 def render_to_file(name: str, params: dict, build_dir: Path | None = None) -> Path:
     text = render(name, params)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]

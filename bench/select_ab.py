@@ -1,0 +1,142 @@
+"""A selection kernel's template against the same template at an earlier git revision.
+
+    python bench/select_ab.py --rev 89115f1     # entmax tau solve, gate / NSA block_select
+    python bench/select_ab.py --rev 89115f1 --old-templates DIR   # no git here: DIR holds
+                                                # the templates/ tree as it was at --rev
+
+Each kernel runs at its default config with the template of this checkout ("new") and the
+template as it was at --rev ("old", rendered with the same parameters), on the same inputs:
+the entmax tau solve (scores + select) at the scale that skips 90 % of the blocks of a random
+cache, block_select on random scores keeping 10 % of the blocks (block 64, one score row a
+KV head, as the gate and NSA select). Both are checked to select exactly the same blocks
+first; times are CUDA-graph medians, the two variants alternating in one loop, each call on
+one of 4 input copies in turn so the summaries / scores come from memory as in a decode step.
+Writes bench/results/<GPU>-select-ab.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import methods_entmax_milestone as em  # noqa: E402
+from bench.timing import (gpu_facts, note, results_header, save_results,  # noqa: E402
+                          time_graph)
+from sparsegen.codegen.entmax_kernels import EntmaxTauTriton  # noqa: E402
+from sparsegen.codegen.render import default_build_dir, render_source  # noqa: E402
+from sparsegen.codegen.select_kernels import SelectStatic, TritonBlockSelect  # noqa: E402
+
+COPIES = 4
+SHAPES = [(8, 32768), (8, 131072), (16, 32768), (16, 131072)]
+
+
+OLD_TEMPLATES = None  # --old-templates: where the old templates are when git is not
+
+
+def old_source(rev: str, template: str) -> str:
+    if OLD_TEMPLATES is not None:
+        return (Path(OLD_TEMPLATES) / template).read_text()
+    return subprocess.run(["git", "show", f"{rev}:templates/{template}"], cwd=ROOT,
+                          check=True, capture_output=True, text=True).stdout
+
+
+def at_revision(kern, rev: str):
+    """kern, made to run its template as it was at git revision rev."""
+    src = old_source(rev, kern.template)
+    out = Path(default_build_dir()) / f"ab_{rev}_{Path(kern.template).name.split('.')[0]}"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{abs(hash(src + repr(kern.template_params())))}.py"
+    path.write_text(render_source(src, kern.template_params()))
+    kern._path = path   # render() returns it; module imports it
+    return kern
+
+
+def entmax_rows(batch, seq_len, rev, gen):
+    k, v, seq, summ, qs, c = em.entmax_decode_state(batch, seq_len, 0.9, gen)
+    del k, v
+    summs = [summ] + [summ.clone() for _ in range(COPIES - 1)]
+    lengths = [seq_len] * batch
+    new = EntmaxTauTriton(em.ENTMAX_STATIC, scale=c)
+    old = at_revision(EntmaxTauTriton(em.ENTMAX_STATIC, scale=c), rev)
+    a, b = new(qs[0], summ, seq, lengths), old(qs[0], summ, seq, lengths)
+    same = (torch.equal(a.counts, b.counts) and torch.equal(a.indices, b.indices)
+            and torch.equal(a.bias, b.bias))
+    kept = float(a.counts.float().mean()) / -(-seq_len // em.BLOCK)
+
+    def calls(kern):
+        return [lambda s=s: kern(qs[0], s, seq, lengths) for s in summs]
+    return same, kept, calls(new), calls(old)
+
+
+def select_rows(batch, seq_len, rev, gen):
+    st = SelectStatic(64)
+    nb = seq_len // 64
+    inputs = TritonBlockSelect.bench_inputs(st, batch, seq_len, budget_blocks=nb // 10)
+    scores = [inputs["scores"]] + [torch.randn(inputs["scores"].shape, device="cuda",
+                                               generator=gen) for _ in range(COPIES - 1)]
+    kw = {k: v for k, v in inputs.items() if k != "scores"}
+    new, old = TritonBlockSelect(st), at_revision(TritonBlockSelect(st), rev)
+    same = all(torch.equal(x, y) for s in scores
+               for x, y in zip(new(s, **kw), old(s, **kw)))
+    kept = kw["k"] / nb
+
+    def calls(kern):
+        return [lambda s=s: kern(s, **kw) for s in scores]
+    return same, kept, calls(new), calls(old)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rev", required=True, help="git revision of the old templates")
+    ap.add_argument("--out", default=None, help="results stem (default bench/results/<GPU>-select-ab)")
+    ap.add_argument("--old-templates", default=None,
+                    help="folder holding templates/ as it was at --rev (where git is not)")
+    args = ap.parse_args()
+    global OLD_TEMPLATES
+    OLD_TEMPLATES = args.old_templates
+    facts = gpu_facts()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for kernel, fn in (("entmax_tau", entmax_rows), ("block_select", select_rows)):
+        for batch, seq_len in SHAPES:
+            row = {"kernel": kernel, "batch": batch, "seq_len": seq_len}
+            try:
+                same, kept, new, old = fn(batch, seq_len, args.rev, gen)
+                row.update(same_selection=same, kept=round(kept, 4))
+                if same:
+                    # alternate the variants so drift hits both alike
+                    t_new, t_old = [], []
+                    for _ in range(3):
+                        t_new.append(time_graph(new))
+                        t_old.append(time_graph(old))
+                    row["new_ms"], row["old_ms"] = sorted(t_new)[1], sorted(t_old)[1]
+                    row["speedup"] = round(row["old_ms"] / row["new_ms"], 3)
+            except Exception as e:  # a failure is a result
+                note(row, "error", e)
+            rows.append(row)
+            print(row, flush=True)
+    stem = args.out or str(ROOT / "bench" / "results" / f"{facts['gpu_slug']}-select-ab")
+
+    def write_markdown(path):
+        lines = results_header(f"selection kernels: this checkout's templates vs {args.rev}",
+                               facts)
+        lines += ["- default configs; same inputs; CUDA-graph medians (median of 3 alternating "
+                  "runs each) over 4 input copies in turn", "",
+                  "| kernel | B | len | kept | same selection | old ms | new ms | speedup |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['kernel']} | {r['batch']} | {r['seq_len']} | {r.get('kept', '-')} "
+                         f"| {r.get('same_selection', '-')} | {r.get('old_ms', '-')} | "
+                         f"{r.get('new_ms', '-')} | {r.get('speedup', r.get('error', '-'))} |")
+        Path(path).write_text("\n".join(lines) + "\n")
+    save_results(stem, {**facts, "rev": args.rev}, rows, write_markdown)
+
+
+if __name__ == "__main__":
+    main()
