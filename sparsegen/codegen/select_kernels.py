@@ -93,14 +93,6 @@ class TritonBlockSelect(TritonKernel):
             # (bench/results/H100-tune-seer-rules.log); 64 a thread compiles and runs
             return (f"radix8: radix_chunk={rc} keys exceed 64 a thread at "
                     f"num_warps={config['num_warps']}")
-        # compile-time bounds (bench/results/CPU-block-select-compile.md, a 2-core CPU): radix8
-        # at 16 warps fails in a Triton pass (except at radix_chunk 256), count2 above 32 keys
-        # a thread compiles for 17 s to minutes: candidates that only held tuning workers
-        if algo == "radix8" and config["num_warps"] > 8:
-            return "radix8: more than 8 warps does not compile (a Triton 3.6 pass fails)"
-        if algo == "count2" and rc > 32 * threads:
-            return (f"count2: radix_chunk={rc} keys exceed 32 a thread at "
-                    f"num_warps={config['num_warps']} (compiles for minutes)")
         if algo == "sort" and rc > 32 * threads:  # 64 a thread spills
             return (f"sort: radix_chunk={rc} 64-bit words exceed 32 a thread at "
                     f"num_warps={config['num_warps']}")
