@@ -254,6 +254,56 @@ def test_a_warm_database_does_no_gpu_work(tmp_path, fake_log, monkeypatch):
     assert len(evaluations(fake_log)) == n
 
 
+def test_retune_measures_the_recorded_winner_again_and_never_gets_worse(tmp_path, fake_log):
+    kernel = fake_kernel(shapes=((2, 2048),))
+    plan = FakePlan(kernel)
+    (first,) = tune_plan(plan, options(tmp_path, trials=3))
+    assert tune_plan(plan, options(tmp_path, trials=12))[0].status == "warm"  # no --retune
+    # another machine (a fresh study journal), the same database, a larger budget
+    opts = options(tmp_path, trials=12, retune=True)
+    opts.cache_dir = tmp_path / "cache2"
+    (second,) = tune_plan(plan, opts)
+    assert second.status == "tuned"
+    name = study_name(kernel_identity(kernel), kernel.shapes[0], GPU, library_versions())
+    study = optuna.load_study(study_name=name, storage=open_storage(None, tmp_path / "cache2"))
+    # the old winner is among the measured trials (enqueued, unless it is a default: the
+    # defaults are enqueued first and a repeat is skipped)
+    old = (first.entry["best"]["backend"], first.entry["best"]["config"])
+    (prior,) = [t for t in study.get_trials() if t.user_attrs.get("prior")
+                or (t.user_attrs.get("default")
+                    and (SearchSpace.from_params(t.params).backend,
+                         SearchSpace.from_params(t.params).config) == old)]
+    cand = SearchSpace.from_params(prior.params)
+    assert (cand.backend, cand.config) == old
+    assert prior.user_attrs["outcome"] == "measured"
+    assert second.entry["best"]["median_ms"] <= prior.value
+    assert second.entry["best"]["median_ms"] <= first.entry["best"]["median_ms"] + 1e-9
+    assert len([t for t in study.get_trials() if t.user_attrs.get("outcome") == "measured"]) >= 12
+    # the database holds the new entry in place of the old one, nothing else changed
+    recorded = TuningDB(tmp_path / "db").lookup(GPU, kernel_identity(kernel),
+                                                {"batch": 2, "seq_len": 2048},
+                                                library_versions())
+    assert recorded["study"] == second.entry["study"] and recorded["tuned_at"] == \
+        second.entry["tuned_at"] and recorded["best"] == second.entry["best"]
+
+
+def test_retune_searches_without_a_winner_the_space_no_longer_holds(tmp_path, fake_log):
+    kernel = fake_kernel(shapes=((2, 2048),))
+    plan = FakePlan(kernel)
+    (first,) = tune_plan(plan, options(tmp_path, trials=3))
+    # a winner recorded by an older sparsegen whose space had tile 48
+    entry = {k: v for k, v in first.entry.items() if k != "checksum"}
+    entry["best"] = {**entry["best"], "backend": "fake",
+                     "config": {"tile": 48, "warps": 2, "stages": 2}}
+    TuningDB(tmp_path / "db").record(GPU, kernel_identity(kernel), entry)
+    opts = options(tmp_path, trials=4, retune=True)
+    opts.cache_dir = tmp_path / "cache2"
+    (second,) = tune_plan(plan, opts)
+    assert second.status == "tuned"
+    assert "not in today's space" in opts.stream.getvalue()
+    assert second.entry["best"]["config"] != {"tile": 48, "warps": 2, "stages": 2}
+
+
 def test_an_interrupted_tune_resumes_where_it_stopped(tmp_path, fake_log):
     cmd = [sys.executable, "-m", "tests.tune_fakes", "--db", str(tmp_path / "db"),
            "--cache", str(tmp_path / "cache"), "--trials", "6", "--workers", "1",

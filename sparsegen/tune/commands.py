@@ -34,6 +34,10 @@ def register(sub) -> None:
                    "`sparsegen check` lists them); default: all")
     p.add_argument("--shapes", nargs="+", default=(), metavar="bB_sS",
                    help="tune only these shape buckets (e.g. b16_s32768); default: all")
+    p.add_argument("--retune", action="store_true",
+                   help="search again where the database already has a winner (it is measured "
+                   "again beside the new candidates, so the result is never worse); with "
+                   "--trials above the first run's to search further")
     p.add_argument("-o", "--out", default=None, metavar="DIR",
                    help="then build the Python package into DIR (as `sparsegen build`)")
     p.set_defaults(func=cmd_tune)
@@ -125,7 +129,8 @@ def cmd_tune(args) -> int:
         trials=args.trials or spec.tuning.trials,
         timeout_s=args.timeout or spec.tuning.timeout_s, workers=args.workers,
         storage=args.storage, build_dir=Path(args.build_dir) if args.build_dir else None,
-        seed=spec.tuning.seed, kernels=tuple(args.kernels), shapes=tuple(args.shapes))
+        seed=spec.tuning.seed, kernels=tuple(args.kernels), shapes=tuple(args.shapes),
+        retune=args.retune)
     results = tune_plan(plan, opts)
     print_summary(results)
     failed = [r for r in results if r.status == "failed"]

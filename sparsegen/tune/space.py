@@ -86,11 +86,12 @@ class SearchSpace:
         out = []
         for backend, cls in self.adapters.items():
             cand = Candidate(backend, dict(cls.default_config(self.kernel.static)))
-            if self.infeasibility(cand) is None and self._in_space(cand):
+            if self.infeasibility(cand) is None and self.contains(cand):
                 out.append(cand)
         return out
 
-    def _in_space(self, cand: Candidate) -> bool:
+    def contains(self, cand: Candidate) -> bool:
+        """Whether cand is a point of the space (every key, every value among the choices)."""
         space = self.choices[cand.backend]
         return set(space) == set(cand.config) and all(
             cand.config[k] in values for k, values in space.items())

@@ -6,7 +6,9 @@ bench_inputs / reference cannot be measured and is skipped with a note.
 
 Per study:
   * skipped entirely when the tuning database already holds a winner for this GPU, kernel
-    identity, shape and library versions (a warm database does no GPU work);
+    identity, shape and library versions (a warm database does no GPU work), unless
+    `retune`: then that winner is enqueued beside the defaults and the study searches on, so
+    the new winner is never worse than the old one measured in the same run;
   * the heuristic default config of each backend is enqueued first, so the winner is never
     worse than the default;
   * each trial: sample a candidate, reject it on the CPU if statically infeasible
@@ -77,6 +79,7 @@ class TuneOptions:
     stream: object = None                    # progress output (stderr)
     kernels: tuple[str, ...] = ()            # tune only these kernels (empty: all)
     shapes: tuple[str, ...] = ()             # tune only these buckets, e.g. "b16_s32768"
+    retune: bool = False                     # search again where the database has a winner
 
 
 @dataclass
@@ -182,10 +185,10 @@ def tune_plan(plan, opts: TuneOptions) -> list[ShapeResult]:
             if opts.shapes and shape.key not in opts.shapes:
                 continue
             entry = opts.db.lookup(opts.gpu, identity, _shape(shape), versions)
-            if entry is not None:
+            if entry is not None and not opts.retune:
                 results.append(ShapeResult(kernel.name, shape.key, "warm", entry))
             else:
-                todo.append((kernel, identity, shape))
+                todo.append((kernel, identity, shape, entry))
     if not todo:
         return results
     if opts.targets == Targets():
@@ -195,9 +198,9 @@ def tune_plan(plan, opts: TuneOptions) -> list[ShapeResult]:
     session = _Session(opts, storage, versions)
     try:
         spaces = {}
-        for kernel, identity, shape in todo:
+        for kernel, identity, shape, prior in todo:
             space = spaces.setdefault(id(kernel), SearchSpace(kernel))
-            results.append(session.tune_shape(kernel, identity, shape, space))
+            results.append(session.tune_shape(kernel, identity, shape, space, prior))
     finally:
         session.close()
     return results
@@ -224,7 +227,7 @@ def _require_cuda(gpu: GpuId, todo) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        missing = ", ".join(f"{k.name} {s.key}" for k, _, s in todo[:4])
+        missing = ", ".join(f"{k.name} {s.key}" for k, _, s, _ in todo[:4])
         more = f" and {len(todo) - 4} more" if len(todo) > 4 else ""
         raise SparsegenError(
             f"the tuning database has no entry for {gpu} and {missing}{more}; tuning them "
@@ -252,15 +255,18 @@ class _Session:
         self.gpu.close()
         self.compilers.close()
 
-    def tune_shape(self, kernel, identity, shape, space: SearchSpace) -> ShapeResult:
+    def tune_shape(self, kernel, identity, shape, space: SearchSpace,
+                   prior: dict | None = None) -> ShapeResult:
         name = study_name(identity, shape, self.opts.gpu, self.versions)
-        study = _ShapeStudy(self, kernel, identity, shape, space, name)
+        study = _ShapeStudy(self, kernel, identity, shape, space, name, prior)
         return study.run()
 
 
 class _ShapeStudy:
-    def __init__(self, session: _Session, kernel, identity, shape, space, name):
+    def __init__(self, session: _Session, kernel, identity, shape, space, name,
+                 prior: dict | None = None):
         self.s = session
+        self.prior = prior  # the database's entry being retuned
         self.opts = session.opts
         self.kernel, self.identity, self.shape, self.space = kernel, identity, shape, space
         self.name = name
@@ -289,6 +295,8 @@ class _ShapeStudy:
             for cand in self.space.defaults():
                 study.enqueue_trial(self.space.params(cand), user_attrs={"default": True},
                                     skip_if_exists=True)
+        if self.prior is not None:
+            self._enqueue_prior(study)
         if self._done():
             self.progress.message("study already complete (resumed)")
         else:
@@ -315,6 +323,18 @@ class _ShapeStudy:
         self.progress.message(f"best {best['median_ms']:.4f} ms{bw} "
                               f"({best['backend']} {best['config']}){gain}")
         return ShapeResult(self.kernel.name, self.shape.key, "tuned", entry)
+
+    def _enqueue_prior(self, study) -> None:
+        """The winner being retuned, measured again beside the new candidates (unless the
+        space no longer holds it: a config key or value since removed)."""
+        best = self.prior["best"]
+        cand = Candidate(best["backend"], dict(best["config"]))
+        if cand.backend not in self.space.adapters or not self.space.contains(cand):
+            self.progress.message(f"the recorded winner {cand.describe()} is not in today's "
+                                  "space; searching without it")
+            return
+        study.enqueue_trial(self.space.params(cand), user_attrs={"prior": True},
+                            skip_if_exists=True)
 
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("owner", OWNER)
