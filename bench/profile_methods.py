@@ -67,7 +67,7 @@ def part_rule(name, gen):
 def part_entmax(gen):
     B, n = 8, 131072
     k, v, seq, summ, qs, c = em.entmax_decode_state(B, n, 0.9, gen)
-    tau, att, _ = em.entmax_decode_kernels(c, B, n)
+    tau, att, _ = em.entmax_decode_kernels(c, B, n, 0.9)
     step = em.entmax_decode_step(tau, att, k, v, seq, summ, [n] * B)
     return kernel_table(lambda: step(qs[0]), title="entmax decode step, B8 128K 0.9")
 
