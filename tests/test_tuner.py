@@ -420,6 +420,14 @@ def test_cli_tune_without_gpu_needs_a_warm_database(tmp_path):
     assert warm.stdout.count("warm") == 16 and "skipped" not in warm.stdout
     configs = json.loads((tmp_path / "out" / "cli_case" / "tuned_configs.json").read_text())
     assert len(configs["kernels"]["sparse_decode"]["tuned"]["fake-gpu-sm90"]["buckets"]) == 4
+    # --retune measures the recorded winners again: one line saying so, the database as it was
+    before = {p: p.read_bytes() for p in db_dir.rglob("*.json")}
+    again = _cli("tune", str(spec_path), "--gpu-name", "Fake GPU@9.0", "--db", str(db_dir),
+                 "--retune", "--kernels", "block_select", env=env)
+    assert again.returncode == 2 and "--retune measures block_select" in again.stderr, \
+        again.stderr
+    assert "needs a CUDA GPU" in again.stderr and "Traceback" not in again.stderr
+    assert {p: p.read_bytes() for p in db_dir.rglob("*.json")} == before
 
 
 def test_cli_tune_kernel_filter_typo_is_one_line(tmp_path):

@@ -227,11 +227,18 @@ def _require_cuda(gpu: GpuId, todo) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        missing = ", ".join(f"{k.name} {s.key}" for k, _, s, _ in todo[:4])
-        more = f" and {len(todo) - 4} more" if len(todo) > 4 else ""
+        missing = [(k, s) for k, _, s, prior in todo if prior is None]
+        what = ", ".join(f"{k.name} {s.key}" for k, s in (missing or
+                                                           [(k, s) for k, _, s, _ in todo])[:4])
+        n = len(missing or todo)
+        more = f" and {n - 4} more" if n > 4 else ""
+        if missing:
+            raise SparsegenError(
+                f"the tuning database has no entry for {gpu} and {what}{more}; tuning them "
+                "needs a CUDA GPU and this machine has none")
         raise SparsegenError(
-            f"the tuning database has no entry for {gpu} and {missing}{more}; tuning them "
-            "needs a CUDA GPU and this machine has none")
+            f"--retune measures {what}{more} again on {gpu}: that needs a CUDA GPU and this "
+            "machine has none (without --retune the database's entries are used as they are)")
 
 
 def _shape(shape) -> dict:
