@@ -30,7 +30,7 @@ from bench import methods_entmax_milestone as em  # noqa: E402
 from bench.timing import (fmt, gpu_facts, note, results_header, save_results,  # noqa: E402
                           time_graph)
 from sparsegen.codegen.entmax_kernels import EntmaxTauTriton  # noqa: E402
-from sparsegen.codegen.render import default_build_dir, render_source  # noqa: E402
+from sparsegen.codegen.render import render_to_file  # noqa: E402
 from sparsegen.codegen.select_kernels import SelectStatic, TritonBlockSelect  # noqa: E402
 from sparsegen.methods.entmax import EntmaxRule, select_blocks  # noqa: E402
 
@@ -51,12 +51,13 @@ def old_source(rev: str, template: str) -> str:
 def at_revision(kern, rev: str):
     """kern, made to run its template as it was at git revision rev."""
     src = old_source(rev, kern.template)
-    out = Path(default_build_dir()) / f"ab_{rev}_{Path(kern.template).name.split('.')[0]}"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{abs(hash(src + repr(kern.template_params())))}.py"
-    path.write_text(render_source(src, kern.template_params()))
-    kern._path = path   # render() returns it; module imports it
-    return kern
+
+    class AtRevision(type(kern)):
+        def render(self):
+            return render_to_file(self.template, self.template_params(), self.build_dir, src)
+
+    return AtRevision(kern.static, kern.config, kern.build_dir,
+                      **({"scale": kern.scale} if hasattr(kern, "scale") else {}))
 
 
 def entmax_rows(batch, seq_len, rev, gen):
@@ -69,7 +70,7 @@ def entmax_rows(batch, seq_len, rev, gen):
     lengths = [seq_len] * batch
     nb = -(-seq_len // em.BLOCK)
     new = EntmaxTauTriton(em.ENTMAX_STATIC, scale=c)
-    old = at_revision(EntmaxTauTriton(em.ENTMAX_STATIC, scale=c), rev)
+    old = at_revision(new, rev)
     want = select_blocks(qs[0], summ, seq, EntmaxRule(block_size=em.BLOCK, scale=c), width=nb)
     agree = []
     for kern in (new, old):
@@ -90,7 +91,8 @@ def select_rows(batch, seq_len, rev, gen):
     scores = [inputs["scores"]] + [torch.randn(inputs["scores"].shape, device="cuda",
                                                generator=gen) for _ in range(COPIES - 1)]
     kw = {k: v for k, v in inputs.items() if k != "scores"}
-    new, old = TritonBlockSelect(st), at_revision(TritonBlockSelect(st), rev)
+    new = TritonBlockSelect(st)
+    old = at_revision(new, rev)
     same = all(torch.equal(x, y) for s in scores
                for x, y in zip(new(s, **kw), old(s, **kw)))
     kept = kw["k"] / nb

@@ -47,18 +47,16 @@ def template_hash(name: str) -> str:
     return hashlib.sha256(template_source(name).encode()).hexdigest()[:16]
 
 
-def render(name: str, params: dict) -> str:
-    return _ENV.get_template(name).render(**params)
+def render(name: str, params: dict, source: str | None = None) -> str:
+    """Template `name` rendered with params; `source`: render this text in its place (e.g.
+    the template as it was at an earlier revision), with the same options."""
+    template = _ENV.get_template(name) if source is None else _ENV.from_string(source)
+    return template.render(**params)
 
 
-def render_source(source: str, params: dict) -> str:
-    """Render template text (not a file under templates/, e.g. an earlier revision of one)
-    with the same options as `render`."""
-    return _ENV.from_string(source).render(**params)
-
-
-def render_to_file(name: str, params: dict, build_dir: Path | None = None) -> Path:
-    text = render(name, params)
+def render_to_file(name: str, params: dict, build_dir: Path | None = None,
+                   source: str | None = None) -> Path:
+    text = render(name, params, source)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     stem = Path(name).name.split(".")[0]
     out_dir = Path(build_dir or default_build_dir())
