@@ -185,6 +185,67 @@ def test_db_commands(tmp_path, identity):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_merge_adds_what_is_missing_and_settles_conflicts_by_policy(tmp_path, identity):
+    H200 = GpuId("NVIDIA H200", "9.0")
+
+    def fresh(name):
+        here, there = TuningDB(tmp_path / name / "here"), TuningDB(tmp_path / name / "there")
+        here.record(GPU, identity, make_entry(1, 8192, ms=0.05))
+        here.record(GPU, identity, make_entry(8, 32768, ms=0.05))
+        there.record(GPU, identity, make_entry(1, 8192, ms=0.04))    # faster there
+        there.record(GPU, identity, make_entry(8, 32768, ms=0.06))   # slower there
+        there.record(GPU, identity, make_entry(16, 131072, ms=0.07))  # only there
+        there.record(H200, identity, make_entry(1, 8192, ms=0.03))   # another GPU
+        return here, there
+
+    def ms(db, gpu, b, s):
+        return db.lookup(gpu, identity, {"batch": b, "seq_len": s}, VERSIONS)["best"]["median_ms"]
+
+    here, there = fresh("faster")
+    before = {p: p.read_bytes() for p in there.files()}
+    done = here.merge(there)
+    assert sorted(a for a, _, _ in done) == ["added", "added", "kept", "replaced"]
+    assert (ms(here, GPU, 1, 8192), ms(here, GPU, 8, 32768), ms(here, GPU, 16, 131072),
+            ms(here, H200, 1, 8192)) == (0.04, 0.05, 0.07, 0.03)
+    assert {p: p.read_bytes() for p in there.files()} == before  # the source is only read
+    assert here.merge(there) and all(a == "kept" for a, _, _ in here.merge(there))
+
+    here, there = fresh("other")
+    here.merge(there, prefer="other")
+    assert (ms(here, GPU, 1, 8192), ms(here, GPU, 8, 32768)) == (0.04, 0.06)
+    here, there = fresh("this")
+    here.merge(there, prefer="this")
+    assert (ms(here, GPU, 1, 8192), ms(here, GPU, 8, 32768)) == (0.05, 0.05)
+
+    here, there = fresh("dry")
+    before = {p: p.read_bytes() for p in here.files()}
+    assert len(here.merge(there, dry_run=True)) == 4
+    assert {p: p.read_bytes() for p in here.files()} == before
+    with pytest.raises(DbError, match="is the database being merged into"):
+        here.merge(TuningDB(here.root))
+
+
+def test_merge_with_a_corrupt_side_writes_nothing(tmp_path, identity):
+    here, there = TuningDB(tmp_path / "here"), TuningDB(tmp_path / "there")
+    mine = here.record(GPU, identity, make_entry(1, 8192))
+    theirs = there.record(GPU, identity, make_entry(8, 32768))
+    there.record(GpuId("NVIDIA H200", "9.0"), identity, make_entry(1, 8192))
+    good = mine.read_bytes()
+    theirs.write_text(theirs.read_text().replace('"study": "s"', '"study": "x"', 1))
+    with pytest.raises(DbError, match="fails its checksum"):
+        here.merge(there)
+    assert mine.read_bytes() == good and len(here.files()) == 1
+    r = _cli("db", "merge", str(there.root), "--db", str(here.root))
+    assert r.returncode == 2 and "fails its checksum" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("db", "merge", str(tmp_path / "nowhere"), "--db", str(here.root))
+    assert r.returncode == 2 and "no such database directory" in r.stderr
+    theirs.unlink()
+    r = _cli("db", "merge", str(there.root), "--db", str(here.root), "--prefer", "source")
+    assert r.returncode == 0 and "added 1, replaced 0, kept 0 (--prefer source)" in r.stdout, \
+        r.stdout + r.stderr
+    assert len(here.files()) == 2
+
+
 def test_committed_winners_match_todays_kernels():
     """Every entry in the repository's tuning_db/ was tuned with today's templates and
     adapter modules: an edit of a tuned kernel's template or adapter module (which makes

@@ -68,6 +68,15 @@ def register(sub) -> None:
     q.add_argument("--all", action="store_true", help="allow pruning with no filter at all")
     q.add_argument("--dry-run", action="store_true", help="say what would go; change nothing")
     q.set_defaults(func=cmd_db_prune)
+    q = dbsub.add_parser("merge", help="bring the entries of another tuning database (e.g. "
+                         "one tuned on another machine) into this one")
+    q.add_argument("source", metavar="SRC", help="the database directory to merge from")
+    q.add_argument("--db", default=None, metavar="DIR", help="tuning database (./tuning_db)")
+    q.add_argument("--prefer", choices=("faster", "source", "db"), default="faster",
+                   help="where both have an entry for the same GPU, kernel, shape and versions: "
+                   "keep the faster winner (default), the source's, or the database's")
+    q.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
+    q.set_defaults(func=cmd_db_merge)
 
 
 def _positive(text: str) -> int:
@@ -237,4 +246,26 @@ def cmd_db_prune(args) -> int:
     for path, e in gone:
         print(f"{verb} {path} {shape_key(e['shape'])}")
     print(f"{verb} {len(gone)} entr{'y' if len(gone) == 1 else 'ies'}")
+    return 0
+
+
+def cmd_db_merge(args) -> int:
+    from .db import TuningDB, shape_key
+
+    src = Path(args.source)
+    if not src.is_dir():
+        raise SparsegenError(f"{src}: no such database directory (the SRC of db merge is a "
+                             "tuning_db folder, e.g. one copied back from a GPU machine)")
+    prefer = {"faster": "faster", "source": "other", "db": "this"}[args.prefer]
+    done = _db(args).merge(TuningDB(src), prefer, dry_run=args.dry_run)
+    if not done:
+        print(f"no entries in {src}")
+        return 0
+    would = "would be " if args.dry_run else ""
+    for action, path, e in done:
+        if action != "kept":
+            print(f"{would}{action} {path} {shape_key(e['shape'])}")
+    counts = {a: sum(1 for x, _, _ in done if x == a) for a in ("added", "replaced", "kept")}
+    print(f"{would}added {counts['added']}, {would}replaced {counts['replaced']}, "
+          f"kept {counts['kept']} (--prefer {args.prefer})")
     return 0

@@ -201,6 +201,9 @@ def nearest_bucket(buckets, batch: int, seq_len: int):
 # ---------------------------------------------------------------------------------------
 # The database
 # ---------------------------------------------------------------------------------------
+MERGE_PREFER = ("faster", "other", "this")  # TuningDB.merge: whose entry wins a conflict
+
+
 class TuningDB:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root or os.environ.get("SPARSEGEN_TUNING_DB") or DEFAULT_ROOT)
@@ -264,6 +267,38 @@ class TuningDB:
             _validate_file(data, path)  # never write what a later load would reject
             _atomic_write(path, _dumps(data))
         return path
+
+    def merge(self, other: "TuningDB", prefer: str = "faster",
+              dry_run: bool = False) -> list[tuple[str, Path, dict]]:
+        """Bring other's entries (e.g. a database tuned on another machine) into this one:
+        an entry this database lacks is added; one it has for the same GPU, kernel, shape
+        and versions is replaced when `prefer` is "faster" and other's winner timed faster,
+        or "other"; kept for "this". Both databases are validated first, so a corrupt file
+        on either side stops the merge before any write. Returns (action, destination file,
+        entry) with action added / replaced / kept."""
+        if prefer not in MERGE_PREFER:
+            raise ValueError(f"prefer={prefer!r} is not one of {MERGE_PREFER}")
+        if other.root.resolve() == self.root.resolve():
+            raise DbError(f"{other.root}: is the database being merged into; name another")
+        incoming = other.load_all()
+        self.load_all()
+        out = []
+        for _, data in incoming:
+            gpu = GpuId(data["gpu"]["name"], data["gpu"]["capability"])
+            identity = {k: v for k, v in data["kernel"].items() if k != "key"}
+            for entry in data["entries"]:
+                have = self.lookup(gpu, identity, entry["shape"], entry["versions"])
+                if have is None:
+                    action = "added"
+                elif prefer == "other" or (prefer == "faster" and entry["best"]["median_ms"]
+                                           < have["best"]["median_ms"]):
+                    action = "replaced"
+                else:
+                    action = "kept"
+                if action != "kept" and not dry_run:
+                    self.record(gpu, identity, entry)
+                out.append((action, self.path_for(gpu, identity), entry))
+        return out
 
     def prune(self, keep_entry) -> list[tuple[Path, dict]]:
         """Remove entries for which keep_entry(file_data, entry) is false; returns them.
