@@ -290,6 +290,8 @@ class TuningDB:
                 have = self.lookup(gpu, identity, entry["shape"], entry["versions"])
                 if have is None:
                     action = "added"
+                elif have == entry:  # the same measurement (checksums included)
+                    action = "kept"
                 elif prefer == "other" or (prefer == "faster" and entry["best"]["median_ms"]
                                            < have["best"]["median_ms"]):
                     action = "replaced"
