@@ -304,6 +304,27 @@ def test_retune_searches_without_a_winner_the_space_no_longer_holds(tmp_path, fa
     assert second.entry["best"]["config"] != {"tile": 48, "warps": 2, "stages": 2}
 
 
+def test_time_limit_stops_a_study_early_and_defers_the_rest(tmp_path, fake_log, monkeypatch):
+    """A study under way when the run's time passes records its best so far (never worse
+    than the default, which is measured first) and says so; studies not started are
+    deferred, and a second run does them and searches the cut study on with --retune."""
+    monkeypatch.setenv("FAKE_SLEEP", "0.15")
+    kernel = fake_kernel(shapes=((1, 1024), (4, 4096), (8, 8192)))
+    plan = FakePlan(kernel)
+    t0 = time.monotonic()
+    first = tune_plan(plan, options(tmp_path, trials=40, time_limit_s=2.0))
+    assert time.monotonic() - t0 < 2.0 + 5.0 + 5.0  # + worker start and in-flight trials
+    assert [r.status for r in first] == ["tuned", "deferred", "deferred"]
+    cut = first[0]
+    assert "stopped by the time limit after" in cut.message and "of 40" in cut.message
+    assert cut.entry["trials"]["measured"] < 40
+    assert cut.entry["best"]["median_ms"] <= cut.entry["default"]["median_ms"]
+    assert "not started" in first[1].message
+    monkeypatch.setenv("FAKE_SLEEP", "0")
+    second = tune_plan(plan, options(tmp_path, trials=6))
+    assert [r.status for r in second] == ["warm", "tuned", "tuned"]
+
+
 def test_an_interrupted_tune_resumes_where_it_stopped(tmp_path, fake_log):
     cmd = [sys.executable, "-m", "tests.tune_fakes", "--db", str(tmp_path / "db"),
            "--cache", str(tmp_path / "cache"), "--trials", "6", "--workers", "1",
@@ -414,7 +435,7 @@ def test_cli_tune_without_gpu_needs_a_warm_database(tmp_path):
             "tuned_at": "2026-01-01T00:00:00Z"})
     t0 = time.monotonic()
     warm = _cli("tune", str(spec_path), "--gpu-name", "Fake GPU@9.0", "--db", str(db_dir),
-                "-o", str(tmp_path / "out"), env=env)
+                "--time-limit", "30", "-o", str(tmp_path / "out"), env=env)
     assert time.monotonic() - t0 < 5 + 2  # + interpreter start-up of this subprocess
     assert warm.returncode == 0, warm.stderr
     assert warm.stdout.count("warm") == 16 and "skipped" not in warm.stdout

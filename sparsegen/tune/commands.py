@@ -34,6 +34,9 @@ def register(sub) -> None:
                    "`sparsegen check` lists them); default: all")
     p.add_argument("--shapes", nargs="+", default=(), metavar="bB_sS",
                    help="tune only these shape buckets (e.g. b16_s32768); default: all")
+    p.add_argument("--time-limit", type=_positive_float, default=None, metavar="S",
+                   help="stop the run after S seconds: a study under way records its best so "
+                   "far, studies not started are left for the next run")
     p.add_argument("--retune", action="store_true",
                    help="search again where the database already has a winner (it is measured "
                    "again beside the new candidates, so the result is never worse); with "
@@ -139,10 +142,14 @@ def cmd_tune(args) -> int:
         timeout_s=args.timeout or spec.tuning.timeout_s, workers=args.workers,
         storage=args.storage, build_dir=Path(args.build_dir) if args.build_dir else None,
         seed=spec.tuning.seed, kernels=tuple(args.kernels), shapes=tuple(args.shapes),
-        retune=args.retune)
+        retune=args.retune, time_limit_s=args.time_limit)
     results = tune_plan(plan, opts)
     print_summary(results)
     failed = [r for r in results if r.status == "failed"]
+    deferred = [r for r in results if r.status == "deferred"]
+    if deferred:
+        print(f"sparsegen: the time limit left {len(deferred)} of {len(results)} shape(s) "
+              "untuned; run `tune` again to do them", file=sys.stderr)
     if args.out:
         cmd_build(args, plan)
     if failed:

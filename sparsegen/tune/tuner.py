@@ -80,13 +80,16 @@ class TuneOptions:
     kernels: tuple[str, ...] = ()            # tune only these kernels (empty: all)
     shapes: tuple[str, ...] = ()             # tune only these buckets, e.g. "b16_s32768"
     retune: bool = False                     # search again where the database has a winner
+    time_limit_s: float | None = None        # the whole run: a study under way when it
+                                             # passes stops early (its best so far is
+                                             # recorded), later ones are skipped
 
 
 @dataclass
 class ShapeResult:
     kernel: str
     shape: str
-    status: str           # warm | tuned | failed | skipped
+    status: str           # warm | tuned | failed | skipped | deferred (time limit)
     entry: dict | None = None
     message: str = ""
 
@@ -199,6 +202,11 @@ def tune_plan(plan, opts: TuneOptions) -> list[ShapeResult]:
     try:
         spaces = {}
         for kernel, identity, shape, prior in todo:
+            if session.out_of_time():
+                results.append(ShapeResult(kernel.name, shape.key, "deferred", None, (
+                    f"not started, the run reached its time limit ({opts.time_limit_s:g} s); "
+                    "`tune` again picks it up")))
+                continue
             space = spaces.setdefault(id(kernel), SearchSpace(kernel))
             results.append(session.tune_shape(kernel, identity, shape, space, prior))
     finally:
@@ -257,6 +265,11 @@ class _Session:
         self.gpu_lock = threading.Lock()
         self.compilers = WorkerPool(opts.workers, "compile", self.log_dir)
         self.compile_timeout = opts.compile_timeout_s or max(opts.timeout_s, 180.0)
+        self.deadline = (None if opts.time_limit_s is None
+                         else time.monotonic() + opts.time_limit_s)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def close(self) -> None:
         self.gpu.close()
@@ -329,7 +342,13 @@ class _ShapeStudy:
         bw = f", {best['bandwidth_gbs']:.0f} GB/s" if best["bandwidth_gbs"] else ""
         self.progress.message(f"best {best['median_ms']:.4f} ms{bw} "
                               f"({best['backend']} {best['config']}){gain}")
-        return ShapeResult(self.kernel.name, self.shape.key, "tuned", entry)
+        note = ""
+        if not self._done():  # stopped by the run's time limit
+            evaluated = entry["trials"]["measured"] + entry["trials"]["failed"]
+            note = (f"stopped by the time limit after {evaluated} of {self.budget} candidates; "
+                    "`tune --retune` searches on from here")
+            self.progress.message(note)
+        return ShapeResult(self.kernel.name, self.shape.key, "tuned", entry, note)
 
     def _enqueue_prior(self, study) -> None:
         """The winner being retuned, measured again beside the new candidates (unless the
@@ -492,7 +511,7 @@ class _ShapeStudy:
         return feasible is not None and len(distinct) >= feasible
 
     def _stop_when_done(self, study, trial) -> None:
-        if self._done():
+        if self._done() or self.s.out_of_time():
             study.stop()
 
     def _wait_for_running(self) -> None:
@@ -630,7 +649,8 @@ def print_summary(results: list[ShapeResult], stream=None) -> None:
             b, d = r.entry["best"], r.entry["default"]
             gain = f" {d['median_ms'] / b['median_ms']:.2f}x vs default" if d["median_ms"] else ""
             bw = f" {b['bandwidth_gbs']:.0f} GB/s" if b.get("bandwidth_gbs") else ""
+            cut = f" ({r.message})" if r.message else ""
             print(f"{r.status:6} {r.kernel} {r.shape}: {b['backend']} {b['median_ms']:.4f} ms"
-                  f"{bw}{gain}", file=stream)
+                  f"{bw}{gain}{cut}", file=stream)
         else:
             print(f"{r.status:6} {r.kernel} {r.shape}: {r.message}", file=stream)
