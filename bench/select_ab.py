@@ -48,16 +48,15 @@ def old_source(rev: str, template: str) -> str:
                           check=True, capture_output=True, text=True).stdout
 
 
-def at_revision(kern, rev: str):
-    """kern, made to run its template as it was at git revision rev."""
-    src = old_source(rev, kern.template)
+def at_revision(cls, rev: str, *args, **kwargs):
+    """cls(*args, **kwargs), made to run its template as it was at git revision rev."""
+    src = old_source(rev, cls.template)
 
-    class AtRevision(type(kern)):
+    class AtRevision(cls):
         def render(self):
             return render_to_file(self.template, self.template_params(), self.build_dir, src)
 
-    return AtRevision(kern.static, kern.config, kern.build_dir,
-                      **({"scale": kern.scale} if hasattr(kern, "scale") else {}))
+    return AtRevision(*args, **kwargs)
 
 
 def entmax_rows(batch, seq_len, rev, gen):
@@ -70,7 +69,7 @@ def entmax_rows(batch, seq_len, rev, gen):
     lengths = [seq_len] * batch
     nb = -(-seq_len // em.BLOCK)
     new = EntmaxTauTriton(em.ENTMAX_STATIC, scale=c)
-    old = at_revision(new, rev)
+    old = at_revision(EntmaxTauTriton, rev, em.ENTMAX_STATIC, scale=c)
     want = select_blocks(qs[0], summ, seq, EntmaxRule(block_size=em.BLOCK, scale=c), width=nb)
     agree = []
     for kern in (new, old):
@@ -92,7 +91,7 @@ def select_rows(batch, seq_len, rev, gen):
                                                generator=gen) for _ in range(COPIES - 1)]
     kw = {k: v for k, v in inputs.items() if k != "scores"}
     new = TritonBlockSelect(st)
-    old = at_revision(new, rev)
+    old = at_revision(TritonBlockSelect, rev, st)
     same = all(torch.equal(x, y) for s in scores
                for x, y in zip(new(s, **kw), old(s, **kw)))
     kept = kw["k"] / nb

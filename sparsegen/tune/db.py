@@ -238,10 +238,7 @@ class TuningDB:
         path = self.path_for(gpu, identity)
         if not path.exists():
             return None
-        for entry in self.load(path)["entries"]:
-            if entry["shape"] == shape and entry["versions"] == versions:
-                return entry
-        return None
+        return _entry_for(self.load(path), shape, versions)
 
     def entries_for(self, identity: dict) -> list[tuple[dict, dict]]:
         """(gpu, entry) of every GPU tuned for this kernel identity, any versions."""
@@ -281,13 +278,15 @@ class TuningDB:
         if other.root.resolve() == self.root.resolve():
             raise DbError(f"{other.root}: is the database being merged into; name another")
         incoming = other.load_all()
-        self.load_all()
+        mine = dict(self.load_all())  # validated once; compared with as it was before
         out = []
         for _, data in incoming:
             gpu = GpuId(data["gpu"]["name"], data["gpu"]["capability"])
             identity = {k: v for k, v in data["kernel"].items() if k != "key"}
+            path = self.path_for(gpu, identity)
             for entry in data["entries"]:
-                have = self.lookup(gpu, identity, entry["shape"], entry["versions"])
+                have = (_entry_for(mine[path], entry["shape"], entry["versions"])
+                        if path in mine else None)
                 if have is None:
                     action = "added"
                 elif have == entry:  # the same measurement (checksums included)
@@ -299,7 +298,7 @@ class TuningDB:
                     action = "kept"
                 if action != "kept" and not dry_run:
                     self.record(gpu, identity, entry)
-                out.append((action, self.path_for(gpu, identity), entry))
+                out.append((action, path, entry))
         return out
 
     def prune(self, keep_entry) -> list[tuple[Path, dict]]:
@@ -338,6 +337,12 @@ class TuningDB:
 
 _RESTORE = ("sparsegen will not overwrite it: restore it from git (`git checkout -- FILE`) "
             "or delete it to tune again")
+
+
+def _entry_for(data: dict, shape: dict, versions: dict) -> dict | None:
+    """The entry of a loaded file for (shape, versions), or None."""
+    return next((e for e in data["entries"]
+                 if e["shape"] == shape and e["versions"] == versions), None)
 
 
 def _digest(obj) -> str:

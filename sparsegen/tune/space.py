@@ -91,8 +91,11 @@ class SearchSpace:
         return out
 
     def contains(self, cand: Candidate) -> bool:
-        """Whether cand is a point of the space (every key, every value among the choices)."""
-        space = self.choices[cand.backend]
+        """Whether cand is a point of the space (one of its backends, every key, every value
+        among the choices)."""
+        space = self.choices.get(cand.backend)
+        if space is None:
+            return False
         return set(space) == set(cand.config) and all(
             cand.config[k] in values for k, values in space.items())
 

@@ -236,10 +236,9 @@ def _require_cuda(gpu: GpuId, todo) -> None:
 
     if not torch.cuda.is_available():
         missing = [(k, s) for k, _, s, prior in todo if prior is None]
-        what = ", ".join(f"{k.name} {s.key}" for k, s in (missing or
-                                                           [(k, s) for k, _, s, _ in todo])[:4])
-        n = len(missing or todo)
-        more = f" and {n - 4} more" if n > 4 else ""
+        named = missing or [(k, s) for k, _, s, _ in todo]  # else: all are --retune's
+        what = ", ".join(f"{k.name} {s.key}" for k, s in named[:4])
+        more = f" and {len(named) - 4} more" if len(named) > 4 else ""
         if missing:
             raise SparsegenError(
                 f"the tuning database has no entry for {gpu} and {what}{more}; tuning them "
@@ -355,7 +354,7 @@ class _ShapeStudy:
         space no longer holds it: a config key or value since removed)."""
         best = self.prior["best"]
         cand = Candidate(best["backend"], dict(best["config"]))
-        if cand.backend not in self.space.adapters or not self.space.contains(cand):
+        if not self.space.contains(cand):
             self.progress.message(f"the recorded winner {cand.describe()} is not in today's "
                                   "space; searching without it")
             return
