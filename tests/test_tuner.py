@@ -17,7 +17,7 @@ from sparsegen.codegen.backend import _ADAPTERS
 from sparsegen.errors import SparsegenError
 from sparsegen.tune import tuner as tuner_mod
 from sparsegen.tune.db import GpuId, TuningDB, kernel_identity, library_versions
-from sparsegen.tune.space import CONSTRAINT, SearchSpace
+from sparsegen.tune.space import CONSTRAINT, Candidate, SearchSpace
 from sparsegen.tune.tuner import Targets, TuneOptions, open_storage, study_name, tune_plan
 from sparsegen.tune.worker import ChildWorker
 from tests import tune_fakes
@@ -302,6 +302,61 @@ def test_retune_searches_without_a_winner_the_space_no_longer_holds(tmp_path, fa
     assert second.status == "tuned"
     assert "not in today's space" in opts.stream.getvalue()
     assert second.entry["best"]["config"] != {"tile": 48, "warps": 2, "stages": 2}
+
+
+def test_a_changed_kernel_is_seeded_with_its_previous_versions_winner(tmp_path, fake_log):
+    """After a template edit (a new identity, the old file stale) the old winner is measured
+    first, at each choice of a config key added since; entries of other kernels, statics or
+    shapes, and files that do not load, seed nothing."""
+    kernel = fake_kernel(shapes=((2, 2048), (4, 4096)))
+    identity = kernel_identity(kernel)
+    db = TuningDB(tmp_path / "db")
+    old_identity = {**identity, "templates": {"fake": {"path": "x.j2", "hash": "0ld"}}}
+    other_static = {**old_identity, "static": {**identity["static"], "head_dim": 8}}
+    entry = {"shape": {"batch": 2, "seq_len": 2048}, "selected_blocks": 1,
+             "versions": library_versions(), "trials": {"measured": 8, "failed": 0,
+                                                        "infeasible": 0},
+             "best": {"backend": "fake", "config": {"tile": 64, "warps": 4},  # no "stages" yet
+                      "median_ms": 1.0, "plain_ms": None, "graph_ms": None,
+                      "bandwidth_gbs": None},
+             "default": {"backend": "fake", "config": {"tile": 32, "warps": 2},
+                         "median_ms": 2.0},
+             "study": "old", "tuned_at": "2026-01-01T00:00:00Z"}
+    db.record(GPU, old_identity, entry)
+    db.record(GPU, other_static, {**entry, "best": {**entry["best"],
+                                                    "config": {"tile": 16, "warps": 1}}})
+    stray = db.path_for(GPU, identity).with_name("fake-0123456789abcdef.json")
+    stray.write_text("{not json")
+    assert db.predecessor(GPU, identity, {"batch": 4, "seq_len": 4096}) is None
+    # only feasible completions: tile 128 at stages >= 2 exceeds the fake's shared memory
+    assert [c.config for c in SearchSpace(kernel).completions(
+        Candidate("fake", {"tile": 128, "warps": 4}))] == [{"tile": 128, "warps": 4, "stages": 1}]
+    assert db.predecessor(GPU, identity, entry["shape"])["best"]["config"] == \
+        {"tile": 64, "warps": 4}
+    opts = options(tmp_path, trials=2 + 3)  # two defaults + the old winner at stages 1..3
+    results = tune_plan(FakePlan(kernel), opts)
+    assert [r.status for r in results] == ["tuned", "tuned"]
+    study = load_study(tmp_path, kernel, kernel.shapes[0])
+    seeded = [SearchSpace.from_params(t.params) for t in study.get_trials()
+              if t.user_attrs.get("prior")]
+    assert sorted(c.config["stages"] for c in seeded) == [1, 2, 3]
+    assert all(c.config["tile"] == 64 and c.config["warps"] == 4 for c in seeded)
+    assert all(t.user_attrs["outcome"] == "measured" for t in study.get_trials()
+               if t.user_attrs.get("prior"))
+    assert "seeded with the winner of this kernel's previous version" in opts.stream.getvalue()
+    other = load_study(tmp_path, kernel, kernel.shapes[1])
+    assert not [t for t in other.get_trials() if t.user_attrs.get("prior")]
+    assert stray.read_text() == "{not json"  # passed over, left as it was
+    # a previous winner the space cannot hold any more (a key since removed) is skipped
+    gone = {**entry, "shape": {"batch": 4, "seq_len": 4096},
+            "best": {**entry["best"], "config": {"tile": 64, "warps": 4, "unrolled": 1}}}
+    db.record(GPU, old_identity, gone)
+    db.path_for(GPU, identity).unlink()
+    opts = options(tmp_path, trials=3)
+    opts.cache_dir = tmp_path / "cache2"
+    tune_plan(FakePlan(kernel), opts)
+    assert "previous version" in opts.stream.getvalue() and \
+        "not in today's space" in opts.stream.getvalue()
 
 
 def test_time_limit_stops_a_study_early_and_defers_the_rest(tmp_path, fake_log, monkeypatch):

@@ -75,7 +75,7 @@ class GateDecoder(_Decoder):
     def __init__(self, gate: AttnGate, selection, batch: int, capacity: int, device="cpu",
                  impl: str = "torch", dense: bool = False, kc_dtype=torch.float32,
                  kernel_configs: dict | None = None, build_dir=None,
-                 overlap_append: bool = True):
+                 overlap_append: bool = False):
         if gate.block_size != selection.block_size:
             raise ValueError(f"gate block_size {gate.block_size} != selection block_size "
                              f"{selection.block_size}")
@@ -88,7 +88,9 @@ class GateDecoder(_Decoder):
         self._kernel_configs = kernel_configs or {}
         self._build_dir = build_dir
         self.logits = None  # scratch [B, Hkv, max_blocks] of the kernel path
-        # step(): the state update's side stream (overlap_append=False keeps it serial)
+        # step(): the state update on a side stream (overlap_append) or serial. Serial is the
+        # default: 1-2 % faster per step at 128K on the H100, 2 % slower at B16/32K, even at
+        # B8/32K (H100-step-gate-topk.md, both timed in one run)
         self.overlap_append = overlap_append
         self._side, self._stepped = None, False
 

@@ -240,6 +240,27 @@ class TuningDB:
             return None
         return _entry_for(self.load(path), shape, versions)
 
+    def predecessor(self, gpu: GpuId, identity: dict, shape: dict) -> dict | None:
+        """The newest entry for this GPU and shape recorded by an earlier version of this
+        kernel: the same name, statics and workload, other templates or adapter code (a
+        stale file `db prune --stale` would remove). Its winner is a good first guess
+        after a template edit; files that do not load are passed over (they are only
+        hints here; `db list` reports them)."""
+        here = self.path_for(gpu, identity)
+        same = {k: identity[k] for k in ("name", "static", "workload")}
+        found = []
+        for path in sorted((self.root / gpu.slug).glob(f"{identity['name']}-*.json")):
+            if path == here:
+                continue
+            try:
+                data = self.load(path)
+            except DbError:
+                continue
+            if {k: data["kernel"].get(k) for k in same} != same:
+                continue
+            found += [e for e in data["entries"] if e["shape"] == shape]
+        return max(found, key=lambda e: e["tuned_at"], default=None)
+
     def entries_for(self, identity: dict) -> list[tuple[dict, dict]]:
         """(gpu, entry) of every GPU tuned for this kernel identity, any versions."""
         name = f"{identity['name']}-{identity_key(identity)}.json"

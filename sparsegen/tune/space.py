@@ -99,6 +99,25 @@ class SearchSpace:
         return set(space) == set(cand.config) and all(
             cand.config[k] in values for k, values in space.items())
 
+    def completions(self, cand: Candidate, limit: int = 16) -> list[Candidate]:
+        """The feasible points of the space that agree with cand on every key it has: cand
+        itself when complete; one per combination of a missing key's choices when the
+        space gained keys since cand was recorded (at most `limit`). Empty when cand has a
+        backend, key or value the space no longer holds."""
+        space = self.choices.get(cand.backend)
+        if space is None or not set(cand.config) <= set(space) or any(
+                v not in space[k] for k, v in cand.config.items()):
+            return []
+        missing = [k for k in space if k not in cand.config]
+        out = []
+        for values in itertools.product(*(space[k] for k in missing)):
+            full = Candidate(cand.backend, {**cand.config, **dict(zip(missing, values))})
+            if self.infeasibility(full) is None:
+                out.append(full)
+            if len(out) == limit:
+                break
+        return out
+
     def size(self) -> int:
         total = 0
         for space in self.choices.values():

@@ -11,6 +11,9 @@ Per study:
     the new winner is never worse than the old one measured in the same run;
   * the heuristic default config of each backend is enqueued first, so the winner is never
     worse than the default;
+  * with no winner for today's kernel, the winner an earlier version of it recorded (the
+    templates or adapter changed since: a stale entry) is enqueued next, completed with
+    each choice of any config key added since, so a small budget re-tunes after an edit;
   * each trial: sample a candidate, reject it on the CPU if statically infeasible
     (`trial.set_constraint`, pruned), reuse the result of an identical finished candidate,
     compile it in a CPU child process (threads run several trials at once, so compiles
@@ -314,8 +317,7 @@ class _ShapeStudy:
             for cand in self.space.defaults():
                 study.enqueue_trial(self.space.params(cand), user_attrs={"default": True},
                                     skip_if_exists=True)
-        if self.prior is not None:
-            self._enqueue_prior(study)
+        self._enqueue_prior(study)
         if self._done():
             self.progress.message("study already complete (resumed)")
         else:
@@ -350,16 +352,29 @@ class _ShapeStudy:
         return ShapeResult(self.kernel.name, self.shape.key, "tuned", entry, note)
 
     def _enqueue_prior(self, study) -> None:
-        """The winner being retuned, measured again beside the new candidates (unless the
-        space no longer holds it: a config key or value since removed)."""
-        best = self.prior["best"]
-        cand = Candidate(best["backend"], dict(best["config"]))
-        if not self.space.contains(cand):
-            self.progress.message(f"the recorded winner {cand.describe()} is not in today's "
-                                  "space; searching without it")
+        """The winner being retuned, or else the one an earlier version of this kernel
+        recorded, measured again beside the new candidates (unless the space no longer
+        holds it: a config key or value since removed). A key the space gained since is
+        tried at each of its choices."""
+        entry, what = self.prior, "the recorded winner"
+        if entry is None:
+            entry = self.opts.db.predecessor(self.opts.gpu, self.identity, _shape(self.shape))
+            what = "the winner of this kernel's previous version"
+        if entry is None:
             return
-        study.enqueue_trial(self.space.params(cand), user_attrs={"prior": True},
-                            skip_if_exists=True)
+        best = entry["best"]
+        recorded = Candidate(best["backend"], dict(best["config"]))
+        cands = self.space.completions(recorded)
+        if not cands:
+            self.progress.message(f"{what} {recorded.describe()} is not in today's space; "
+                                  "searching without it")
+            return
+        if self.prior is None:
+            self.progress.message(f"seeded with {what} ({recorded.describe()}, "
+                                  f"{best['median_ms']:.4f} ms then)")
+        for cand in cands:
+            study.enqueue_trial(self.space.params(cand), user_attrs={"prior": True},
+                                skip_if_exists=True)
 
     def _objective(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("owner", OWNER)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Tune the example specs on this GPU into tuning_db/, within one time budget (e.g. after a
+# template edit stales their entries: each study starts from the winner the previous version
+# of its kernel recorded, so a small --trials budget re-tunes). Needs a CUDA GPU.
+#
+#   scripts/tune-examples.sh SECONDS LOGDIR [tune options...]
+#   e.g. scripts/tune-examples.sh 540 /tmp/logs --trials 4 --kernels sparse_decode
+#
+# Specs run in the order of $SPECS (default: every example; --kernels must name kernels each
+# of them has). What the budget does not reach is left for the next run (deferred).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+budget=${1:?seconds}; logs=${2:?log directory}; shift 2
+mkdir -p "$logs"
+deadline=$(( $(date +%s) + budget ))
+specs=${SPECS:-$(ls examples/specs/*.yaml | xargs -n1 basename | sed 's/\.yaml$//')}
+for name in $specs; do
+  left=$(( deadline - $(date +%s) ))
+  if (( left < 20 )); then echo "== $name: deferred (time budget spent)"; continue; fi
+  echo "== $name ($left s left)"
+  start=$(date +%s)
+  python3 -m sparsegen.cli tune "examples/specs/$name.yaml" --time-limit "$left" "$@" \
+    > "$logs/$name.log" 2>&1
+  rc=$?
+  echo "   rc $rc, $(( $(date +%s) - start )) s; $(tail -n 1 "$logs/$name.log")"
+done
