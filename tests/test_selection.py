@@ -124,6 +124,38 @@ def test_kernel_topk_all_tied_and_negative(algo):
 
 
 @needs_interp
+@pytest.mark.parametrize("radix_chunk", [32, 64])
+def test_kernel_radix_decides_after_each_pass(radix_chunk):
+    """radix8 stops once the keys under the k-th key's prefix are exactly the ones still
+    wanted. Rows built so that this happens after pass 1, 2, 3, 4 (the k-th and (k+1)-th
+    keys first differ in that byte), never (ties of the k-th key, taken lowest index
+    first), with the lowest key of the prefix itself among the taken ones, with k = 0 and a
+    row of nothing but always-on blocks; resident (64) and streamed (32) rows."""
+    B, bs, NB = 7, 16, 40
+    k = 9
+    seq = torch.tensor([bs * NB] * 6 + [bs * 2], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(7)
+    scores = torch.empty(B, 1, NB)
+    # the bit patterns of the scores: key i of a row is base + i * step, then shuffled,
+    # so the 9th and 10th largest differ first in byte 3 - pass (pass 0 = the top byte)
+    for b, step in enumerate((1 << 24, 1 << 16, 1 << 8, 1)):
+        bits = torch.tensor(0x3F000000, dtype=torch.int64) + torch.arange(NB) * step
+        scores[b, 0] = bits.to(torch.int32).view(torch.float32)[torch.randperm(NB, generator=gen)]
+    scores[4, 0] = torch.randint(0, 3, (NB,), generator=gen).float()    # the k-th key tied
+    scores[5, 0] = torch.randn(NB, generator=gen)
+    scores[5, 0, 20:30] = 2.0 ** 100           # the k-th key = the lowest of its prefix
+    scores[6, 0] = torch.randn(NB, generator=gen)
+    kern = TritonBlockSelect(SelectStatic(bs, "topk", 1),
+                             {"algo": "radix8", "chunk": 32, "radix_chunk": radix_chunk,
+                              "num_warps": 1})
+    for kk, sink, local in ((k, 1, 1), (k, 0, 0), (0, 0, 0), (3, 1, 1)):
+        width = sel.topk_width(kk, sink, local, NB, 1)
+        got = kern(scores, seq, k=kk, sink=sink, local=local, width=width)
+        want = kern.reference(scores, seq, k=kk, sink=sink, local=local, width=width)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]), (kk, got, want)
+
+
+@needs_interp
 @pytest.mark.parametrize("rows", [1, 4])
 def test_kernel_threshold_equals_reference(rows):
     gen = torch.Generator().manual_seed(rows)
@@ -159,6 +191,11 @@ def test_configs_and_compile():
     assert "exceed 32" in check(st, {**base, "algo": "sort", "radix_chunk": 8192, "num_warps": 4})
     assert "exceed 64" in check(st, {**base, "algo": "radix8", "radix_chunk": 8192, "num_warps": 2})
     assert check(st, {**base, "algo": "radix8", "radix_chunk": 8192, "num_warps": 4}) is None
+    # compile-time bounds (bench/results/CPU-block-select-compile.md)
+    assert "does not compile" in check(st, {**base, "algo": "radix8", "num_warps": 16})
+    assert "exceed 32" in check(st, {**base, "algo": "count2", "radix_chunk": 8192,
+                                     "num_warps": 4})
+    assert check(st, {**base, "algo": "count2", "radix_chunk": 8192, "num_warps": 8}) is None
     assert check(st, {**base, "algo": "sort", "radix_chunk": 8192, "num_warps": 16,
                       "chunk": 512}) is None
     for algo in ("radix8", "count2", "count4", "sort"):

@@ -88,6 +88,15 @@ class TritonBlockSelect(TritonKernel):
             # thread compiles to ~220 registers, no spill; 1024 stalls the compiler)
             return (f"{algo}: radix_chunk={rc} keys x {1 << ALGOS[algo][1]} candidates exceed "
                     f"512 a thread at num_warps={config['num_warps']}")
+        if algo == "radix8" and config["num_warps"] > 8:
+            # Triton 3.6 fails a compiler pass on radix8 at 16 warps (every radix_chunk that
+            # keeps the threads busy; bench/results/CPU-block-select-compile.md)
+            return f"radix8: num_warps={config['num_warps']} does not compile (at most 8)"
+        if algo == "count2" and rc > 32 * threads:
+            # 64 keys a thread compile for 17-41 s, 128 for over a minute, holding a tuning
+            # worker (CPU-block-select-compile.md); 32 compile in seconds
+            return (f"count2: radix_chunk={rc} keys exceed 32 a thread at "
+                    f"num_warps={config['num_warps']}")
         if algo == "radix8" and rc > 64 * threads:
             # 128 keys a thread (8192 at 2 warps) did not compile within 180 s on the H100
             # (bench/results/H100-tune-seer-rules.log); 64 a thread compiles and runs
