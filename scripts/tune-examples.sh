@@ -10,7 +10,9 @@
 # of them has). What the budget does not reach is left for the next run (deferred).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-budget=${1:?seconds}; logs=${2:?log directory}; shift 2
+usage="usage: scripts/tune-examples.sh SECONDS LOGDIR [sparsegen tune options...]"
+budget=${1:?$usage}; logs=${2:?$usage}; shift 2
+[[ "$budget" =~ ^[0-9]+$ ]] || { echo "SECONDS must be a whole number of seconds, got '$budget'; $usage" >&2; exit 2; }
 mkdir -p "$logs"
 deadline=$(( $(date +%s) + budget ))
 specs=${SPECS:-$(ls examples/specs/*.yaml | xargs -n1 basename | sed 's/\.yaml$//')}
