@@ -89,8 +89,8 @@ class GateDecoder(_Decoder):
         self._build_dir = build_dir
         self.logits = None  # scratch [B, Hkv, max_blocks] of the kernel path
         # step(): the state update on a side stream (overlap_append) or serial. Serial is the
-        # default: 1-2 % faster per step at 128K on the H100, 2 % slower at B16/32K, even at
-        # B8/32K (H100-step-gate-topk.md, both timed in one run)
+        # default: on the H100 it is ~1 % faster per step at 128K (where the 7x target is
+        # tight), the side stream up to 2 % faster at 32K (H100-step-gate-topk.md, one run)
         self.overlap_append = overlap_append
         self._side, self._stepped = None, False
 

@@ -90,23 +90,28 @@ class SearchSpace:
                 out.append(cand)
         return out
 
+    def _holding(self, cand: Candidate) -> dict | None:
+        """The choices of cand's backend if they hold each of cand's keys and values (cand
+        may lack keys), else None."""
+        space = self.choices.get(cand.backend)
+        if space is None or any(k not in space or v not in space[k]
+                                for k, v in cand.config.items()):
+            return None
+        return space
+
     def contains(self, cand: Candidate) -> bool:
         """Whether cand is a point of the space (one of its backends, every key, every value
         among the choices)."""
-        space = self.choices.get(cand.backend)
-        if space is None:
-            return False
-        return set(space) == set(cand.config) and all(
-            cand.config[k] in values for k, values in space.items())
+        space = self._holding(cand)
+        return space is not None and set(space) == set(cand.config)
 
     def completions(self, cand: Candidate, limit: int = 16) -> list[Candidate]:
         """The feasible points of the space that agree with cand on every key it has: cand
         itself when complete; one per combination of a missing key's choices when the
         space gained keys since cand was recorded (at most `limit`). Empty when cand has a
         backend, key or value the space no longer holds."""
-        space = self.choices.get(cand.backend)
-        if space is None or not set(cand.config) <= set(space) or any(
-                v not in space[k] for k, v in cand.config.items()):
+        space = self._holding(cand)
+        if space is None:
             return []
         missing = [k for k in space if k not in cand.config]
         out = []
