@@ -2,11 +2,12 @@
 
     python bench/profile_methods.py                  # every part
     python bench/profile_methods.py --parts gate milestone
+    python bench/profile_methods.py --parts gate nsa --batch 8 --seq-len 32768
 
 A development tool beside the benchmarks (bench/methods_*.py): it builds the same states with
 their builders, runs a few plain steps under torch.profiler and prints, per part, each kernel's
 summed CUDA time per step. Hq 32, Hkv 8, D 128, bf16. Parts: gate, quest, nsa (B 16, 128K,
-90 % skipped), entmax (decode, B 8, 128K, 90 %), milestone (B 8, 1K prefill, 2K budget, 4K
+90 % skipped unless --batch / --seq-len say otherwise), entmax (decode, B 8, 128K, 90 %), milestone (B 8, 1K prefill, 2K budget, 4K
 decoded), prefill (entmax forward + backward, 32K, 75 %). Writes the tables to
 $OUT/profile-methods.txt when $OUT is set.
 """
@@ -55,13 +56,13 @@ def kernel_table(fn, steps=STEPS, title=""):
     return text
 
 
-def part_rule(name, gen):
+def part_rule(name, gen, batch=16, seq_len=131072):
     _, rule, bs, score, group = {r[0]: r for r in gt.RULES}[name]
-    cache, dec, _ = gt.build(rule, bs, score, group, 16, 131072, 0.9, "contiguous", gen)
+    cache, dec, _ = gt.build(rule, bs, score, group, batch, seq_len, 0.9, "contiguous", gen)
     attend, _ = gt.attention(bs, "contiguous")
-    q, k, v, qn, kn = gt.step_inputs(16, gen)
-    step = gt.step_fn(dec, cache, attend, q, k, v, qn, kn, 131071)
-    return kernel_table(step, title=f"{name} step, B16 128K 0.9")
+    q, k, v, qn, kn = gt.step_inputs(batch, gen)
+    step = gt.step_fn(dec, cache, attend, q, k, v, qn, kn, seq_len - 1)
+    return kernel_table(step, title=f"{name} step, B{batch} {seq_len // 1024}K 0.9")
 
 
 def part_entmax(gen):
@@ -104,6 +105,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", nargs="+",
                     default=["gate", "quest", "nsa", "entmax", "milestone", "prefill"])
+    ap.add_argument("--batch", type=int, default=16, help="gate / quest / nsa parts")
+    ap.add_argument("--seq-len", type=int, default=131072, help="gate / quest / nsa parts")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     names = {"gate": "gate", "quest": "quest-ub-per-head-b64", "nsa": "nsa-mean-shared-b64"}
@@ -111,7 +114,7 @@ def main():
     for part in args.parts:
         try:
             if part in names:
-                text += part_rule(names[part], gen)
+                text += part_rule(names[part], gen, args.batch, args.seq_len)
             else:
                 text += {"entmax": part_entmax, "milestone": part_milestone,
                          "prefill": part_prefill}[part](gen)
