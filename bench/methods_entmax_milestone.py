@@ -43,7 +43,6 @@ from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxStatic, 
                                               EntmaxTauTriton)
 from sparsegen.codegen.entmax_prefill import EntmaxPrefillTriton  # noqa: E402
 from sparsegen.codegen.milestone_kernels import MilestoneScoreTriton, MilestoneStatic  # noqa: E402
-from sparsegen.codegen.triton_kernel import chain_pdl  # noqa: E402
 from sparsegen.methods.entmax import (EntmaxRule, block_summaries,  # noqa: E402
                                       entmax_prefill,
                                       prefill_selection, select_blocks)
@@ -169,12 +168,6 @@ def bench_entmax_decode(batch, seq_len, target, rows, gen):
         row["speedup_mean"] = row["dense_mean_graph_ms"] / row["step_mean_graph_ms"]
         row["of_ideal_mean"] = row["speedup_mean"] / row["ideal_speedup"]
         row["tau_share_mean"] = 1 - row["attn_mean_graph_ms"] / row["step_mean_graph_ms"]
-        # the same steps with the tau solve's kernels launched plainly (no PDL)
-        with chain_pdl(False):
-            tau_plain = EntmaxTauTriton(ENTMAX_STATIC, tau.config, scale=c)
-            plain = entmax_decode_step(tau_plain, att, k, v, seq, summ, lengths)
-            row["plain_step_mean_graph_ms"] = time_graph_per_call(
-                [lambda q=q: plain(q) for q in qs])
     except Exception as e:  # a failure is a result, not the end of the run
         note(row, "note", e)
     finally:
@@ -412,16 +405,14 @@ def write_markdown(rows, facts, path):
               f"of {GRAPH_CALLS} calls; tau share = 1 - attention alone on the same selections "
               "/ step, so it is the time the step loses to the solve):", "",
               "| B | len | sparsity | step ms | attention alone ms | tau share | cuDNN ms | "
-              "speedup | of ideal (>= 0.8) | step ms, tau launched plainly (no PDL) |",
-              "|" + "---|" * 10]
+              "speedup | of ideal (>= 0.8) |", "|" + "---|" * 9]
         for r in dec:
             if "step_mean_graph_ms" not in r:
                 continue
             L.append(f"| {r['batch']} | {r['seq_len']} | {fmt(r.get('sparsity'))} | "
                      f"{r['step_mean_graph_ms']:.4f} | {r['attn_mean_graph_ms']:.4f} | "
                      f"{r['tau_share_mean']:.3f} | {r['dense_mean_graph_ms']:.4f} | "
-                     f"{r['speedup_mean']:.2f} | {r['of_ideal_mean']:.2f} | "
-                     f"{fmt(r.get('plain_step_mean_graph_ms'), '.4f')} |")
+                     f"{r['speedup_mean']:.2f} | {r['of_ideal_mean']:.2f} |")
         L.append("")
     pre = [r for r in rows if r["part"] == "entmax_prefill"]
     if pre:

@@ -57,7 +57,7 @@ def at_revision(cls, rev: str, *args, **kwargs):
 
     class AtRevision(cls):
         def render(self):
-            return render_to_file(self.template, self.rendered_params(), self.build_dir, src)
+            return render_to_file(self.template, self.template_params(), self.build_dir, src)
 
     return AtRevision(*args, **kwargs)
 

@@ -343,6 +343,7 @@ def test_a_changed_kernel_is_seeded_with_its_previous_versions_winner(tmp_path, 
     assert all(c.config["tile"] == 64 and c.config["warps"] == 4 for c in seeded)
     assert all(t.user_attrs["outcome"] == "measured" for t in study.get_trials()
                if t.user_attrs.get("prior"))
+
     assert "seeded with the winner of this kernel's previous version" in opts.stream.getvalue()
     other = load_study(tmp_path, kernel, kernel.shapes[1])
     assert not [t for t in other.get_trials() if t.user_attrs.get("prior")]
@@ -357,6 +358,29 @@ def test_a_changed_kernel_is_seeded_with_its_previous_versions_winner(tmp_path, 
     tune_plan(FakePlan(kernel), opts)
     assert "previous version" in opts.stream.getvalue() and \
         "not in today's space" in opts.stream.getvalue()
+
+
+def test_predecessor_matches_statics_holding_tuples(tmp_path):
+    """A static with a tuple (the gate's pooling) is stored as a JSON list: its previous
+    version's file must still match it (it did not, so gate_step re-tunes were unseeded)."""
+    identity = kernel_identity(fake_kernel(shapes=((2, 2048),)))
+    identity["static"] = {**identity["static"], "pooling": ("max", "min", "mean")}
+    old = {**identity, "templates": {"fake": {"path": "x.j2", "hash": "0ld"}}}
+    entry = {"shape": {"batch": 2, "seq_len": 2048}, "selected_blocks": 1,
+             "versions": library_versions(),
+             "trials": {"measured": 1, "failed": 0, "infeasible": 0},
+             "best": {"backend": "fake", "config": {"tile": 64, "warps": 4, "stages": 1},
+                      "median_ms": 1.0, "plain_ms": None, "graph_ms": None,
+                      "bandwidth_gbs": None},
+             "default": {"backend": "fake", "config": {"tile": 32, "warps": 2, "stages": 1},
+                         "median_ms": 2.0},
+             "study": "old", "tuned_at": "2026-01-01T00:00:00Z"}
+    db = TuningDB(tmp_path / "db")
+    db.record(GPU, old, entry)
+    found = db.predecessor(GPU, identity, entry["shape"])
+    assert found is not None and found["best"]["config"]["tile"] == 64
+    other = {**identity, "static": {**identity["static"], "pooling": ("max",)}}
+    assert db.predecessor(GPU, other, entry["shape"]) is None
 
 
 def test_time_limit_stops_a_study_early_and_defers_the_rest(tmp_path, fake_log, monkeypatch):

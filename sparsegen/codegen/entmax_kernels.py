@@ -177,7 +177,6 @@ class EntmaxTauTriton(TritonKernel):
 
     name = "entmax_tau"
     template = "triton/entmax_tau.py.j2"
-    step_chain = True  # launched with PDL inside the decode step (_chain_pdl.j2)
 
     def __init__(self, static: EntmaxStatic, config: dict | None = None, build_dir=None,
                  scale: float = 1.0):
@@ -244,9 +243,9 @@ class EntmaxTauTriton(TritonKernel):
                                         "stride_cb", "stride_bb", "stride_bh")}}
         return [("entmax_scores", scores, ("Q", "SUM", "SEQ", "Z", "stride_qb", "stride_qh",
                                             "stride_sb", "stride_sh", "stride_sj"),
-                 self.launch_kw(num_warps=self.config["num_warps"], num_stages=2)),
+                 {"num_warps": self.config["num_warps"], "num_stages": 2}),
                 ("entmax_select", select, ("Z", "SEQ", "IDX", "CNT", "BIAS"),
-                 self.launch_kw(num_warps=self.config["select_warps"], num_stages=1))]
+                 {"num_warps": self.config["select_warps"], "num_stages": 1})]
 
     def _scratch(self, B, Hq, Hkv, cap, device):
         key = (B, Hq, Hkv, cap, device)
@@ -283,12 +282,12 @@ class EntmaxTauTriton(TritonKernel):
                 q, summaries, seq_lens, z, coef, cap,
                 q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1),
                 summaries.stride(2), z.stride(0), z.stride(1),
-                **self.launch_kw(num_warps=self.config["num_warps"], num_stages=self.config["stages"]))
+                num_warps=self.config["num_warps"], num_stages=self.config["stages"])
         mod.entmax_select[(Hkv, B)](
             z, seq_lens, idx, cnt, bias,
             z.stride(0), z.stride(1), idx.stride(0), idx.stride(1), cnt.stride(0),
             bias.stride(0), bias.stride(1),
-            **self.launch_kw(num_warps=self.config["select_warps"], num_stages=1))
+            num_warps=self.config["select_warps"], num_stages=1)
         return Selection(idx, cnt, bias)
 
     # --- tuner protocol --------------------------------------------------------------------

@@ -37,7 +37,6 @@ class GateScoreStatic:
 class TritonGateScore(TritonKernel):
     name = "gate_score"
     template = "triton/gate_score.py.j2"
-    step_chain = True  # launched with PDL inside the decode step (_chain_pdl.j2)
 
     @classmethod
     def tunable_space(cls, static: GateScoreStatic) -> dict[str, list]:
@@ -78,8 +77,8 @@ class TritonGateScore(TritonKernel):
                   "stride_ob", "stride_oh"):
             sig[a] = "i32"
         return [("gate_score", sig, ("QG", "KC", "SEQ", "OUT"),
-                 self.launch_kw(num_warps=self.config["num_warps"],
-                                num_stages=self.config["num_stages"]))]
+                 {"num_warps": self.config["num_warps"],
+                  "num_stages": self.config["num_stages"]})]
 
     def __call__(self, q_gate, kc, seq_lens, out=None):
         """q_gate [B, Hkv, dg] fp32, kc [B, Hkv, max_blocks, dg] -> logits [B, Hkv,
@@ -100,9 +99,8 @@ class TritonGateScore(TritonKernel):
         self.module.gate_score[(cdiv(NB, per), H, B)](
             q_gate, kc, seq_lens, out, 1.0 / math.sqrt(dg),
             q_gate.stride(0), q_gate.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-            out.stride(0), out.stride(1),
-            **self.launch_kw(num_warps=self.config["num_warps"],
-                             num_stages=self.config["num_stages"]))
+            out.stride(0), out.stride(1), num_warps=self.config["num_warps"],
+            num_stages=self.config["num_stages"])
         return out
 
     # --- tuner protocol --------------------------------------------------------------------
@@ -186,7 +184,6 @@ class TritonGateStep(TritonKernel):
 
     name = "gate_step"
     template = "triton/gate_step.py.j2"
-    step_chain = True  # launched with PDL inside the decode step (_chain_pdl.j2)
     _KEYS = ("pairs", "chunk_k", "block_b", "num_warps")
     REG_LIMIT = 176  # registers() budget: configs estimated at 192 spilled a little on sm_90
 
@@ -269,7 +266,7 @@ class TritonGateStep(TritonKernel):
                 "block_b": c["block_b"], "num_warps": c["num_warps"]}
 
     def signatures(self):
-        kw = self.launch_kw(num_warps=self.config["num_warps"], num_stages=1)
+        kw = {"num_warps": self.config["num_warps"], "num_stages": 1}
         dt, kt = TRITON_PTR[self.static.dtype], TRITON_PTR[self.static.kc_dtype]
         q = {"QN": dt, "WQ": "*fp32", "QNORM": "*fp32", "COS": "*fp32", "SIN": "*fp32",
              "SEQ": "*i32", "OUT": "*fp32", "CNT": "*i32", "B": "i32"}
@@ -352,7 +349,7 @@ class TritonGateStep(TritonKernel):
         self.module.gate_query[(H, self.programs_per_head)](
             q_nope, gate.q_weight.detach(), self._norms(gate)[0].detach(), cos, sin,
             seq_lens, out, cnt, B, q_nope.stride(0), q_nope.stride(1), out.stride(0),
-            out.stride(1), **self.launch_kw(num_warps=self.config["num_warps"], num_stages=1))
+            out.stride(1), num_warps=self.config["num_warps"], num_stages=1)
         return out
 
     def append(self, state, k_nope, seq_lens):
@@ -370,7 +367,7 @@ class TritonGateStep(TritonKernel):
             gate.k_weight.detach(), self._norms(gate)[1].detach(), cos, sin, state.kc, y,
             cnt[H:], B, k_nope.stride(0), k_nope.stride(1), state.run_max.stride(0),
             state.run_max.stride(1), state.kc.stride(0), state.kc.stride(1), state.kc.stride(2),
-            y.stride(0), **self.launch_kw(num_warps=self.config["num_warps"], num_stages=1))
+            y.stride(0), num_warps=self.config["num_warps"], num_stages=1)
 
     # --- tuner protocol --------------------------------------------------------------------
     def __call__(self, gate, state, q_nope, k_nope, seq_lens, pools=None):

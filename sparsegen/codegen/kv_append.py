@@ -36,7 +36,6 @@ class AppendStatic:
 class TritonKVAppend(TritonKernel):
     name = "kv_append"
     template = "triton/kv_append.py.j2"
-    step_chain = True  # launched with PDL inside the decode step (_chain_pdl.j2)
 
     @classmethod
     def tunable_space(cls, static: AppendStatic) -> dict[str, list]:
@@ -64,7 +63,7 @@ class TritonKVAppend(TritonKernel):
                   "stride_btb"):
             sig[a] = "i32"
         return [("kv_append", sig, ("K_NEW", "V_NEW", "K", "V", "SEQ"),
-                 self.launch_kw(num_warps=self.config["num_warps"], num_stages=1))]
+                 {"num_warps": self.config["num_warps"], "num_stages": 1})]
 
     def __call__(self, k_new, v_new, k, v, seq_lens, block_table=None):
         """Write k_new, v_new [B, Hkv, D] at slot seq_lens[b] of k, v and add 1 to seq_lens."""
@@ -77,4 +76,4 @@ class TritonKVAppend(TritonKernel):
         self.module.kv_append[(k_new.shape[0],)](
             k_new, v_new, k, v, seq_lens, bt, k_new.stride(0), k_new.stride(1),
             k.stride(0), k.stride(1), k.stride(2), bt.stride(0),
-            **self.launch_kw(num_warps=self.config["num_warps"], num_stages=1))
+            num_warps=self.config["num_warps"], num_stages=1)

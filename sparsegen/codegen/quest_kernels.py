@@ -77,7 +77,6 @@ def _bt(cache, fallback):
 class TritonQuestMeta(TritonKernel):
     name = "quest_meta"
     template = "triton/quest_meta.py.j2"
-    step_chain = True  # launched with PDL inside the decode step (_chain_pdl.j2)
 
     @classmethod
     def tunable_space(cls, static: QuestStatic) -> dict[str, list]:
@@ -105,7 +104,7 @@ class TritonQuestMeta(TritonKernel):
                   "stride_sb", "stride_sh"):
             sig[a] = "i32"
         return [("quest_meta_append", sig, ("KNEW", "SEQ", "META_A", "META_B", "RUN_SUM"),
-                 self.launch_kw(num_warps=self.config["num_warps"], num_stages=1))]
+                 {"num_warps": self.config["num_warps"], "num_stages": 1})]
 
     def __call__(self, meta, cache, k_new):
         """Fold k_new [B, Hkv, D] (already appended to `cache`) into `meta` (QuestMeta, or
@@ -122,7 +121,7 @@ class TritonQuestMeta(TritonKernel):
         self.module.quest_meta_append[(H, B)](
             k_new, seq, bt, a, b_, run, k_new.stride(0), k_new.stride(1),
             a.stride(0), a.stride(1), a.stride(2), bt.stride(0), *rs,
-            **self.launch_kw(num_warps=self.config["num_warps"], num_stages=1))
+            num_warps=self.config["num_warps"], num_stages=1)
         return (a, b_) if self.static.score == "upper_bound" else (a, run)
 
     # --- tuner protocol --------------------------------------------------------------------
@@ -161,7 +160,6 @@ class TritonQuestMeta(TritonKernel):
 class TritonQuestScore(TritonKernel):
     name = "quest_score"
     template = "triton/quest_score.py.j2"
-    step_chain = True  # launched with PDL inside the decode step (_chain_pdl.j2)
 
     @classmethod
     def tunable_space(cls, static: QuestStatic) -> dict[str, list]:
@@ -209,8 +207,8 @@ class TritonQuestScore(TritonKernel):
                   "stride_ob", "stride_oh"):
             sig[a] = "i32"
         return [("quest_score", sig, ("Q", "SEQ", "META_A", "META_B", "OUT"),
-                 self.launch_kw(num_warps=self.config["num_warps"],
-                                num_stages=self.config["num_stages"]))]
+                 {"num_warps": self.config["num_warps"],
+                  "num_stages": self.config["num_stages"]})]
 
     def score_rows(self, kv_heads: int) -> int:
         return kv_heads * (self.static.group_size if self.static.group == "per_head" else 1)
@@ -237,7 +235,7 @@ class TritonQuestScore(TritonKernel):
         self.module.quest_score[(-(-width // per), H, B)](
             q, seq, bt, a, b_, out, q.stride(0), q.stride(1),
             a.stride(0), a.stride(1), a.stride(2), bt.stride(0), out.stride(0), out.stride(1),
-            **self.launch_kw(num_warps=self.config["num_warps"], num_stages=self.config["num_stages"]))
+            num_warps=self.config["num_warps"], num_stages=self.config["num_stages"])
         return out
 
     # --- tuner protocol --------------------------------------------------------------------

@@ -45,7 +45,6 @@ class SelectStatic:
 class TritonBlockSelect(TritonKernel):
     name = "block_select"
     template = "triton/block_select.py.j2"
-    step_chain = True  # launched with PDL inside the decode step (_chain_pdl.j2)
 
     @classmethod
     def tunable_space(cls, static: SelectStatic) -> dict[str, list]:
@@ -126,7 +125,7 @@ class TritonBlockSelect(TritonKernel):
         return self.static.mode == "topk" and self.static.rows > 1
 
     def signatures(self):
-        kw = self.launch_kw(num_warps=self.config["num_warps"], num_stages=1)
+        kw = {"num_warps": self.config["num_warps"], "num_stages": 1}
         sig = {"SCORES": "*fp32", "SEQ": "*i32", "IDX": "*i32", "CNT": "*i32", "THR": "*i32",
                "k": "i32", "threshold": "fp32", "sink": "i32", "local": "i32", "width": "i32"}
         for a in ("stride_sb", "stride_sh", "stride_ib", "stride_ih", "stride_cb", "stride_ch",
@@ -162,7 +161,7 @@ class TritonBlockSelect(TritonKernel):
             cnt = torch.empty(B, heads, dtype=torch.int32, device=scores.device)
         else:
             idx, cnt = out
-        kw = self.launch_kw(num_warps=self.config["num_warps"], num_stages=1)
+        kw = {"num_warps": self.config["num_warps"], "num_stages": 1}
         mod = self.module
         if self.split:
             thr = torch.empty(B, H, 2, dtype=torch.int32, device=scores.device)

@@ -36,8 +36,7 @@ def _resource_usage(cubin: bytes, name: str) -> dict:
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 TRITON_PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
-_SHARED: dict = {}  # (adapter class, static, config, chain_pdl) -> instance, see TritonKernel.shared
-_CHAIN_PDL: list = []  # overrides pushed by chain_pdl(), innermost last
+_SHARED: dict = {}  # (adapter class, static, config) -> instance, see TritonKernel.shared
 
 
 def pow2(x: int) -> bool:
@@ -88,31 +87,6 @@ def interpreted() -> bool:
     return type(tl.cdiv).__name__ == "InterpretedFunction"
 
 
-def chain_pdl_enabled() -> bool:
-    """Whether decode-step kernels built now launch with programmatic dependent launch:
-    on sm_90 and newer (also when compiling for sm_90 with no GPU), not under the
-    interpreter, unless SPARSEGEN_PDL=0 or an enclosing chain_pdl(False) says otherwise."""
-    import os
-
-    if _CHAIN_PDL:
-        return _CHAIN_PDL[-1] and not interpreted()
-    if os.environ.get("SPARSEGEN_PDL", "1") == "0" or interpreted():
-        return False
-    import torch
-    return not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] >= 9
-
-
-@contextlib.contextmanager
-def chain_pdl(enabled: bool):
-    """Kernels built inside launch with PDL (enabled, where the GPU allows) or plainly: the
-    benches build both variants of a step side by side."""
-    _CHAIN_PDL.append(bool(enabled))
-    try:
-        yield
-    finally:
-        _CHAIN_PDL.pop()
-
-
 def _compile_in_child(kernel, keep_asm: bool) -> dict:
     import os
     import pickle
@@ -148,10 +122,6 @@ class TritonKernel:
 
     name = ""
     template = ""  # under templates/, e.g. "triton/block_select.py.j2"
-    # a kernel of the decode step's chain: its template waits on the previous kernel with
-    # griddepcontrol when rendered with chain_pdl (templates/triton/_chain_pdl.j2), and only
-    # such a kernel may be launched with launch_pdl
-    step_chain = False
 
     def __init__(self, static, config: dict | None = None, build_dir: Path | None = None):
         self.static = static
@@ -161,7 +131,6 @@ class TritonKernel:
             raise ValueError(f"{self.name} config {self.config} is infeasible for {static}: "
                              f"{reason}")
         self.build_dir = build_dir
-        self.chain_pdl = self.step_chain and chain_pdl_enabled()
         self._path = None
         self._module = None
 
@@ -169,8 +138,7 @@ class TritonKernel:
     def shared(cls, static, config: dict | None = None):
         """The process-wide instance for (static, config), so a runtime path renders and
         imports its module once, not per call or per layer (config None: the default)."""
-        key = (cls, static, None if config is None else tuple(sorted(config.items())),
-               cls.step_chain and chain_pdl_enabled())
+        key = (cls, static, None if config is None else tuple(sorted(config.items())))
         kern = _SHARED.get(key)
         if kern is None:
             kern = _SHARED[key] = cls(static, config)
@@ -199,17 +167,8 @@ class TritonKernel:
 
     def render(self) -> Path:
         if self._path is None:
-            self._path = render_to_file(self.template, self.rendered_params(), self.build_dir)
+            self._path = render_to_file(self.template, self.template_params(), self.build_dir)
         return self._path
-
-    def rendered_params(self) -> dict:
-        """template_params plus what every template may read (chain_pdl)."""
-        return {**self.template_params(), "chain_pdl": self.chain_pdl}
-
-    def launch_kw(self, **kw) -> dict:
-        """Launch options of this kernel's @jit functions (in signatures() and at every
-        launch): kw, plus launch_pdl for a step-chain kernel rendered with chain_pdl."""
-        return {**kw, "launch_pdl": True} if self.chain_pdl else kw
 
     @property
     def module(self):
