@@ -58,6 +58,9 @@ def build_package(plan, out_dir: str | Path, db: TuningDB | None = None) -> Path
     spec = plan.spec
     db = db or TuningDB()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SparsegenError(f"{out_dir} is a file, not a directory; give -o the directory "
+                             "to write the package into")
     name = package_name(spec.name)
     final = out_dir / name
     if final.exists() and not (final / MARKER).is_file():

@@ -132,6 +132,10 @@ def test_build_cli_and_refusals(tmp_path):
     plan = make_plan(load_spec(SPECS / "raas-milestone.yaml"))
     with pytest.raises(SparsegenError, match="not a package sparsegen built"):
         build_package(plan, tmp_path / "mine", TuningDB(tmp_path / "db"))
+    (tmp_path / "a_file").write_text("keep me")
+    with pytest.raises(SparsegenError, match="is a file, not a directory"):
+        build_package(plan, tmp_path / "a_file", TuningDB(tmp_path / "db"))
+    assert (tmp_path / "a_file").read_text() == "keep me"
 
 
 def test_tuned_rule_kernel_configs_reach_the_layers_decoder(tmp_path):

@@ -106,3 +106,54 @@ def test_fused_append_compiles_for_sm90():
 @only_if_not_interpreted
 def test_interpreter_tests_in_subprocess():
     rerun_in_interpreter(__file__)
+
+
+def test_bad_sizes_and_prefill_shapes_are_named():
+    """A cache of a non-positive size, a prefill of another batch, head count or head dim:
+    a ValueError that names the problem, and the cache is left as it was."""
+    for kw in ({"batch": 0}, {"capacity": -1}, {"kv_heads": 2.0}, {"head_dim": True}):
+        args = {"batch": 2, "kv_heads": 2, "head_dim": 8, "capacity": 16, **kw}
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a positive int"):
+            KVCache(**args)
+    cache = KVCache(2, 2, 8, capacity=16, dtype=torch.float32)
+    good = torch.randn(4, 2, 8)
+    for b, k, v, what in ((2, good, good, "outside the cache's batch of 2"),
+                          (0, torch.randn(4, 3, 8), torch.randn(4, 3, 8), r"\[n, 2, 8\]"),
+                          (0, good, torch.randn(4, 2, 4), r"\[n, 2, 8\]"),
+                          (0, torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8), r"\[n, 2, 8\]")):
+        with pytest.raises(ValueError, match=what):
+            cache.extend(b, k, v)
+    assert cache.lengths == [0, 0] and cache.seq_lens.tolist() == [0, 0]
+    assert not cache.k.any()
+
+
+@pytest.mark.parametrize("spec_file", ["seer-attention-r.yaml", "nsa-topk.yaml",
+                                       "dash-entmax.yaml", "raas-milestone.yaml"])
+def test_a_bad_prefill_leaves_every_rules_cache_as_it_was(spec_file):
+    """Each rule's prefill checks the whole batch before writing: a prefill of the wrong
+    batch, head count or lengths, or one that overflows, raises and writes nothing."""
+    from pathlib import Path
+
+    from sparsegen.methods.decoders import make_cache, make_decoder
+    from sparsegen.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "specs" / spec_file)
+    m = spec.model
+    cache = make_cache(spec, 2, 512, dtype=torch.float32)
+    dec = make_decoder(spec, cache)
+    extra = ({"k_nope": torch.randn(2, 80, m.num_kv_heads, m.head_dim)}
+             if spec.selection.rule == "gate" else {})
+    ok = torch.randn(2, 80, m.num_kv_heads, m.head_dim)
+    dec.prefill(cache, ok, ok, **extra)
+    before = (cache.k.clone(), cache.v.clone(), list(cache.lengths))
+    bad = [((torch.randn(3, 80, m.num_kv_heads, m.head_dim),) * 2, {}, "must both be"),
+           ((torch.randn(2, 80, m.num_kv_heads + 1, m.head_dim),) * 2, {}, "must both be"),
+           ((ok, ok), {"lengths": [80, 81]}, r"lengths \[80, 81\]"),
+           ((ok, ok), {"lengths": [80]}, r"must be 2 values"),
+           ((torch.randn(2, 500, m.num_kv_heads, m.head_dim),) * 2, {}, "would hold 580")]
+    for (k, v), kw, what in bad:
+        ex = {"k_nope": k} if extra else {}
+        with pytest.raises((ValueError, RuntimeError), match=what):
+            dec.prefill(cache, k, v, **ex, **kw)
+        assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
+        assert cache.lengths == before[2] and cache.seq_lens.tolist() == before[2]

@@ -33,14 +33,6 @@ def reference_attend(block_size: int, compute_dtype=torch.float32):
     return attend
 
 
-def _prefill_lengths(k: torch.Tensor, lengths) -> list[int]:
-    n = k.shape[1]
-    lengths = [n] * k.shape[0] if lengths is None else [int(x) for x in lengths]
-    if any(not 0 <= x <= n for x in lengths):
-        raise ValueError(f"prefill lengths {lengths} must lie in [0, {n}]")
-    return lengths
-
-
 class _Decoder:
     """What both rules share: selection parameters, index widths, the dense path."""
 
@@ -107,9 +99,11 @@ class GateDecoder(_Decoder):
     def prefill(self, cache: KVCache, k, v, k_nope=None, lengths=None) -> None:
         """k, v [B, n, Hkv, D] post-RoPE into the cache; k_nope [B, n, Hkv, D] (pre-RoPE)
         fills the K-compression cache in one pass. lengths: valid tokens per sequence."""
-        lengths = _prefill_lengths(k, lengths)
-        if not self.dense and k_nope is None:
-            raise ValueError("the gate rule's prefill needs the pre-RoPE keys (k_nope)")
+        lengths = cache.prefill_lengths(k, v, lengths)
+        if not self.dense and (k_nope is None or k_nope.shape != k.shape):
+            raise ValueError("the gate rule's prefill needs the pre-RoPE keys k_nope, shaped "
+                             f"like k {tuple(k.shape)}; got "
+                             f"{None if k_nope is None else tuple(k_nope.shape)}")
         for b, n in enumerate(lengths):
             start, _ = cache.extend(b, k[b, :n], v[b, :n])
             if not self.dense and n:
@@ -244,7 +238,7 @@ class TopkDecoder(_Decoder):
                    dense=layer in spec.model.dense_layers, **kw)
 
     def prefill(self, cache: KVCache, k, v, lengths=None) -> None:
-        lengths = _prefill_lengths(k, lengths)
+        lengths = cache.prefill_lengths(k, v, lengths)
         for b, n in enumerate(lengths):
             start, stop = cache.extend(b, k[b, :n], v[b, :n])
             if not self.dense and n:
@@ -307,7 +301,7 @@ class DenseDecoder(_Decoder):
         super().__init__(selection, -(-capacity // selection.block_size), "torch", True)
 
     def prefill(self, cache: KVCache, k, v, lengths=None, **_rule_inputs) -> None:
-        for b, n in enumerate(_prefill_lengths(k, lengths)):
+        for b, n in enumerate(cache.prefill_lengths(k, v, lengths)):
             cache.extend(b, k[b, :n], v[b, :n])
 
     def step(self, q, k_new, v_new, cache: KVCache, attend=None, **_rule_inputs):

@@ -296,7 +296,7 @@ class EntmaxDecoder:
         summarize every full block in one pass per sequence."""
         self._ensure_state(cache)
         bs = self.rule.block_size
-        lengths = [k.shape[1]] * k.shape[0] if lengths is None else list(lengths)
+        lengths = cache.prefill_lengths(k, v, lengths)
         for b, n in enumerate(lengths):
             start, stop = cache.extend(b, k[b, :n], v[b, :n])
             first, last = math.ceil(start / bs), stop // bs  # blocks completed by this write

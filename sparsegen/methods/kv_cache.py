@@ -24,6 +24,10 @@ class KVCache:
     def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype=torch.bfloat16, device="cpu", layout: str = "contiguous",
                  page_size: int = 0, num_pages: int | None = None):
+        for name, value in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                            ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"KV cache {name} must be a positive int, got {value!r}")
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.layout, self.page_size, self.capacity = layout, page_size, capacity
         self.lengths = [0] * batch  # host mirror of seq_lens
@@ -99,8 +103,37 @@ class KVCache:
         pages = self.block_table[b].long()[pos // self.page_size]
         return (pages, pos % self.page_size)
 
+    def prefill_lengths(self, k: torch.Tensor, v: torch.Tensor, lengths=None) -> list[int]:
+        """Check a prefill's k, v [B, T, Hkv, D] (sequence b keeps its first lengths[b]
+        tokens; all T by default) against this cache before anything is written, so a bad
+        prefill leaves the cache as it was; returns the lengths."""
+        want = f"[{self.batch}, T, {self.kv_heads}, {self.head_dim}]"
+        if (k.dim() != 4 or v.shape != k.shape
+                or (k.shape[0], k.shape[2], k.shape[3]) != (self.batch, self.kv_heads,
+                                                            self.head_dim)):
+            raise ValueError(f"prefill k and v must both be {want} (the layer's batch, KV "
+                             f"heads and head dim); got {tuple(k.shape)} and {tuple(v.shape)}")
+        n = k.shape[1]
+        lengths = [n] * self.batch if lengths is None else [int(x) for x in lengths]
+        if len(lengths) != self.batch or any(not 0 <= x <= n for x in lengths):
+            raise ValueError(f"prefill lengths {lengths} must be {self.batch} values in "
+                             f"[0, {n}]")
+        for b, x in enumerate(lengths):
+            if self.lengths[b] + x > self.capacity:
+                raise CacheFullError(f"sequence {b} would hold {self.lengths[b] + x} tokens; "
+                                     f"the cache was made for {self.capacity}")
+        return lengths
+
     def extend(self, b: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
         """Append k, v [n, Hkv, D] to sequence b; returns the token range written."""
+        if not 0 <= b < self.batch:
+            raise ValueError(f"sequence {b} is outside the cache's batch of {self.batch} (a "
+                             f"prefill's batch must be the layer's)")
+        want = (self.kv_heads, self.head_dim)
+        if k.dim() != 3 or tuple(k.shape[1:]) != want or k.shape != v.shape:
+            raise ValueError(f"k and v must both be [n, {want[0]}, {want[1]}] per sequence "
+                             f"([B, n, {want[0]}, {want[1]}] for a prefill); got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
         start = self.lengths[b]
         stop = start + k.shape[0]
         self._ensure_pages(b, start, stop)

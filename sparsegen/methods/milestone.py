@@ -182,7 +182,7 @@ class MilestoneDecoder:
             raise ValueError(f"the milestone rule needs a paged cache with page_size "
                              f"{r.page_size}")
         B, dev = cache.batch, cache.device
-        lengths = [k.shape[1]] * B if lengths is None else list(lengths)
+        lengths = cache.prefill_lengths(k, v, lengths)
         L = r.budget_pages
         self.kmin = torch.zeros(cache.k.shape[0], cache.kv_heads, cache.head_dim,
                                 dtype=cache.k.dtype, device=dev)
