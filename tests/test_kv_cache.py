@@ -157,3 +157,15 @@ def test_a_bad_prefill_leaves_every_rules_cache_as_it_was(spec_file):
             dec.prefill(cache, k, v, **ex, **kw)
         assert torch.equal(cache.k, before[0]) and torch.equal(cache.v, before[1])
         assert cache.lengths == before[2] and cache.seq_lens.tolist() == before[2]
+
+
+def test_a_paged_prefill_that_would_run_out_of_pages_writes_nothing():
+    cache = KVCache(2, 1, 4, capacity=64, dtype=torch.float32, layout="paged", page_size=16,
+                    num_pages=5)
+    k = torch.randn(2, 40, 1, 4)  # 3 pages each, 6 wanted, 5 free
+    with pytest.raises(CacheFullError, match="needs 6 new pages and 5 are free"):
+        cache.prefill_lengths(k, k)
+    assert cache.prefill_lengths(k, k, lengths=[40, 32]) == [40, 32]  # 3 + 2 pages fit
+    with pytest.raises(CacheFullError, match="would hold 65 tokens"):
+        cache.prefill_lengths(torch.randn(2, 65, 1, 4), torch.randn(2, 65, 1, 4), [65, 0])
+    assert cache.pages_in_use() == 0 and cache.lengths == [0, 0]

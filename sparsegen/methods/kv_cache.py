@@ -57,18 +57,26 @@ class KVCache:
         return self.k.device
 
     # --- paging ------------------------------------------------------------------------
-    def _ensure_pages(self, b: int, start: int, stop: int) -> None:
-        """Give sequence b physical pages for the logical pages tokens [start, stop) touch.
-        Pages below `start` are left alone: an evicted page stays evicted."""
+    def _check_room(self, b: int, stop: int) -> int:
+        """Raise CacheFullError unless sequence b can hold `stop` tokens; returns the number
+        of logical pages they span (0 for a contiguous cache)."""
         if self.block_table is None:
             if stop > self.capacity:
                 raise CacheFullError(f"sequence {b} would hold {stop} tokens; the contiguous "
                                      f"cache was made for {self.capacity}")
-            return
+            return 0
         last = math.ceil(stop / self.page_size)
         if last > len(self._table_host[b]):
             raise CacheFullError(f"sequence {b} would hold {stop} tokens; the block table "
                                  f"was made for {self.capacity}")
+        return last
+
+    def _ensure_pages(self, b: int, start: int, stop: int) -> None:
+        """Give sequence b physical pages for the logical pages tokens [start, stop) touch.
+        Pages below `start` are left alone: an evicted page stays evicted."""
+        last = self._check_room(b, stop)
+        if not last:  # contiguous, or nothing to hold
+            return
         for p in range(start // self.page_size, last):
             if self._table_host[b][p] < 0:
                 if not self.free_pages:
@@ -118,10 +126,16 @@ class KVCache:
         if len(lengths) != self.batch or any(not 0 <= x <= n for x in lengths):
             raise ValueError(f"prefill lengths {lengths} must be {self.batch} values in "
                              f"[0, {n}]")
+        new_pages = 0
         for b, x in enumerate(lengths):
-            if self.lengths[b] + x > self.capacity:
-                raise CacheFullError(f"sequence {b} would hold {self.lengths[b] + x} tokens; "
-                                     f"the cache was made for {self.capacity}")
+            start, stop = self.lengths[b], self.lengths[b] + x
+            last = self._check_room(b, stop)
+            if last:
+                new_pages += sum(self._table_host[b][p] < 0
+                                 for p in range(start // self.page_size, last))
+        if self.block_table is not None and new_pages > len(self.free_pages):
+            raise CacheFullError(f"the prefill needs {new_pages} new pages and "
+                                 f"{len(self.free_pages)} are free: raise num_pages or evict")
         return lengths
 
     def extend(self, b: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
