@@ -104,3 +104,38 @@ def test_entmax_layer_trains_its_pool_through_prefill_attention(tmp_path):
     lay = other.SparseAttentionLayer(1, 256, dtype=torch.float32, impl="torch")
     with pytest.raises(ValueError, match="rule 'topk'.*add `prefill` to phases"):
         lay.prefill_attention(q.float(), k.float(), v.float())
+
+
+@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
+def test_a_bad_step_is_named_and_appends_nothing(spec_path, tmp_path):
+    """A step with q, k_new or v_new of another batch, head count or head dim (or, for the
+    gate, without its pre-RoPE inputs) raises a ValueError naming the input, before the
+    cache or the rule's state change; a good step afterwards still works."""
+    spec = load_spec(spec_path)
+    mod = load_package(build_package(make_plan(spec), tmp_path))
+    m, rule = spec.model, spec.selection.rule
+    B, Hq, Hkv, D = 2, m.num_q_heads, m.num_kv_heads, m.head_dim
+    layer = mod.SparseAttentionLayer(B, 256, dtype=torch.float32, impl="torch")
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(B, 100, Hkv, D, generator=g)
+    layer.prefill(k, k.clone(), **_rule_inputs(rule, g, B, Hkv, Hq, D, 100))
+    before = (layer.cache.k.clone(), list(layer.cache.lengths))
+
+    def good():
+        return {"q": torch.randn(B, Hq, D, generator=g),
+                "k_new": torch.randn(B, Hkv, D, generator=g),
+                "v_new": torch.randn(B, Hkv, D, generator=g),
+                **_rule_inputs(rule, g, B, Hkv, Hq, D)}
+    bad = [("q", torch.randn(B, Hq + 1, D)), ("q", torch.randn(B + 1, Hq, D)),
+           ("k_new", torch.randn(B, Hkv, D // 2)), ("v_new", torch.randn(B, Hkv + 1, D))]
+    if rule == "gate":
+        bad += [("q_nope", None), ("k_nope", torch.randn(B, Hkv, 3))]
+    for name, value in bad:
+        args = good()
+        args[name] = value
+        with pytest.raises(ValueError, match=name):
+            layer(args.pop("q"), args.pop("k_new"), args.pop("v_new"), **args)
+        assert torch.equal(layer.cache.k, before[0]) and layer.cache.lengths == before[1]
+    args = good()
+    out = layer(args.pop("q"), args.pop("k_new"), args.pop("v_new"), **args)
+    assert out.shape == (B, Hq, D) and layer.cache.lengths == [101, 101]

@@ -183,11 +183,11 @@ class GateDecoder(_Decoder):
         reads (gate_score scores only the blocks strictly before it; gate_query reads
         neither). The decoder's first step runs serially, so the kernels' lazily built
         tables and counters are created on the caller's stream before any overlap."""
+        if not self.dense and (q_nope is None or k_nope is None):  # before the cache changes
+            raise ValueError("the gate rule's step needs the pre-RoPE q_nope and k_nope")
         cache.append(k_new, v_new)
         side = None
         if not self.dense:
-            if q_nope is None or k_nope is None:
-                raise ValueError("the gate rule's step needs the pre-RoPE q_nope and k_nope")
             side = self._append_stream(k_nope)
             if side is None:
                 self.append_state(k_nope, cache)

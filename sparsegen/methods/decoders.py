@@ -85,3 +85,29 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
         return MilestoneDecoder.from_spec(spec, scorer=scorer,
                                           selector_config=kc.get("milestone_select"))
     raise ValueError(f"unknown rule {rule!r}")
+
+
+def check_step_inputs(spec, cache: KVCache, decoder, q, k_new, v_new, rule_inputs) -> None:
+    """A decode step's inputs against the layer, before anything changes (a bad step must
+    not append its token): q [B, Hq, D], k_new / v_new [B, Hkv, D] on the cache's device;
+    the gate rule outside its dense layers also needs q_nope shaped like q and k_nope
+    like k_new (the pre-RoPE query and key)."""
+    m, B = spec.model, cache.batch
+    want = {"q": (B, m.num_q_heads, m.head_dim), "k_new": (B, m.num_kv_heads, m.head_dim),
+            "v_new": (B, m.num_kv_heads, m.head_dim)}
+    given = {"q": q, "k_new": k_new, "v_new": v_new}
+    if spec.selection.rule == "gate" and not getattr(decoder, "dense", True):
+        want.update(q_nope=want["q"], k_nope=want["k_new"])
+        given.update(q_nope=rule_inputs.get("q_nope"), k_nope=rule_inputs.get("k_nope"))
+    for name, shape in want.items():
+        t = given[name]
+        if t is None:
+            raise ValueError(f"the {spec.selection.rule} rule's step needs {name} "
+                             f"[{', '.join(map(str, shape))}]")
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be [{', '.join(map(str, shape))}] (the layer's "
+                             f"batch, heads and head dim); got {got}")
+        if t.device != cache.device:
+            raise ValueError(f"{name} is on {t.device} and the layer's cache on "
+                             f"{cache.device}: move one of them")
