@@ -400,6 +400,8 @@ def test_bad_inputs_give_clear_errors():
         kern.entmax_pbar(torch.zeros(1, 2, 2, 3, 2), EntmaxRule(block_size=16, alpha=1.25))
     with pytest.raises(ValueError, match="block_ops"):
         prefill_selection(q, k, w, rule, block_ops="gpu")
+    with pytest.raises(ValueError, match="at least one token"):
+        prefill_selection(q[:, :0], k[:, :0], w, rule)
 
 
 def test_configs():

@@ -452,6 +452,9 @@ def prefill_selection(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
             or q.shape[3] != k.shape[3] or k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, T, Hq, D] and "
                          f"[B, T, Hkv, D] with Hq a multiple of Hkv")
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        raise ValueError(f"q {tuple(q.shape)}: entmax prefill attention needs a batch of "
+                         "prompts of at least one token")
     if tuple(w.shape) != (k.shape[2], k.shape[3]):
         raise ValueError(f"w must be [Hkv, D] = [{k.shape[2]}, {k.shape[3]}], got "
                          f"{tuple(w.shape)}")
