@@ -132,6 +132,22 @@ def test_gate_weights_round_trip_bit_exact(tmp_path):
                 assert n == m and torch.equal(a, b)
 
 
+def test_a_file_that_is_not_a_gate_file_is_named(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"garbage")
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    torch.save({"a": 1}, tmp_path / "dict.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    save_gates(tmp_path / "other.pt", {})
+    blob = torch.load(tmp_path / "other.pt", weights_only=True)
+    blob["metadata"]["format"] = "something-else"
+    torch.save(blob, tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError, match="no such gate file"):
+        load_gates(tmp_path / "missing.safetensors")
+    for name in ("junk.safetensors", "junk.pt", "dict.pt", "tensor.pt", "other.pt"):
+        with pytest.raises(ValueError, match="is not a sparsegen gate file"):
+            load_gates(tmp_path / name)
+
+
 # --- row ranges and the row-chunked loss -----------------------------------------------------
 
 @pytest.mark.parametrize("S,r0,n", [(45, 0, None), (45, 20, 7), (45, 0, 3), (45, 44, 1),

@@ -314,16 +314,24 @@ def load_gates(path, device="cpu") -> tuple[dict, dict]:
     from pathlib import Path
 
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    else:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        tensors, meta = blob["tensors"], blob["metadata"]
-    if meta.get("format") != GATES_FORMAT:
-        raise ValueError(f"{path} is not a sparsegen gate file (format {meta.get('format')!r})")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such gate file (`sparsegen distill --out` writes "
+                                "one)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            tensors, meta = blob["tensors"], blob["metadata"]
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
+        raise ValueError(f"{path} is not a sparsegen gate file (it does not read as one: "
+                         f"{type(e).__name__}); `sparsegen distill --out` writes them") from e
+    if not isinstance(meta, dict) or meta.get("format") != GATES_FORMAT:
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path} is not a sparsegen gate file (format {fmt!r})")
     config = json.loads(meta["config"])
     gates = {}
     for layer in json.loads(meta["layers"]):
