@@ -101,6 +101,10 @@ def load_package(path: str | Path):
     """Import a package build_package wrote (under a name unique to its path, so two builds
     of one spec can be loaded side by side) and return the module."""
     path = Path(path)
+    if not (path / MARKER).is_file() or not (path / "__init__.py").is_file():
+        raise SparsegenError(f"{path} is not a package `sparsegen build` wrote (it has no "
+                             f"{MARKER} and __init__.py); build one with `sparsegen build SPEC "
+                             "-o DIR` and load DIR/<package>")
     name = f"emitted_{path.name}_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
                                                   submodule_search_locations=[str(path)])

@@ -139,3 +139,28 @@ def test_a_bad_step_is_named_and_appends_nothing(spec_path, tmp_path):
     args = good()
     out = layer(args.pop("q"), args.pop("k_new"), args.pop("v_new"), **args)
     assert out.shape == (B, Hq, D) and layer.cache.lengths == [101, 101]
+
+
+def test_a_gate_of_another_shape_or_type_is_refused(tmp_path):
+    """The layer takes a trained gate only if it fits the spec (heads, head dim, block,
+    d_gate, pooling, RoPE, RMSNorm, query reduction); load_package refuses a folder that is
+    not a built package."""
+    from sparsegen.errors import SparsegenError
+    from sparsegen.methods.gate import AttnGate
+
+    spec = load_spec(next(p for p in SPECS if p.stem == "seer-attention-r"))
+    mod = load_package(build_package(make_plan(spec), tmp_path))
+    fits = AttnGate.from_spec(spec)
+    assert mod.SparseAttentionLayer(1, 256, gate=fits).gate is fits
+    with pytest.raises(TypeError, match="must be an AttnGate"):
+        mod.SparseAttentionLayer(1, 256, gate={"q_weight": None})
+    m, s = spec.model, spec.selection
+    for kw, what in (({"num_kv_heads": m.num_kv_heads // 2}, "num_kv_heads"),
+                     ({"block_size": s.block_size * 2}, "block_size"),
+                     ({"d_gate": s.gate.d_gate // 2}, "d_gate"),
+                     ({"rmsnorm": not s.gate.rmsnorm}, "rmsnorm")):
+        args = {**fits.config(), **kw}
+        with pytest.raises(ValueError, match=f"does not fit spec .*{what}"):
+            mod.SparseAttentionLayer(1, 256, gate=AttnGate(**args))
+    with pytest.raises(SparsegenError, match="is not a package"):
+        load_package(tmp_path)

@@ -169,3 +169,10 @@ def test_a_paged_prefill_that_would_run_out_of_pages_writes_nothing():
     with pytest.raises(CacheFullError, match="would hold 65 tokens"):
         cache.prefill_lengths(torch.randn(2, 65, 1, 4), torch.randn(2, 65, 1, 4), [65, 0])
     assert cache.pages_in_use() == 0 and cache.lengths == [0, 0]
+
+
+def test_a_cache_of_integers_is_refused():
+    with pytest.raises(ValueError, match="floating-point torch dtype"):
+        KVCache(1, 1, 8, 16, dtype=torch.int32)
+    with pytest.raises(ValueError, match="floating-point torch dtype"):
+        KVCache(1, 1, 8, 16, dtype="bf16")

@@ -45,7 +45,8 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
         from .decode_step import GateDecoder
         from .gate import AttnGate
 
-        gate = (gate if gate is not None else AttnGate.from_spec(spec)).to(cache.device)
+        gate = (check_gate_fits(spec, gate) if gate is not None
+                else AttnGate.from_spec(spec)).to(cache.device)
         return GateDecoder.from_spec(spec, gate, cache.batch, cache.capacity, layer,
                                      device=cache.device, impl=impl, kc_dtype=cache.k.dtype,
                                      kernel_configs=kc)
@@ -85,6 +86,27 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
         return MilestoneDecoder.from_spec(spec, scorer=scorer,
                                           selector_config=kc.get("milestone_select"))
     raise ValueError(f"unknown rule {rule!r}")
+
+
+# what a trained gate must share with the spec it decodes (rope_theta and eps may differ)
+_GATE_SHAPE = ("num_q_heads", "num_kv_heads", "head_dim", "block_size", "d_gate", "pooling",
+               "rope", "rmsnorm", "query_reduction")
+
+
+def check_gate_fits(spec, gate):
+    """gate, if it is an AttnGate of this spec's shape (e.g. one `load_gates` read from a
+    `sparsegen distill` of it); else a TypeError / ValueError naming the difference."""
+    from .gate import AttnGate
+
+    if not isinstance(gate, AttnGate):
+        raise TypeError(f"gate must be an AttnGate (sparsegen.methods.gate.load_gates reads "
+                        f"them), got {type(gate).__name__}")
+    have, want = gate.config(), AttnGate.from_spec(spec).config()
+    diff = [f"{k} {have[k]} (spec: {want[k]})" for k in _GATE_SHAPE if have[k] != want[k]]
+    if diff:
+        raise ValueError(f"the gate does not fit spec {spec.name!r}: " + ", ".join(diff)
+                         + "; train gates for this spec with `sparsegen distill`")
+    return gate
 
 
 def check_step_inputs(spec, cache: KVCache, decoder, q, k_new, v_new, rule_inputs) -> None:

@@ -28,6 +28,9 @@ class KVCache:
                             ("capacity", capacity)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"KV cache {name} must be a positive int, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"KV cache dtype must be a floating-point torch dtype (bf16, fp16, "
+                             f"fp32), got {dtype!r}")
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.layout, self.page_size, self.capacity = layout, page_size, capacity
         self.lengths = [0] * batch  # host mirror of seq_lens
