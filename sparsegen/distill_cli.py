@@ -29,11 +29,8 @@ def load_tokens(path, data_format: str = "auto", tokenizer: str | None = None,
     if fmt == "auto":
         fmt = "tokens" if path.suffix in TOKEN_SUFFIXES else "text"
     if fmt == "tokens":
-        if path.suffix == ".npy":
-            import numpy as np
-            ids = torch.from_numpy(np.load(path).astype("int64").reshape(-1))
-        elif path.suffix in (".pt", ".pth"):
-            ids = torch.as_tensor(torch.load(path, weights_only=True)).long().reshape(-1)
+        if path.suffix in (".npy", ".pt", ".pth"):
+            ids = _integer_ids(path)
         else:
             try:
                 ids = torch.tensor([int(x) for x in path.read_text().split()], dtype=torch.long)
@@ -63,6 +60,24 @@ def load_tokens(path, data_format: str = "auto", tokenizer: str | None = None,
         raise SparsegenError(f"{path}: token ids must lie in [0, {vocab_size}) for this model "
                              f"(found {int(ids.min())}..{int(ids.max())})")
     return ids
+
+
+def _integer_ids(path: Path):
+    """The ids of a .npy / .pt token stream, flattened to int64; a file that does not load
+    as an array of integers is refused (a float array would be truncated silently)."""
+    import numpy as np
+    import torch
+
+    try:
+        raw = (torch.from_numpy(np.load(path, allow_pickle=False)) if path.suffix == ".npy"
+               else torch.as_tensor(torch.load(path, weights_only=True)))
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
+        raise SparsegenError(f"{path}: does not load as an array of token ids "
+                             f"({type(e).__name__}); a token stream is a 1-D integer array "
+                             "(.npy, or a tensor saved with torch.save)") from None
+    if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+        raise SparsegenError(f"{path}: token ids must be integers, this array is {raw.dtype}")
+    return raw.long().reshape(-1)
 
 
 def windows(ids, batch: int, seq_len: int, step: int):

@@ -469,6 +469,29 @@ def test_distill_rejects_a_mismatched_spec(tmp_path):
                     device="cpu", log=None)
 
 
+def test_token_streams_that_are_not_integer_ids_are_named(tmp_path):
+    """A float array would be truncated to ids silently; a file that does not load, or holds
+    no array, gets a named error; integer arrays of any width load as int64."""
+    import numpy as np
+
+    from sparsegen.distill_cli import load_tokens
+    from sparsegen.errors import SparsegenError
+
+    np.save(tmp_path / "f.npy", np.random.rand(50))
+    torch.save(torch.rand(50), tmp_path / "f.pt")
+    (tmp_path / "junk.npy").write_bytes(b"garbage")
+    torch.save({"ids": [1, 2]}, tmp_path / "d.pt")
+    for name in ("f.npy", "f.pt"):
+        with pytest.raises(SparsegenError, match="must be integers"):
+            load_tokens(tmp_path / name)
+    for name in ("junk.npy", "d.pt"):
+        with pytest.raises(SparsegenError, match="does not load as an array of token ids"):
+            load_tokens(tmp_path / name)
+    np.save(tmp_path / "i.npy", np.arange(12, dtype=np.int16).reshape(3, 4))
+    ids = load_tokens(tmp_path / "i.npy", vocab_size=16)
+    assert ids.dtype == torch.int64 and ids.tolist() == list(range(12))
+
+
 def test_kernel_config_and_compile():
     st = DistillStatic(64, 128, 4, "bf16")
     assert TritonDistillTarget.check_config(st, TritonDistillTarget.default_config(st)) is None
