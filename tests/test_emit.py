@@ -12,7 +12,8 @@ import torch
 
 from sparsegen.emit import build_package, load_package
 from sparsegen.errors import SparsegenError
-from sparsegen.methods.sparse_decode_ref import dense_decode_reference, sparse_decode_reference
+from sparsegen.methods.sparse_decode_ref import (BlockIndexError, dense_decode_reference,
+                                               sparse_decode_reference)
 from sparsegen.plan import make_plan
 from sparsegen.spec import load_spec
 from sparsegen.tune.db import GpuId, TuningDB, kernel_identity, library_versions
@@ -53,6 +54,18 @@ def test_contiguous_module_matches_reference_on_cpu(tmp_path):
     with pytest.raises(ValueError, match=r"q must be \[B, 32, 128\]"):
         attn(case.q[:, :16], case.k, case.v, case.block_indices, case.block_counts,
              case.seq_lens)
+    # a selection or cache of another batch would be read past its end on the GPU
+    with pytest.raises(ValueError, match="for q of batch 1"):
+        attn(case.q[:1], case.k, case.v, case.block_indices, case.block_counts, case.seq_lens)
+    with pytest.raises(ValueError, match="q has batch 1 and k_cache 2"):
+        attn(case.q[:1], case.k, case.v, case.block_indices[:1], case.block_counts[:1],
+             case.seq_lens[:1])
+    with pytest.raises(ValueError, match="must share a dtype"):
+        attn(case.q.float(), case.k, case.v, case.block_indices, case.block_counts,
+             case.seq_lens)
+    with pytest.raises(BlockIndexError, match="the tokens the cache holds"):
+        attn(case.q, case.k, case.v, case.block_indices, case.block_counts,
+             case.seq_lens + case.k.shape[1])
 
 
 def test_paged_module_matches_reference_on_cpu(tmp_path):

@@ -91,3 +91,19 @@ def test_invalid_indices_are_rejected():
         validate_block_indices(torch.tensor([[[2, 1, 0]]]), counts, seq_lens, 32)
     # padding past the count is never read, whatever it holds
     validate_block_indices(torch.tensor([[[3, 0, 99]]], dtype=torch.int32), counts, seq_lens, 32)
+    # lengths: one per sequence, within the tokens the cache holds (when it is given)
+    ok = torch.tensor([[[2, 1, 0]]], dtype=torch.int32)
+    with pytest.raises(BlockIndexError, match=r"seq_lens must be \[B\] = \[1\]"):
+        validate_block_indices(ok, counts, torch.tensor([100, 100], dtype=torch.int32), 32)
+    with pytest.raises(BlockIndexError, match=r"must lie in \[0, 64\]"):
+        validate_block_indices(ok, counts, seq_lens, 32, max_tokens=64)
+    validate_block_indices(ok, counts, seq_lens, 32, max_tokens=100)
+
+
+def test_reference_refuses_lengths_past_the_cache():
+    case = make_case(batch=1, kv_heads=2, group=2, head_dim=64, block_size=16,
+                     seq_lens=[50], fraction=0.5, seed=1, dtype=torch.float32)
+    too_long = torch.tensor([case.k.shape[1] + 1], dtype=torch.int32)
+    with pytest.raises(BlockIndexError, match="the tokens the cache holds"):
+        sparse_decode_reference(case.q, case.k, case.v, case.block_indices, case.block_counts,
+                                too_long, 16)

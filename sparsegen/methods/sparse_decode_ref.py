@@ -14,8 +14,10 @@ class BlockIndexError(ValueError):
 
 
 def validate_block_indices(block_indices: torch.Tensor, block_counts: torch.Tensor,
-                           seq_lens: torch.Tensor, block_size: int) -> None:
-    """Reject out-of-range or duplicate indices among the first `count` entries.
+                           seq_lens: torch.Tensor, block_size: int,
+                           max_tokens: int | None = None) -> None:
+    """Reject out-of-range or duplicate indices among the first `count` entries, and
+    sequence lengths outside [0, max_tokens] (the tokens the cache holds, when given).
 
     Costs a device sync: call it while debugging or testing, not in a captured graph.
     """
@@ -23,6 +25,14 @@ def validate_block_indices(block_indices: torch.Tensor, block_counts: torch.Tens
         raise BlockIndexError(
             f"block_indices must be [B, Hkv, max_sel] and block_counts [B, Hkv]; got "
             f"{tuple(block_indices.shape)} and {tuple(block_counts.shape)}")
+    if seq_lens.shape != block_indices.shape[:1]:
+        raise BlockIndexError(f"seq_lens must be [B] = [{block_indices.shape[0]}] like "
+                              f"block_indices; got {tuple(seq_lens.shape)}")
+    if max_tokens is not None and len(seq_lens) and (
+            int(seq_lens.min()) < 0 or int(seq_lens.max()) > max_tokens):
+        raise BlockIndexError(f"seq_lens holds {int(seq_lens.min())}..{int(seq_lens.max())}; "
+                              f"each must lie in [0, {max_tokens}] (the tokens the cache "
+                              "holds)")
     if block_indices.dtype != torch.int32 or block_counts.dtype != torch.int32:
         raise BlockIndexError("block_indices and block_counts must be int32 tensors "
                               f"(got {block_indices.dtype}, {block_counts.dtype})")
@@ -78,7 +88,8 @@ def sparse_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     group = Hq // Hkv
     if validate:
-        validate_block_indices(block_indices, block_counts, seq_lens, block_size)
+        tokens = k.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+        validate_block_indices(block_indices, block_counts, seq_lens, block_size, tokens)
     scale = D ** -0.5 if sm_scale is None else sm_scale
     out = torch.zeros(B, Hq, D, dtype=compute_dtype, device=q.device)
     for b in range(B):
