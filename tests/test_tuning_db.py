@@ -258,3 +258,17 @@ def test_committed_winners_match_todays_kernels():
     stale = [path.name for path, data in TuningDB(root).load_all()
              if not templates_current(data["kernel"]["templates"])]
     assert not stale, f"stale tuning_db files (re-tune or prune them): {stale}"
+
+
+def test_a_file_given_as_the_database_is_refused(tmp_path, monkeypatch):
+    """--db (or $SPARSEGEN_TUNING_DB) naming a file, e.g. one entry's JSON, is an error, not
+    an empty database that builds an untuned module without a word; the file is untouched."""
+    f = tmp_path / "entry.json"
+    f.write_text("{}")
+    with pytest.raises(DbError, match="is a file, not a tuning database"):
+        TuningDB(f)
+    monkeypatch.setenv("SPARSEGEN_TUNING_DB", str(f))
+    with pytest.raises(DbError, match="is a file"):
+        TuningDB()
+    assert f.read_text() == "{}"
+    assert TuningDB(tmp_path / "not-yet").files() == []  # a database still to be made is fine

@@ -207,6 +207,10 @@ MERGE_PREFER = ("faster", "other", "this")  # TuningDB.merge: whose entry wins a
 class TuningDB:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root or os.environ.get("SPARSEGEN_TUNING_DB") or DEFAULT_ROOT)
+        if self.root.exists() and not self.root.is_dir():
+            raise DbError(f"{self.root} is a file, not a tuning database (a directory of "
+                          "<gpu>/<kernel>-<key>.json files); give --db (or "
+                          "$SPARSEGEN_TUNING_DB) its directory")
 
     def path_for(self, gpu: GpuId, identity: dict) -> Path:
         return self.root / gpu.slug / f"{identity['name']}-{identity_key(identity)}.json"
