@@ -325,6 +325,8 @@ def load_gates(path, device="cpu") -> tuple[dict, dict]:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         else:
             blob = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(blob, dict):
+                raise TypeError(f"holds a {type(blob).__name__}, not a dict")
             tensors, meta = blob["tensors"], blob["metadata"]
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
         raise ValueError(f"{path} is not a sparsegen gate file (it does not read as one: "
