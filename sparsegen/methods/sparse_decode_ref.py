@@ -13,6 +13,12 @@ class BlockIndexError(ValueError):
     """Selected block indices that no kernel may be given."""
 
 
+def cache_tokens(k: torch.Tensor, block_table: torch.Tensor | None = None) -> int:
+    """The tokens a sequence of this cache can hold, from shapes only (no device sync):
+    S of a contiguous [B, S, Hkv, D] cache, max_pages x page_size of a paged one."""
+    return k.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+
+
 def validate_block_indices(block_indices: torch.Tensor, block_counts: torch.Tensor,
                            seq_lens: torch.Tensor, block_size: int,
                            max_tokens: int | None = None) -> None:
@@ -88,8 +94,8 @@ def sparse_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     group = Hq // Hkv
     if validate:
-        tokens = k.shape[1] * (block_table.shape[1] if block_table is not None else 1)
-        validate_block_indices(block_indices, block_counts, seq_lens, block_size, tokens)
+        validate_block_indices(block_indices, block_counts, seq_lens, block_size,
+                               cache_tokens(k, block_table))
     scale = D ** -0.5 if sm_scale is None else sm_scale
     out = torch.zeros(B, Hq, D, dtype=compute_dtype, device=q.device)
     for b in range(B):

@@ -251,8 +251,9 @@ class TuningDB:
         after a template edit; files that do not load are passed over (they are only
         hints here; `db list` reports them)."""
         here = self.path_for(gpu, identity)
+        keys = ("name", "static", "workload")
         # compared as stored (JSON): a static's tuple reads back as a list
-        same = _digest({k: identity[k] for k in ("name", "static", "workload")})
+        same = _digest({k: identity[k] for k in keys})
         found = []
         for path in sorted((self.root / gpu.slug).glob(f"{identity['name']}-*.json")):
             if path == here:
@@ -261,8 +262,7 @@ class TuningDB:
                 data = self.load(path)
             except DbError:
                 continue
-            if _digest({k: data["kernel"].get(k)
-                        for k in ("name", "static", "workload")}) != same:
+            if _digest({k: data["kernel"].get(k) for k in keys}) != same:
                 continue
             found += [e for e in data["entries"] if e["shape"] == shape]
         return max(found, key=lambda e: e["tuned_at"], default=None)
