@@ -168,16 +168,6 @@ def bench_entmax_decode(batch, seq_len, target, rows, gen):
         row["speedup_mean"] = row["dense_mean_graph_ms"] / row["step_mean_graph_ms"]
         row["of_ideal_mean"] = row["speedup_mean"] / row["ideal_speedup"]
         row["tau_share_mean"] = 1 - row["attn_mean_graph_ms"] / row["step_mean_graph_ms"]
-        # the same steps with the tau solve in its other form (one launch <-> two), same run
-        row["tau_splits"] = tau.config["splits"]
-        other = EntmaxTauTriton(ENTMAX_STATIC, {**tau.config, "splits": 0 if tau.config[
-            "splits"] else 4}, scale=c)
-        if other(qs[0], summ, seq, lengths).blocks(0, 0) != sel.blocks(0, 0):
-            raise RuntimeError("the other tau form selects differently")
-        row["other_tau_splits"] = other.config["splits"]
-        ostep = entmax_decode_step(other, att, k, v, seq, summ, lengths)
-        row["other_step_mean_graph_ms"] = time_graph_per_call(
-            [lambda q=q: ostep(q) for q in qs])
     except Exception as e:  # a failure is a result, not the end of the run
         note(row, "note", e)
     finally:
@@ -423,21 +413,6 @@ def write_markdown(rows, facts, path):
                      f"{r['step_mean_graph_ms']:.4f} | {r['attn_mean_graph_ms']:.4f} | "
                      f"{r['tau_share_mean']:.3f} | {r['dense_mean_graph_ms']:.4f} | "
                      f"{r['speedup_mean']:.2f} | {r['of_ideal_mean']:.2f} |")
-        ab = [r for r in dec if "other_step_mean_graph_ms" in r]
-        if ab:
-            L += ["", "The tau solve in one launch (entmax_fused, `splits` programs a row) or "
-                  "two (entmax_scores, entmax_select; splits 0): the same steps with the "
-                  "config's form and the other one, same run, ms per call as above:", "",
-                  "| B | len | sparsity | splits | step ms | other splits | step ms | "
-                  "one launch / two |", "|" + "---|" * 8]
-            for r in ab:
-                one, two = ((r["step_mean_graph_ms"], r["other_step_mean_graph_ms"])
-                            if r["tau_splits"] else
-                            (r["other_step_mean_graph_ms"], r["step_mean_graph_ms"]))
-                L.append(f"| {r['batch']} | {r['seq_len']} | {fmt(r.get('sparsity'))} | "
-                         f"{r['tau_splits']} | {r['step_mean_graph_ms']:.4f} | "
-                         f"{r['other_tau_splits']} | {r['other_step_mean_graph_ms']:.4f} | "
-                         f"{two / one:.3f}x faster |")
         L.append("")
     pre = [r for r in rows if r["part"] == "entmax_prefill"]
     if pre:

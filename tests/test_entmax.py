@@ -138,14 +138,13 @@ def test_prefill_selection_is_causal_with_always_on_blocks():
 # Triton kernels under the interpreter
 # ---------------------------------------------------------------------------------------
 @needs_interp
-@pytest.mark.parametrize("alpha,sink,local,chunk,scale,G,tiles,splits", [
-    (1.5, 1, 1, 16, 6.0, 4, 1, 0), (1.5, 0, 2, 64, 2.0, 4, 2, 1), (1.25, 2, 1, 16, 6.0, 4, 1, 4),
-    (2.0, 1, 3, 32, 8.0, 4, 4, 0), (1.5, 1, 1, 64, 6.0, 1, 1, 2), (1.5, 1, 2, 16, 4.0, 8, 2, 8),
-    (1.5, 1, 1, 32, 6.0, 3, 8, 0), (1.5, 1, 1, 16, 6.0, 4, 1, 16)])
-def test_tau_kernel_matches_torch(alpha, sink, local, chunk, scale, G, tiles, splits):
+@pytest.mark.parametrize("alpha,sink,local,chunk,scale,G,tiles", [
+    (1.5, 1, 1, 16, 6.0, 4, 1), (1.5, 0, 2, 64, 2.0, 4, 2), (1.25, 2, 1, 16, 6.0, 4, 1),
+    (2.0, 1, 3, 32, 8.0, 4, 4), (1.5, 1, 1, 64, 6.0, 1, 1), (1.5, 1, 2, 16, 4.0, 8, 2),
+    (1.5, 1, 1, 32, 6.0, 3, 8)])
+def test_tau_kernel_matches_torch(alpha, sink, local, chunk, scale, G, tiles):
     """tiles: 16-block tiles a scoring program walks (the candidate range ends inside one;
-    at 8 one program covers every block of a row). splits > 0: scores and selection in one
-    launch, `splits` programs a row (more than a short row's tiles at 8 and 16)."""
+    at 8 one program covers every block of a row)."""
     B, Hkv, D, bs = 3, 2, 32, 16
     st = EntmaxStatic(block_size=bs, head_dim=D, group_size=G, dtype="fp32",
                       sink_blocks=sink, local_blocks=local, alpha=alpha)
@@ -158,10 +157,8 @@ def test_tau_kernel_matches_torch(alpha, sink, local, chunk, scale, G, tiles, sp
     lengths = [700, 50, 17]
     seq = torch.tensor(lengths, dtype=torch.int32)
     kern = EntmaxTauTriton(st, {"block_j": 16, "tiles": tiles, "stages": 2, "chunk": chunk,
-                                "num_warps": 4, "select_warps": 4, "splits": splits},
-                           scale=scale)
-    kern(q, summ, seq, lengths)
-    got = kern(q, summ, seq, lengths)   # a second call: the row tickets reset themselves
+                                "num_warps": 4, "select_warps": 4}, scale=scale)
+    got = kern(q, summ, seq, lengths)
     want = select_blocks(q, summ, seq, rule, width=cap)
     exact = select_blocks(q.double(), summ.double(), seq, rule, width=cap, compute_dtype=F64)
     assert torch.equal(got.counts, want.counts)
@@ -317,8 +314,7 @@ def test_decoder_on_triton_kernels_matches_torch_decoder():
     prompt_v = torch.randn(B, 200, Hkv, D, generator=g)
     decs, caches = [], []
     kern_sel = EntmaxTauTriton(st, {"block_j": 16, "tiles": 1, "stages": 1, "chunk": 16,
-                                    "num_warps": 4, "select_warps": 4, "splits": 2},
-                               scale=rule.scale)
+                                    "num_warps": 4, "select_warps": 4}, scale=rule.scale)
     kern_att = EntmaxDecodeTriton(st, {**EntmaxDecodeTriton.default_config(st),
                                        "block_n": 16, "num_stages": 1, "num_warps": 2})
     for selector in (None, kern_sel):

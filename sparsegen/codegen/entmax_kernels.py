@@ -188,7 +188,7 @@ class EntmaxTauTriton(TritonKernel):
     def tunable_space(cls, static) -> dict[str, list]:
         return {"block_j": [16, 32, 64, 128], "tiles": [1, 2, 4, 8], "stages": [1, 2, 3],
                 "chunk": [256, 512, 1024, 2048, 4096], "num_warps": [2, 4, 8],
-                "select_warps": [1, 2, 4, 8], "splits": [0, 1, 2, 4, 8, 16]}
+                "select_warps": [1, 2, 4, 8]}
 
     @classmethod
     def default_config(cls, static) -> dict:
@@ -199,16 +199,14 @@ class EntmaxTauTriton(TritonKernel):
         # program, 3 stages were fastest or within 1 % on every probed shape (the solve 1.04-
         # 1.26x faster than with 64-block tiles; more tiles per program gained nothing:
         # bench/results/H100-entmax-tau-probe.md)
-        # splits 0: scores and selection as two launches (the one-launch form, entmax_fused,
-        # is the tuner's to choose)
         return {"block_j": 32, "tiles": 1, "stages": 3,
                 "chunk": min(4096, 8192 // next_pow2(static.group_size)),
-                "num_warps": 4, "select_warps": 8, "splits": 0}
+                "num_warps": 4, "select_warps": 8}
 
     @classmethod
     def check_config(cls, static, config) -> str | None:
         bad = check_int_config(config, ("block_j", "tiles", "stages", "chunk", "num_warps",
-                                        "select_warps", "splits"))
+                                        "select_warps"))
         if bad:
             return bad
         if not pow2(config["block_j"]) or not 16 <= config["block_j"] <= 256:
@@ -221,8 +219,6 @@ class EntmaxTauTriton(TritonKernel):
             return f"chunk={config['chunk']} must be a power of two in [16, 4096]"
         if config["select_warps"] not in (1, 2, 4, 8):
             return f"select_warps={config['select_warps']} not in (1, 2, 4, 8)"
-        if config["splits"] and (not pow2(config["splits"]) or config["splits"] > 64):
-            return f"splits={config['splits']} must be 0 or a power of two <= 64"
         if next_pow2(static.group_size) * config["chunk"] > 16384:
             return "group (padded to a power of two) x chunk > 16384 fp32 values per select tile (register spills)"
         if not 1.0 < static.alpha <= 2.0:
@@ -245,17 +241,6 @@ class EntmaxTauTriton(TritonKernel):
         select = {"Z": "*fp32", "SEQ": "*i32", "IDX": "*i32", "CNT": "*i32", "BIAS": "*fp32",
                   **{a: "i32" for a in ("stride_zb", "stride_zh", "stride_ib", "stride_ih",
                                         "stride_cb", "stride_bb", "stride_bh")}}
-        if self.config["splits"]:
-            fused = {**scores, "IDX": "*i32", "CNT": "*i32", "BIAS": "*fp32",
-                     "TICKET": "*i32", **{a: "i32" for a in ("stride_ib", "stride_ih",
-                                                            "stride_cb", "stride_bb",
-                                                            "stride_bh")}}
-            order = ["Q", "SUM", "SEQ", "Z", "IDX", "CNT", "BIAS", "TICKET", "coef", "width"]
-            fused = {k: fused[k] for k in order + [k for k in fused if k not in order]}
-            return [("entmax_fused", fused, ("Q", "SUM", "SEQ", "Z", "IDX", "CNT", "BIAS",
-                                             "stride_qb", "stride_qh", "stride_sb",
-                                             "stride_sh", "stride_sj"),
-                     {"num_warps": self.config["select_warps"], "num_stages": 1})]
         return [("entmax_scores", scores, ("Q", "SUM", "SEQ", "Z", "stride_qb", "stride_qh",
                                             "stride_sb", "stride_sh", "stride_sj"),
                  {"num_warps": self.config["num_warps"], "num_stages": 2}),
@@ -270,8 +255,7 @@ class EntmaxTauTriton(TritonKernel):
                 torch.empty(B, Hq, cap, dtype=torch.float32, device=device),
                 torch.full((B, Hkv, cap), -1, dtype=torch.int32, device=device),
                 torch.zeros(B, Hkv, dtype=torch.int32, device=device),
-                torch.zeros(B, Hkv, cap, dtype=torch.float32, device=device),
-                torch.zeros(B * Hkv, dtype=torch.int32, device=device))  # row tickets
+                torch.zeros(B, Hkv, cap, dtype=torch.float32, device=device))
         return buf
 
     def __call__(self, q, summaries, seq_lens, lengths=None):
@@ -284,22 +268,14 @@ class EntmaxTauTriton(TritonKernel):
                              f"match head_dim={s.head_dim}, group_size={s.group_size}")
         if q.dtype != torch_dtype(s.dtype) or summaries.dtype != q.dtype:
             raise TypeError(f"q and summaries must be {s.dtype}")
-        z, idx, cnt, bias, tickets = self._scratch(B, Hq, Hkv, cap, q.device)
-        coef = (s.alpha - 1.0) * self.scale / math.sqrt(D)
-        if self.config["splits"]:
-            mod.entmax_fused[(Hkv, B, self.config["splits"])](
-                q, summaries, seq_lens, z, idx, cnt, bias, tickets, coef, cap,
-                q.stride(0), q.stride(1), summaries.stride(0), summaries.stride(1),
-                summaries.stride(2), z.stride(0), z.stride(1), idx.stride(0), idx.stride(1),
-                cnt.stride(0), bias.stride(0), bias.stride(1),
-                num_warps=self.config["select_warps"], num_stages=1)
-            return Selection(idx, cnt, bias)
+        z, idx, cnt, bias = self._scratch(B, Hq, Hkv, cap, q.device)
         # grid over the widest candidate range: from host lengths when known, else capacity
         if lengths is not None:
             nb = max(math.ceil(n / s.block_size) for n in lengths)
             width = max(0, min(cap, max(nb - s.local_blocks, s.sink_blocks)))
         else:
             width = cap
+        coef = (s.alpha - 1.0) * self.scale / math.sqrt(D)
         if width > 0:
             per_program = self.config["block_j"] * self.config["tiles"]
             mod.entmax_scores[(cdiv(width, per_program), Hkv, B)](
