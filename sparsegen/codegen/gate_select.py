@@ -69,20 +69,19 @@ class TritonGateSelect(TritonKernel):
 
     @classmethod
     def default_config(cls, static: GateSelectStatic) -> dict:
-        # H100, d_gate 128: 16-block tiles two ahead (gate_score's default tile) and
-        # block_select's default selection; 4 programs a row keep Hkv x B = 64 rows (B 8)
-        # reading the cache at full bandwidth
-        return {"block_j": max(8, min(16, 1024 // static.d_gate)), "num_stages": 2,
-                "splits": 4, **TritonBlockSelect.default_config(static.select_static)}
+        # block_select's default selection (8 warps); 32-block tiles three ahead keep a
+        # tile's row sums inside a warp at 8 warps and enough bytes in flight; 4 programs a
+        # row keep Hkv x B = 64 rows (B 8) reading the cache at full bandwidth
+        return {"block_j": 32, "num_stages": 3, "splits": 4,
+                **TritonBlockSelect.default_config(static.select_static)}
 
     @classmethod
     def seed_configs(cls, static: GateSelectStatic) -> list[dict]:
-        """The default at every split count and at 4 / 8 warps: the split decides how much
-        of the GPU reads the cache (Hkv x B rows x splits programs) and how long the row's
-        last program waits, which a few sampled trials could miss."""
+        """The default at split counts 2-16 and with 64-block tiles: the split decides how
+        much of the GPU reads the cache (Hkv x B rows x splits programs) and how long the
+        row's last program waits, which a few sampled trials could miss."""
         base = cls.default_config(static)
-        return [{**base, "splits": s, "num_warps": w}
-                for s in cls.tunable_space(static)["splits"] for w in (4, 8)]
+        return [{**base, "splits": s, "block_j": bj} for bj in (32, 64) for s in (2, 4, 8, 16)]
 
     @classmethod
     def check_config(cls, static: GateSelectStatic, config: dict) -> str | None:
@@ -98,8 +97,12 @@ class TritonGateSelect(TritonKernel):
             return f"block_j={bj} must be a power of two in [1, 256]"
         if bj * static.d_gate > 16384:
             return f"block_j x d_gate = {bj * static.d_gate} fp32 values exceed 16384 (spills)"
-        if bj * static.d_gate < 32 * config["num_warps"]:
-            return f"a {bj}x{static.d_gate} tile leaves threads idle at {config['num_warps']} warps"
+        if bj < 2 * config["num_warps"]:
+            # fewer rows than 2 a warp split each row's sum across warps (a shared-memory
+            # reduction and barrier per tile: H100, 8-block tiles at 8 warps scored at
+            # under half the bandwidth, bench/results/H100-gate-select-ab.md)
+            return (f"block_j={bj} < 2 x num_warps={config['num_warps']}: a tile's row sums "
+                    "would cross warps")
         if not 1 <= config["num_stages"] <= 6:
             return f"num_stages={config['num_stages']} must lie in [1, 6]"
         if not pow2(splits) or splits > 64:
