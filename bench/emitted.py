@@ -66,17 +66,17 @@ def emitted_attention(static, spec_stems):
     return None
 
 
-def recorded_rule_config(name: str, static, batch: int, seq_len: int):
+def recorded_rule_config(name: str, static, batch: int, seq_len: int, gpu_slug=None):
     """The config tuning_db/ recorded on this GPU for rule kernel `name` with these statics
     at its nearest bucket to (batch, seq_len), whichever template version it was tuned with
     (a kernel no example spec runs any more, kept for an A/B), and the bucket's key; (None,
-    "default") when nothing was recorded."""
+    "default") when nothing was recorded. gpu_slug: another GPU's records instead."""
     import json
 
     from sparsegen.tune.db import TuningDB, nearest_bucket, torch_gpu
 
     want = json.dumps(static.as_dict(), sort_keys=True)
-    slug = torch_gpu().slug
+    slug = gpu_slug or torch_gpu().slug
     found = [data for path, data in TuningDB(ROOT / "tuning_db").load_all()
              if path.parent.name == slug and data["kernel"]["name"] == name
              and json.dumps(data["kernel"]["static"], sort_keys=True) == want]

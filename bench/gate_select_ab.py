@@ -38,14 +38,15 @@ from sparsegen.codegen.select_kernels import SelectStatic  # noqa: E402
 BS = 64
 
 
-def two_step_chain(dec, batch, seq_len):
+def two_step_chain(dec, batch, seq_len, gpu_slug=None):
     """GateSelect (gate_score -> block_select) at the configs tuning_db/ recorded for the
-    decoder's statics, and where they came from."""
+    decoder's statics (on this GPU, or the one gpu_slug names), and where they came from."""
     score_static = GateScoreStatic(BS, dec.gate.d_gate, "bf16")
     select_static = SelectStatic(BS, dec.mode, 1, exclude_current=True)
-    score_cfg, score_from = recorded_rule_config("gate_score", score_static, batch, seq_len)
+    score_cfg, score_from = recorded_rule_config("gate_score", score_static, batch, seq_len,
+                                                 gpu_slug)
     select_cfg, select_from = recorded_rule_config("block_select", select_static, batch,
-                                                   seq_len)
+                                                   seq_len, gpu_slug)
     chain = GateSelect(BS, dec.gate.d_gate, dec.state.kc.dtype, dec.mode, score_cfg,
                        select_cfg)
     return chain, {"gate_score": [score_cfg, score_from], "block_select": [select_cfg,
@@ -58,7 +59,7 @@ def same_selection(dec, cache, qn) -> bool:
     return torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def bench_row(batch, seq_len, sparsity, gen) -> dict:
+def bench_row(batch, seq_len, sparsity, gen, gpu_slug=None) -> dict:
     row = {"batch": batch, "seq_len": seq_len, "sparsity": sparsity}
     try:
         cache, dec, source = gt.build("gate", BS, None, None, batch, seq_len, sparsity,
@@ -66,7 +67,7 @@ def bench_row(batch, seq_len, sparsity, gen) -> dict:
         row["fused_config"] = dec.kernels.config
         row["fused_from"] = source.get("gate_select", "default")
         fused = dec.kernels
-        two, row["two_step_configs"] = two_step_chain(dec, batch, seq_len)
+        two, row["two_step_configs"] = two_step_chain(dec, batch, seq_len, gpu_slug)
         attend, row["attention"] = gt.attention(BS, "contiguous")
         sets = [gt.step_inputs(batch, gen) for _ in range(gt.ROTATE)]
         n = seq_len - 1
@@ -148,6 +149,9 @@ def main():
     ap.add_argument("--batch", nargs="+", type=int, default=[8, 16])
     ap.add_argument("--seq-len", nargs="+", type=int, default=[32768, 131072])
     ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--two-step-gpu", default=None, metavar="SLUG",
+                    help="run the two-step chain at the configs recorded for this GPU slug "
+                         "(e.g. nvidia-h100-80gb-hbm3-sm90 on another GPU)")
     ap.add_argument("--out", default=None, help="results stem")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -155,7 +159,8 @@ def main():
     facts = gpu_facts()
     print(json.dumps(facts), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = [bench_row(b, n, args.sparsity, gen) for b in args.batch for n in args.seq_len]
+    rows = [bench_row(b, n, args.sparsity, gen, args.two_step_gpu) for b in args.batch
+            for n in args.seq_len]
     stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         f"{facts['gpu_slug']}-gate-select-ab")
     save_results(stem, facts, rows, lambda path: write_markdown(rows, facts, path))
