@@ -64,27 +64,3 @@ def emitted_attention(static, spec_stems):
         attend.module = module
         return attend, f"emitted {stem} module (tuned bucket)"
     return None
-
-
-def recorded_rule_config(name: str, static, batch: int, seq_len: int, gpu_slug=None):
-    """The config tuning_db/ recorded on this GPU for rule kernel `name` with these statics
-    at its nearest bucket to (batch, seq_len), whichever template version it was tuned with
-    (a kernel no example spec runs any more, kept for an A/B), and the bucket's key; (None,
-    "default") when nothing was recorded. gpu_slug: another GPU's records instead."""
-    import json
-
-    from sparsegen.tune.db import TuningDB, nearest_bucket, torch_gpu
-
-    want = json.dumps(static.as_dict(), sort_keys=True)
-    slug = gpu_slug or torch_gpu().slug
-    found = [data for path, data in TuningDB(ROOT / "tuning_db").load_all()
-             if path.parent.name == slug and data["kernel"]["name"] == name
-             and json.dumps(data["kernel"]["static"], sort_keys=True) == want]
-    newest = {}  # bucket -> the latest entry recorded for it
-    for e in sorted((e for data in found for e in data["entries"]), key=lambda e: e["tuned_at"]):
-        newest[(e["shape"]["batch"], e["shape"]["seq_len"])] = e
-    bucket = nearest_bucket([{"batch": b, "seq_len": n} for b, n in newest], batch, seq_len)
-    if bucket is None:
-        return None, "default"
-    entry = newest[(bucket["batch"], bucket["seq_len"])]
-    return dict(entry["best"]["config"]), f"tuning_db b{bucket['batch']}_s{bucket['seq_len']}"

@@ -20,7 +20,7 @@ def _statics(spec) -> dict:
 
 
 @pytest.mark.parametrize("row,example,kernels", [
-    ("gate", "seer-attention-r", ("gate_step", "gate_select")),
+    ("gate", "seer-attention-r", ("gate_step", "gate_score", "block_select")),
     ("nsa-mean-shared-b64", "nsa-topk", ("quest_meta", "quest_score", "block_select")),
     ("quest-ub-per-head-b16", "quest-topk", ("block_select",)),
 ])

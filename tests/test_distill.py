@@ -523,7 +523,7 @@ def test_distill_target_is_tuned_on_its_own_buckets():
     shapes = {k.name: [(s.batch, s.seq_len) for s in k.shapes] for k in rule_kernel_plans(plan)}
     assert shapes["distill_target"] == [(1, 8192), (1, 16384)]
     attention = [(s.batch, s.seq_len) for s in plan.kernels[0].shapes]
-    assert shapes["gate_step"] == shapes["gate_select"] == attention
+    assert shapes["gate_score"] == shapes["block_select"] == attention
 
 
 def test_distill_picks_the_tuned_target_config(tmp_path, monkeypatch):

@@ -210,7 +210,7 @@ def _other_config(adapter, static) -> dict:
 
 
 @pytest.mark.parametrize("spec_file,kernels", [
-    ("seer-attention-r.yaml", ("gate_step", "gate_select")),
+    ("seer-attention-r.yaml", ("gate_step", "gate_score", "block_select")),
     ("quest-topk.yaml", ("quest_meta", "quest_score", "block_select")),
     ("dash-entmax.yaml", ("entmax_tau", "entmax_prefill")),
     ("raas-milestone.yaml", ("milestone_score", "milestone_select")),
@@ -229,7 +229,8 @@ def test_every_rule_kernel_runs_its_tuned_config(spec_file, kernels):
     dec = make_decoder(spec, cache, impl="triton", kernel_configs=tuned)
     built = {}
     if spec.selection.rule == "gate":
-        built = {"gate_step": dec.step_kernels(cache.k.dtype), "gate_select": dec.kernels}
+        built = {"gate_step": dec.step_kernels(cache.k.dtype), "gate_score": dec.kernels.score,
+                 "block_select": dec.kernels.select}
     elif spec.selection.rule == "topk":
         meta, select = dec.kernels(cache)
         built = {"quest_meta": meta, "quest_score": select.score,

@@ -190,61 +190,6 @@ def test_gate_score_kernel_matches_reference(dtype):
     assert math.isinf(got[0, 0, 39]) and math.isinf(got[2, 0, 0])  # current block: -inf
 
 
-@needs_interp
-@pytest.mark.parametrize("mode,splits,bs,dtype", [("topk", 1, 16, torch.float32),
-                                                  ("topk", 2, 32, torch.float16),
-                                                  ("topk", 8, 16, torch.float32),
-                                                  ("softmax_threshold", 1, 16, torch.float32),
-                                                  ("softmax_threshold", 4, 64, torch.float16)])
-def test_fused_score_and_select_kernel(mode, splits, bs, dtype):
-    """gate_select (one launch: scoring, then block_select on the logits) against the
-    reference: random logits within fp32 rounding and the selection equal to the reference
-    selection of the kernel's own logits; small-integer inputs (exact logits, many ties)
-    select exactly the reference's blocks. Lengths off the block grid, shorter than a block,
-    fewer blocks than splits, a row with no scored block; budgets empty and over-full."""
-    from sparsegen.codegen.gate_select import GateSelectStatic, TritonGateSelect
-    from sparsegen.codegen.select_kernels import softmax_over_scored
-    from sparsegen.methods import selection as sel
-
-    dg, nbmax = 32, 40
-    st = GateSelectStatic(bs, dg, mode, {torch.float32: "fp32", torch.float16: "fp16"}[dtype])
-    cfg = {**TritonGateSelect.default_config(st), "splits": splits, "block_j": 8,
-           "num_warps": 1, "radix_chunk": 32 if splits == 1 else 256, "chunk": 32}
-    kern = TritonGateSelect(st, cfg)
-    gen = torch.Generator().manual_seed(splits + bs)
-    seq = torch.tensor([bs * (nbmax - 1) + 3, bs * 3, 1, bs - 1, bs * 2 + 1], dtype=torch.int32)
-    B, H = seq.shape[0], 3
-    nb = sel.num_blocks(seq, bs)
-    for k in (0, 4, nbmax):
-        for exact in (False, True):
-            if exact:
-                qg = torch.randint(-3, 4, (B, H, dg), generator=gen).float()
-                kc = torch.randint(-8, 9, (B, H, nbmax, dg), generator=gen).to(dtype)
-            else:
-                qg = torch.randn(B, H, dg, generator=gen)
-                kc = torch.randn(B, H, nbmax, dg, generator=gen).to(dtype)
-            kw = dict(k=k, threshold=0.15, sink=1, local=1,
-                      width=nbmax if mode != "topk" else max(1, min(nbmax, max(k, 2))))
-            logits = torch.full((B, H, nbmax), float("nan"))
-            got = kern(qg, kc, seq, logits=logits, **kw)
-            want_logits = gate_logits_reference(qg, kc, seq, bs)
-            for b in range(B):
-                torch.testing.assert_close(logits[b, :, : nb[b]], want_logits[b, :, : nb[b]],
-                                           rtol=1e-5, atol=1e-5)
-            scores = want_logits if exact else logits
-            if mode == "topk":
-                want = sel.select_topk(scores, nb, k, kw["sink"], kw["local"], 1, kw["width"])
-            else:
-                want = sel.select_threshold(softmax_over_scored(scores, nb, True), nb,
-                                            kw["threshold"], kw["sink"], kw["local"], 1,
-                                            kw["width"])
-            assert torch.equal(got[1], want[1]), (k, exact, got[1], want[1])
-            assert torch.equal(got[0], want[0]), (k, exact)
-            if exact:
-                for w, r in zip(got, kern.reference(qg, kc, seq, **kw)):
-                    assert torch.equal(w, r)
-
-
 def test_threshold_reference_semantics():
     """Reference threshold selection against a direct reading of the rule."""
     bs = 16
@@ -315,24 +260,6 @@ def test_gate_score_config_and_compile():
     from sparsegen.codegen.gate_kernels import GateStepStatic, TritonGateStep
     for f in TritonGateStep(GateStepStatic(64, 128, 4, 128)).compile_sm90().values():
         assert f["cubin_bytes"] > 0 and f.get("local", 0) == 0
-
-
-def test_gate_select_config_and_compile():
-    """The fused kernel's space holds its default, refuses what would not compile or would
-    break the tickets, and compiles for sm_90 with no spills, one program a row or several."""
-    from sparsegen.codegen.gate_select import GateSelectStatic, TritonGateSelect
-
-    st = GateSelectStatic(64, 128, "topk", "bf16")
-    cfg = TritonGateSelect.default_config(st)
-    assert TritonGateSelect.check_config(st, cfg) is None
-    assert "splits" in TritonGateSelect.check_config(st, {**cfg, "splits": 3})
-    assert "at most 8" in TritonGateSelect.check_config(st, {**cfg, "num_warps": 16})
-    assert "exceed" in TritonGateSelect.check_config(st, {**cfg, "block_j": 256})
-    assert "missing" in TritonGateSelect.check_config(st, {k: v for k, v in cfg.items()
-                                                            if k != "splits"})
-    for splits in (1, 8):
-        facts = TritonGateSelect(st, {**cfg, "splits": splits}).compile_sm90()["gate_select"]
-        assert facts["cubin_bytes"] > 0 and facts.get("local", 0) == 0
 
 
 @only_if_not_interpreted

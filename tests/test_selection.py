@@ -234,5 +234,5 @@ def test_rule_kernels_of_the_example_specs():
             assert cls.check_config(static, cls.default_config(static)) is None, (name, static)
             assert all(v for v in cls.tunable_space(static).values())
             names[name] = static
-    assert {"gate_step", "gate_select", "block_select", "distill_target", "quest_meta",
+    assert {"gate_step", "gate_score", "block_select", "distill_target", "quest_meta",
             "quest_score"} <= set(names)

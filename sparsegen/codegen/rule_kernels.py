@@ -7,8 +7,7 @@ from __future__ import annotations
 from .distill_kernels import DistillStatic, TritonDistillTarget
 from .entmax_kernels import EntmaxDecodeTriton, EntmaxStatic, EntmaxTauTriton
 from .entmax_prefill import EntmaxPrefillTriton
-from .gate_kernels import GateStepStatic, TritonGateStep
-from .gate_select import GateSelectStatic, TritonGateSelect
+from .gate_kernels import GateScoreStatic, GateStepStatic, TritonGateScore, TritonGateStep
 from .milestone_kernels import (MilestoneScoreTriton, MilestoneSelectStatic,
                                 MilestoneSelectTriton, MilestoneStatic)
 from .quest_kernels import QuestStatic, TritonQuestMeta, TritonQuestScore
@@ -25,7 +24,8 @@ def rule_kernels(spec) -> list[tuple[str, type, object]]:
             ("gate_step", TritonGateStep,
              GateStepStatic(bs, m.head_dim, m.group_size, g.d_gate, g.pooling, g.rope,
                             g.rmsnorm, g.query_reduction, dtype=m.dtype, kc_dtype=m.dtype)),
-            ("gate_select", TritonGateSelect, GateSelectStatic(bs, g.d_gate, mode, m.dtype)),
+            ("gate_score", TritonGateScore, GateScoreStatic(bs, g.d_gate, m.dtype)),
+            ("block_select", TritonBlockSelect, SelectStatic(bs, mode, 1, exclude_current=True)),
             ("distill_target", TritonDistillTarget,
              DistillStatic(bs, m.head_dim, m.group_size, m.dtype)),
         ]

@@ -166,12 +166,11 @@ class GateDecoder(_Decoder):
     @property
     def kernels(self):
         if self._kernels is None:
-            from ..codegen.gate_select import GateSelectStatic, TritonGateSelect
-            from ..codegen.triton_kernel import dtype_name
-            st = GateSelectStatic(self.block_size, self.gate.d_gate, self.mode,
-                                  dtype_name(self.state.kc.dtype))
-            self._kernels = TritonGateSelect(st, self._kernel_configs.get("gate_select"),
-                                             self._build_dir)
+            from ..codegen.gate_kernels import GateSelect
+            self._kernels = GateSelect(self.block_size, self.gate.d_gate, self.state.kc.dtype,
+                                       self.mode, self._kernel_configs.get("gate_score"),
+                                       self._kernel_configs.get("block_select"),
+                                       self._build_dir)
         return self._kernels
 
     def step(self, q, k_new, v_new, cache: KVCache, attend, q_nope=None, k_nope=None):
