@@ -8,6 +8,9 @@
 #
 # Specs run in the order of $SPECS (default: every example; --kernels must name kernels each
 # of them has). What the budget does not reach is left for the next run (deferred).
+# SAVE_DB=FILE.tgz: after each spec, tuning_db/ is packed into that one file (on a lent
+# device, write it under $OUT: the device's tree is reset at the next call and only a
+# limited number of files come back, so a tuned file not packed is lost).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 usage="usage: scripts/tune-examples.sh SECONDS LOGDIR [sparsegen tune options...]"
@@ -25,4 +28,7 @@ for name in $specs; do
     > "$logs/$name.log" 2>&1
   rc=$?
   echo "   rc $rc, $(( $(date +%s) - start )) s; $(tail -n 1 "$logs/$name.log")"
+  if [[ -n "${SAVE_DB:-}" ]]; then
+    tar czf "$SAVE_DB.tmp" tuning_db && mv "$SAVE_DB.tmp" "$SAVE_DB" || echo "   could not pack tuning_db into $SAVE_DB" >&2
+  fi
 done
