@@ -60,33 +60,30 @@ class KVCache:
         return self.k.device
 
     # --- paging ------------------------------------------------------------------------
-    def _check_room(self, b: int, stop: int) -> int:
-        """Raise CacheFullError unless sequence b can hold `stop` tokens; returns the number
-        of logical pages they span (0 for a contiguous cache)."""
+    def _unmapped_pages(self, b: int, start: int, stop: int) -> list[int]:
+        """The logical pages tokens [start, stop) of sequence b touch that hold no physical
+        page yet (none for a contiguous cache); CacheFullError unless the sequence can hold
+        `stop` tokens. Pages below `start` are not asked about: an evicted page stays
+        evicted."""
         if self.block_table is None:
             if stop > self.capacity:
                 raise CacheFullError(f"sequence {b} would hold {stop} tokens; the contiguous "
                                      f"cache was made for {self.capacity}")
-            return 0
+            return []
         last = math.ceil(stop / self.page_size)
         if last > len(self._table_host[b]):
             raise CacheFullError(f"sequence {b} would hold {stop} tokens; the block table "
                                  f"was made for {self.capacity}")
-        return last
+        return [p for p in range(start // self.page_size, last) if self._table_host[b][p] < 0]
 
     def _ensure_pages(self, b: int, start: int, stop: int) -> None:
-        """Give sequence b physical pages for the logical pages tokens [start, stop) touch.
-        Pages below `start` are left alone: an evicted page stays evicted."""
-        last = self._check_room(b, stop)
-        if not last:  # contiguous, or nothing to hold
-            return
-        for p in range(start // self.page_size, last):
-            if self._table_host[b][p] < 0:
-                if not self.free_pages:
-                    raise CacheFullError("no free page left: raise num_pages or evict")
-                page = self.free_pages.pop()
-                self._table_host[b][p] = page
-                self.block_table[b, p] = page
+        """Give sequence b physical pages for the logical pages tokens [start, stop) touch."""
+        for p in self._unmapped_pages(b, start, stop):
+            if not self.free_pages:
+                raise CacheFullError("no free page left: raise num_pages or evict")
+            page = self.free_pages.pop()
+            self._table_host[b][p] = page
+            self.block_table[b, p] = page
 
     def release_page(self, b: int, logical_page: int) -> int:
         """Free sequence b's logical page (its tokens are gone for good); returns the
@@ -129,14 +126,9 @@ class KVCache:
         if len(lengths) != self.batch or any(not 0 <= x <= n for x in lengths):
             raise ValueError(f"prefill lengths {lengths} must be {self.batch} values in "
                              f"[0, {n}]")
-        new_pages = 0
-        for b, x in enumerate(lengths):
-            start, stop = self.lengths[b], self.lengths[b] + x
-            last = self._check_room(b, stop)
-            if last:
-                new_pages += sum(self._table_host[b][p] < 0
-                                 for p in range(start // self.page_size, last))
-        if self.block_table is not None and new_pages > len(self.free_pages):
+        new_pages = sum(len(self._unmapped_pages(b, self.lengths[b], self.lengths[b] + x))
+                        for b, x in enumerate(lengths))
+        if new_pages and new_pages > len(self.free_pages):  # paged only
             raise CacheFullError(f"the prefill needs {new_pages} new pages and "
                                  f"{len(self.free_pages)} are free: raise num_pages or evict")
         return lengths
