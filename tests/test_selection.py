@@ -216,6 +216,37 @@ def test_configs_and_compile():
             assert f["cubin_bytes"] > 0 and f.get("local", 0) == 0, (mode, rows, cfg, facts)
 
 
+def test_tilelang_algo_configs_and_compile():
+    """algo=tilelang: top-k only, 8 or 16 warps (a thread per radix bin), the unused keys
+    pinned; the tuner measures both thread counts early (seed_configs); both forms compile
+    for sm_90a without a GPU (one score row: the whole select in TileLang; four: TileLang
+    thresholds, then Triton's union kernel, whose block_threshold is not built)."""
+    check = TritonBlockSelect.check_config
+    one, four = SelectStatic(64, "topk", 1), SelectStatic(16, "topk", 4)
+    base = {"algo": "tilelang", "chunk": 1024, "radix_chunk": 2048, "num_warps": 8}
+    assert check(one, base) is None and check(one, {**base, "num_warps": 16}) is None
+    assert "8 or 16" in check(one, {**base, "num_warps": 4})
+    assert "unused" in check(one, {**base, "radix_chunk": 1024})
+    assert "unused" in check(one, {**base, "chunk": 512})
+    assert check(four, {**base, "chunk": 256}) is None
+    assert "union kernel" in check(four, {**base, "chunk": 8192})
+    assert "threshold mode" in check(SelectStatic(64, "softmax_threshold", 1), base)
+    assert "tilelang" in TritonBlockSelect.tunable_space(one)["algo"]
+    for st in (one, four):
+        seeds = TritonBlockSelect.seed_configs(st)
+        assert [c["num_warps"] for c in seeds] == [8, 16]
+        assert all(check(st, c) is None for c in seeds)
+    assert TritonBlockSelect.seed_configs(SelectStatic(64, "softmax_threshold", 1)) == []
+    facts = TritonBlockSelect(one, base).compile_sm90()
+    assert set(facts) == {"tilelang_indices"} and facts["tilelang_indices"]["cubin_bytes"] > 0
+    facts = TritonBlockSelect(four, {**base, "chunk": 256, "num_warps": 16}).compile_sm90()
+    assert set(facts) == {"tilelang_threshold", "block_select"}
+    assert all(f["cubin_bytes"] > 0 for f in facts.values())
+    kern = TritonBlockSelect(one, base)
+    with pytest.raises(RuntimeError, match="CUDA device only"):
+        kern(torch.zeros(1, 1, 4), torch.ones(1, dtype=torch.int32), k=1, width=1)
+
+
 @only_if_not_interpreted
 def test_interpreter_tests_in_subprocess():
     rerun_in_interpreter(__file__)

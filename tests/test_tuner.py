@@ -171,6 +171,23 @@ def test_rule_kernels_are_tuned_per_shape_and_recorded(tmp_path, fake_log, monke
     assert sorted(r.status for r in again) == ["skipped"] + ["warm"] * 4
 
 
+def test_an_adapters_seeds_are_measured_after_the_default(tmp_path, fake_log):
+    """seed_configs: the feasible seeds in the space are enqueued right after the default
+    (an infeasible one or one outside the space is left out)."""
+    from sparsegen.plan import rule_kernel_plans
+
+    kernel = fake_kernel(shapes=((1, 1024),))
+    plan = FakePlan(kernel, rule_kernels=(("fake_seeded", tune_fakes.FakeRuleSeeded,
+                                           FakeRuleStatic(64)),))
+    results = tune_plan(plan, options(tmp_path, trials=4, workers=1, kernels=("fake_seeded",)))
+    assert [r.status for r in results] == ["tuned"]
+    (rule,) = rule_kernel_plans(plan)
+    trials = load_study(tmp_path, rule, kernel.shapes[0]).get_trials()
+    first = [(t.params["triton.block"], t.params["triton.num_warps"]) for t in trials[:3]]
+    assert first == [(32, 2), (128, 1), (16, 4)]
+    assert trials[1].user_attrs["seed"] and trials[2].user_attrs["seed"]
+
+
 def test_tune_only_the_named_kernels_and_shapes(tmp_path, fake_log):
     """--kernels / --shapes narrow a run to what is missing (a spot re-tune costs only its
     own GPU time); a name the plan lacks is one clear error before any work."""

@@ -67,6 +67,30 @@ def test_changed_template_changes_the_key(monkeypatch, identity):
     assert identity_key(changed) != identity_key(identity)
 
 
+def test_a_called_kernels_template_is_part_of_the_identity(monkeypatch):
+    """block_select renders and launches the TileLang select (algo=tilelang): an edit of that
+    template changes block_select's key and makes its recorded winners stale; kernels that
+    call nothing keep the identity they always had (no depends_on)."""
+    import sparsegen.codegen.render as render
+    from sparsegen.plan import make_plan, rule_kernel_plans
+    from sparsegen.spec import load_spec
+    from sparsegen.tune.db import templates_current
+
+    from pathlib import Path
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples/specs/seer-attention-r.yaml")
+    plans = {k.name: k for k in rule_kernel_plans(make_plan(spec))}
+    before = kernel_identity(plans["block_select"])
+    deps = before["templates"]["triton"]["depends_on"]
+    assert [d["path"] for d in deps] == ["tilelang/block_select.py.j2"]
+    assert "depends_on" not in kernel_identity(plans["gate_step"])["templates"]["triton"]
+    assert templates_current(before["templates"])
+    original = render.template_source
+    monkeypatch.setattr(render, "template_source", lambda name: original(name) + (
+        "# edit\n" if name == "tilelang/block_select.py.j2" else ""))
+    assert identity_key(kernel_identity(plans["block_select"])) != identity_key(before)
+    assert not templates_current(before["templates"])
+
+
 def test_versions_are_read_without_importing():
     v = library_versions()
     assert set(v) == {"tilelang", "triton", "torch"} and all(v.values())

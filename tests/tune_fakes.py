@@ -143,6 +143,15 @@ class FakeRule(FakeRuleNoBench):
         return scores
 
 
+class FakeRuleSeeded(FakeRule):
+    """Names seeds: two feasible, one statically infeasible, one outside the space."""
+
+    @classmethod
+    def seed_configs(cls, static):
+        return [{"block": 128, "num_warps": 1}, {"block": 128, "num_warps": 4},
+                {"block": 16, "num_warps": 4}, {"block": 48, "num_warps": 1}]
+
+
 MODULE = "tests.tune_fakes"  # by name, not __name__ (which is __main__ in a script)
 _backend._ADAPTERS.setdefault("fake", (MODULE, "FakeDecode"))
 _backend._ADAPTERS.setdefault("fake2", (MODULE, "FakeDecode2"))

@@ -2,9 +2,10 @@
 
 One program per (output head, batch) turns a row of block scores into the padded, ascending
 block indices and counts the decode attention takes. Top-k is an exact select over
-order-preserving integer keys, by one of three tunable algorithms (`algo`: four 8-bit
+order-preserving integer keys, by one of the tunable algorithms (`algo`: four 8-bit
 histogram passes; 16 or 8 counting passes of 2 or 4 bits; a bitonic sort of packed
-(key, index) words), then one compaction pass, so the result equals
+(key, index) words; `tilelang`: the radix select in TileLang with shared-memory histograms,
+sparsegen.codegen.tilelang_select, CUDA only), then one compaction pass, so the result equals
 sparsegen.methods.selection bit for bit, ties included; the threshold mode applies a softmax
 over the scored blocks first (the gate rule). Nothing depends on the sequence length at
 compile time, and nothing syncs the device, so the call can be captured in a CUDA graph.
@@ -12,14 +13,17 @@ compile time, and nothing syncs the device, so the call can be captured in a CUD
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
+from .tilelang_select import MAX_BLOCKS, TileLangTopk
 from .triton_kernel import TritonKernel, check_int_config, next_pow2, pow2
 
 MODES = ("topk", "softmax_threshold")
 _KEYS = ("chunk", "radix_chunk", "num_warps")
 # top-k algorithms (template algo, count bits); the threshold mode has no choice to make
+# (tilelang: the Triton module renders radix8 for the union kernel only, see template_params)
 ALGOS = {"radix8": ("radix8", 8), "count2": ("count", 2), "count4": ("count", 4),
-         "sort": ("sort", 4)}
+         "sort": ("sort", 4), "tilelang": ("radix8", 8)}
 _THRESHOLD_ALGO = "count4"
 
 
@@ -45,12 +49,23 @@ class SelectStatic:
 class TritonBlockSelect(TritonKernel):
     name = "block_select"
     template = "triton/block_select.py.j2"
+    depends_on = (TileLangTopk,)   # algo=tilelang renders and launches its template
 
     @classmethod
     def tunable_space(cls, static: SelectStatic) -> dict[str, list]:
         algos = list(ALGOS) if static.mode == "topk" else [_THRESHOLD_ALGO]
         return {"algo": algos, "chunk": [128, 256, 512, 1024, 2048],
                 "radix_chunk": [256, 512, 1024, 2048, 8192], "num_warps": [1, 2, 4, 8, 16]}
+
+    @classmethod
+    def seed_configs(cls, static: SelectStatic) -> list[dict]:
+        """The TileLang select at 256 and 512 threads, measured early in every top-k study
+        (one algo among five, a few sampled trials could miss it)."""
+        if static.mode != "topk":
+            return []
+        chunk = cls.default_config(static)["chunk"]
+        return [{"algo": "tilelang", "chunk": chunk, "radix_chunk": 2048, "num_warps": nw}
+                for nw in (8, 16)]
 
     @classmethod
     def default_config(cls, static: SelectStatic) -> dict:
@@ -74,6 +89,8 @@ class TritonBlockSelect(TritonKernel):
             return f"algo={algo!r}: the threshold mode has no top-k algorithm to choose"
         if reason := check_int_config({k: v for k, v in config.items() if k != "algo"}, _KEYS):
             return reason
+        if algo == "tilelang":
+            return cls._check_tilelang(static, config)
         chunk = config["chunk"]
         if not pow2(chunk) or not 16 <= chunk <= 8192:
             return f"chunk={chunk} must be a power of two in [16, 8192]"
@@ -111,6 +128,36 @@ class TritonBlockSelect(TritonKernel):
             return f"rows x chunk leaves threads idle at num_warps={config['num_warps']}"
         return None
 
+    @staticmethod
+    def _check_tilelang(static: SelectStatic, config: dict) -> str | None:
+        if config["num_warps"] not in (8, 16):
+            return "tilelang: num_warps must be 8 or 16 (a thread per radix bin at least)"
+        if config["radix_chunk"] != 2048:
+            return "tilelang: radix_chunk is unused (the row sits in shared memory); leave 2048"
+        chunk, rows = config["chunk"], next_pow2(static.rows)
+        if static.rows == 1 and chunk != 1024:
+            return "tilelang: chunk is unused with one score row; leave 1024"
+        if not pow2(chunk) or rows * chunk > 16384 or rows * chunk < 32 * config["num_warps"]:
+            return f"tilelang: chunk={chunk} does not fit the union kernel's tiles"
+        return None
+
+    @cached_property
+    def tilelang(self) -> TileLangTopk | None:
+        """The TileLang kernel of algo=tilelang (the whole select with one score row, the
+        per-row thresholds before Triton's union kernel with several), else None."""
+        if self.config["algo"] != "tilelang":
+            return None
+        emit = "indices" if self.static.rows == 1 else "threshold"
+        return TileLangTopk(self.static.block_size, 32 * self.config["num_warps"], emit,
+                            self.build_dir)
+
+    def compile_sm90(self, keep_asm: bool = False) -> dict:
+        tl = self.tilelang
+        facts = tl.compile_sm90() if tl is not None else {}
+        if tl is None or self.static.rows > 1:
+            facts.update(super().compile_sm90(keep_asm))
+        return facts
+
     def template_params(self) -> dict:
         s, c = self.static, self.config
         algo, bits = ALGOS[c["algo"]]
@@ -132,7 +179,7 @@ class TritonBlockSelect(TritonKernel):
                   "stride_tb", "stride_th"):
             sig[a] = "i32"
         out = [("block_select", sig, ("SCORES", "SEQ", "IDX", "CNT"), kw)]
-        if self.split:
+        if self.split and self.config["algo"] != "tilelang":  # TileLang writes the thresholds
             thr = {"SCORES": "*fp32", "SEQ": "*i32", "THR": "*i32", "k": "i32", "sink": "i32",
                    "local": "i32"}
             for a in ("stride_sb", "stride_sh", "stride_tb", "stride_th"):
@@ -161,9 +208,19 @@ class TritonBlockSelect(TritonKernel):
             cnt = torch.empty(B, heads, dtype=torch.int32, device=scores.device)
         else:
             idx, cnt = out
+        tl = self.tilelang
+        if tl is not None and scores.shape[-1] > MAX_BLOCKS:
+            return self._streaming()(scores, seq_lens, k=k, threshold=threshold, sink=sink,
+                                     local=local, width=width, out=(idx, cnt))
+        if tl is not None and not self.split:
+            tl(scores.contiguous(), seq_lens, (idx, cnt), k, sink, local)
+            return idx, cnt
         kw = {"num_warps": self.config["num_warps"], "num_stages": 1}
         mod = self.module
-        if self.split:
+        if tl is not None:
+            thr = torch.empty(B, H, 2, dtype=torch.int32, device=scores.device)
+            tl(scores.contiguous(), seq_lens, (thr,), k, sink, local)
+        elif self.split:
             thr = torch.empty(B, H, 2, dtype=torch.int32, device=scores.device)
             mod.block_threshold[(H, B)](
                 scores, seq_lens, thr, int(k), int(sink), int(local), scores.stride(0),
@@ -176,6 +233,14 @@ class TritonBlockSelect(TritonKernel):
             cnt.stride(0), cnt.stride(1), thr.stride(0), thr.stride(1) if thr.dim() > 1 else 0,
             **kw)
         return idx, cnt
+
+    def _streaming(self) -> "TritonBlockSelect":
+        """Rows longer than the TileLang select holds: the Triton radix select, which streams
+        a row of any length."""
+        if self.__dict__.get("_stream") is None:
+            self._stream = TritonBlockSelect(self.static, dict(self.config, algo="radix8",
+                                                               num_warps=8), self.build_dir)
+        return self._stream
 
     # --- tuner protocol --------------------------------------------------------------------
     @classmethod

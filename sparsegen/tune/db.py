@@ -130,14 +130,15 @@ def library_versions() -> dict:
 def kernel_identity(kernel) -> dict:
     """Everything besides GPU, shape and versions that decides a KernelPlan's (or a
     RuleKernelPlan's) winner."""
-    from ..codegen.render import template_hash
-
     templates = {}
     for backend in kernel.backends:
         cls = kernel.adapter_cls(backend)
-        # the adapter's Python decides launch parameters (split counts, ...) too
-        templates[backend] = {"path": cls.template, "hash": template_hash(cls.template),
-                              "adapter": cls.__module__, "adapter_hash": source_hash(cls.__module__)}
+        templates[backend] = _source_identity(cls)
+        # kernels it renders and calls (declared by the adapter; absent for most, so their
+        # keys are what they always were)
+        deps = [_source_identity(d) for d in getattr(cls, "depends_on", ())]
+        if deps:
+            templates[backend]["depends_on"] = deps
     return {
         "name": kernel.name,
         "static": kernel.static.as_dict(),
@@ -147,6 +148,14 @@ def kernel_identity(kernel) -> dict:
                      "head_major": kernel.head_major},
         "templates": templates,
     }
+
+
+def _source_identity(cls) -> dict:
+    from ..codegen.render import template_hash
+
+    # the adapter's Python decides launch parameters (split counts, ...) too
+    return {"path": cls.template, "hash": template_hash(cls.template),
+            "adapter": cls.__module__, "adapter_hash": source_hash(cls.__module__)}
 
 
 def source_hash(module: str) -> str:
@@ -165,13 +174,14 @@ def templates_current(templates: dict) -> bool:
     from ..codegen.render import template_hash
 
     for t in templates.values():
-        try:
-            if template_hash(t["path"]) != t["hash"]:
+        for source in [t, *t.get("depends_on", ())]:
+            try:
+                if template_hash(source["path"]) != source["hash"]:
+                    return False
+            except OSError:
                 return False
-        except OSError:
-            return False
-        if "adapter" in t and source_hash(t["adapter"]) != t.get("adapter_hash"):
-            return False
+            if "adapter" in source and source_hash(source["adapter"]) != source.get("adapter_hash"):
+                return False
     return True
 
 
@@ -441,6 +451,11 @@ def _str(v):
     return isinstance(v, str) and bool(v)
 
 
+def _source(v):
+    """A template reference of a file's identity: its path and hash."""
+    return isinstance(v, dict) and _str(v.get("path")) and _str(v.get("hash"))
+
+
 def _config(v):
     return isinstance(v, dict) and all(isinstance(k, str) for k in v) and all(
         v_ is None or isinstance(v_, (bool, int, float, str)) for v_ in v.values())
@@ -470,8 +485,8 @@ _HEADER = {
     "kernel": {"name": _str, "key": _str, "static": lambda v: isinstance(v, dict),
                "workload": lambda v: isinstance(v, dict),
                "templates": lambda v: isinstance(v, dict) and bool(v) and all(
-                   isinstance(t, dict) and _str(t.get("path")) and _str(t.get("hash"))
-                   for t in v.values())},
+                   _source(t) and isinstance(t.get("depends_on", []), list)
+                   and all(_source(d) for d in t.get("depends_on", [])) for t in v.values())},
     "entries": lambda v: isinstance(v, list),
 }
 

@@ -90,6 +90,18 @@ class SearchSpace:
                 out.append(cand)
         return out
 
+    def seeds(self) -> list[Candidate]:
+        """The feasible points of the space an adapter names as worth measuring early
+        (its optional `seed_configs(static)`: e.g. one per value of a key that decides
+        the work split, which a few sampled trials could miss), after the defaults."""
+        out = []
+        for backend, cls in self.adapters.items():
+            for config in getattr(cls, "seed_configs", lambda static: [])(self.kernel.static):
+                cand = Candidate(backend, dict(config))
+                if self.infeasibility(cand) is None and self.contains(cand):
+                    out.append(cand)
+        return out
+
     def _holding(self, cand: Candidate) -> dict | None:
         """The choices of cand's backend if they hold each of cand's keys and values (cand
         may lack keys), else None."""

@@ -10,7 +10,7 @@ Per study:
     `retune`: then that winner is enqueued beside the defaults and the study searches on, so
     the new winner is never worse than the old one measured in the same run;
   * the heuristic default config of each backend is enqueued first, so the winner is never
-    worse than the default;
+    worse than the default, then the seeds its adapter names (`seed_configs`, if any);
   * with no winner for today's kernel, the winner an earlier version of it recorded (the
     templates or adapter changed since: a stale entry) is enqueued next, completed with
     each choice of any config key added since, so a small budget re-tunes after an edit;
@@ -316,6 +316,9 @@ class _ShapeStudy:
         if not study.get_trials(deepcopy=False):
             for cand in self.space.defaults():
                 study.enqueue_trial(self.space.params(cand), user_attrs={"default": True},
+                                    skip_if_exists=True)
+            for cand in self.space.seeds():
+                study.enqueue_trial(self.space.params(cand), user_attrs={"seed": True},
                                     skip_if_exists=True)
         self._enqueue_prior(study)
         if self._done():

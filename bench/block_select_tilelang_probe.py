@@ -1,0 +1,173 @@
+"""Top-k block selection in TileLang (templates/tilelang/block_select.py.j2) against the tuned
+Triton block_select, same inputs, same run (issue 5: scoring + selection <= 10 % of the step).
+
+    python bench/block_select_tilelang_probe.py
+
+For each decode shape (8 KV heads, block 64, sink 1 / local 1, 90 % of blocks skipped) every
+TileLang config is first checked bit for bit against the torch reference
+(sparsegen.methods.selection.select_topk) on random, tied and mixed-length scores; then both
+kernels are timed per call of 8-call CUDA graphs (what a decode step sees) over 4 fresh score
+sets. The Triton kernel runs the config the seer-attention-r spec's emitted module picks (its
+nearest tuned bucket). Writes bench/results/<GPU>-block-select-tilelang.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.emitted import tuned_rule_configs  # noqa: E402
+from bench.timing import (gpu_facts, results_header, save_results,  # noqa: E402
+                          time_graph_per_call)
+from sparsegen.codegen.render import render_and_import  # noqa: E402
+from sparsegen.codegen.select_kernels import SelectStatic, TritonBlockSelect  # noqa: E402
+from sparsegen.codegen.triton_kernel import next_pow2  # noqa: E402
+from sparsegen.methods import selection as sel  # noqa: E402
+
+KV_HEADS, BLOCK, SINK, LOCAL = 8, 64, 1, 1
+SHAPES = [(8, 32768), (16, 32768), (8, 131072), (16, 131072)]
+
+
+def tilelang_kernel(threads: int, nmax: int, emit: str = "indices", block: int = BLOCK):
+    import tilelang
+
+    mod = render_and_import("tilelang/block_select.py.j2",
+                            {"block_size": block, "threads": threads, "nmax": nmax,
+                             "emit": emit}, None)
+    return tilelang.compile(mod.build(), target={"kind": "cuda", "arch": "sm_90a"},
+                            execution_backend="tvm_ffi", pass_configs=mod.PASS_CONFIGS)
+
+
+def inputs(B, nb, gen, kind="randn", heads=KV_HEADS, block=BLOCK):
+    scores = torch.randn(B, heads, nb, device="cuda", generator=gen)
+    if kind == "ties":
+        scores = (scores * 2).round()
+    seq = torch.full((B,), nb * block, dtype=torch.int32, device="cuda")
+    if kind == "mixed":
+        seq = torch.randint(1, nb * block + 1, (B,), device="cuda", generator=gen,
+                            dtype=torch.int32)
+        seq[0] = nb * block
+    return scores, seq
+
+
+def quest_threshold_rows(gen) -> list[dict]:
+    """Quest per query head (4 score rows per KV head): the per-row radix select alone
+    (Triton block_threshold vs the TileLang emit=threshold kernel), outputs compared bitwise."""
+    out = []
+    for B, seq_len, block in [(8, 32768, 64), (16, 32768, 64), (8, 32768, 16), (8, 131072, 64)]:
+        nb, rows = seq_len // block, 4
+        k = max(2, round(0.1 * nb / rows))
+        static = SelectStatic(block, "topk", rows)
+        tri = TritonBlockSelect(static)
+        H = KV_HEADS * rows
+        row = {"part": "quest-threshold", "batch": B, "seq_len": seq_len, "block": block,
+               "blocks": nb, "k": k, "triton_config": tri.config}
+        sets = [inputs(B, nb, gen, heads=H, block=block) for _ in range(4)]
+        thrs = [torch.empty(B, H, 2, dtype=torch.int32, device="cuda") for _ in sets]
+
+        def triton_thr(s, t):
+            tri.module.block_threshold[(H, B)](s[0], s[1], t, k, SINK, LOCAL, s[0].stride(0),
+                                               s[0].stride(1), t.stride(0), t.stride(1),
+                                               num_warps=tri.config["num_warps"], num_stages=1)
+        row["triton_us"] = 1000 * time_graph_per_call(
+            [lambda s=s, t=t: triton_thr(s, t) for s, t in zip(sets, thrs)])
+        for threads in (256, 512):
+            name = f"tilelang_t{threads}"
+            try:
+                kern = tilelang_kernel(threads, max(next_pow2(nb), threads), "threshold", block)
+                for kind in ("randn", "ties", "mixed"):
+                    s = inputs(B, nb, gen, kind, heads=H, block=block)
+                    want = torch.empty(B, H, 2, dtype=torch.int32, device="cuda")
+                    got = torch.empty_like(want)
+                    triton_thr(s, want)
+                    kern(s[0], s[1], got, k, SINK, LOCAL)
+                    if not torch.equal(got, want):
+                        raise AssertionError(f"thresholds differ from Triton's on {kind} scores "
+                                             f"({(got != want).sum().item()} entries)")
+                row[name + "_us"] = 1000 * time_graph_per_call(
+                    [lambda s=s, t=t: kern(s[0], s[1], t, k, SINK, LOCAL)
+                     for s, t in zip(sets, thrs)])
+            except Exception as e:  # noqa: BLE001
+                row[name + "_note"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(row, flush=True)
+        out.append(row)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None, help="results stem")
+    args = ap.parse_args()
+    facts = gpu_facts()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    static = SelectStatic(BLOCK, "topk", 1, exclude_current=True)
+    rows = []
+    for B, seq_len in SHAPES:
+        nb = seq_len // BLOCK
+        k = round(0.1 * nb)
+        width = sel.topk_width(k, SINK, LOCAL, nb)
+        cfgs, _ = tuned_rule_configs({"block_select": static}, ["seer-attention-r"], B, seq_len)
+        tri_cfg = cfgs.get("block_select", TritonBlockSelect.default_config(static))
+        tri = TritonBlockSelect(static, tri_cfg)
+        kw = dict(k=k, sink=SINK, local=LOCAL, width=width)
+        sets = [inputs(B, nb, gen) for _ in range(4)]
+        outs = [(torch.empty(B, KV_HEADS, width, dtype=torch.int32, device="cuda"),
+                 torch.empty(B, KV_HEADS, dtype=torch.int32, device="cuda")) for _ in sets]
+        row = {"batch": B, "seq_len": seq_len, "blocks": nb, "k": k, "triton_config": tri_cfg}
+        row["triton_us"] = 1000 * time_graph_per_call(
+            [lambda s=s, o=o: tri(s[0], s[1], out=o, **kw) for s, o in zip(sets, outs)])
+        for threads in (256, 512, 1024):
+            nmax = max(next_pow2(nb), threads)
+            name = f"tilelang_t{threads}"
+            try:
+                kern = tilelang_kernel(threads, nmax)
+                for kind in ("randn", "ties", "mixed"):
+                    scores, seq = inputs(B, nb, gen, kind)
+                    idx = torch.empty(B, KV_HEADS, width, dtype=torch.int32, device="cuda")
+                    cnt = torch.empty(B, KV_HEADS, dtype=torch.int32, device="cuda")
+                    kern(scores, seq, idx, cnt, k, SINK, LOCAL)
+                    want = sel.select_topk(scores, sel.num_blocks(seq, BLOCK), k, SINK, LOCAL,
+                                           1, width)
+                    if not (torch.equal(idx, want[0]) and torch.equal(cnt, want[1])):
+                        bad = (idx != want[0]).sum().item()
+                        raise AssertionError(f"differs from the torch reference on {kind} "
+                                             f"scores ({bad} entries)")
+                row[name + "_us"] = 1000 * time_graph_per_call(
+                    [lambda s=s, o=o: kern(s[0], s[1], o[0], o[1], k, SINK, LOCAL)
+                     for s, o in zip(sets, outs)])
+            except Exception as e:  # noqa: BLE001 - a failing config is a result
+                row[name + "_note"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(row, flush=True)
+        rows.append(row)
+    rows += quest_threshold_rows(gen)
+
+    def write_markdown(path):
+        lines = results_header("top-k block selection: TileLang vs tuned Triton", facts)
+        lines += ["- rows without `part`: top-k of one score row per KV head (gate, NSA); "
+                  "quest-threshold: the per-row radix select of Quest per query head (4 rows a "
+                  "KV head, k = 10 % / 4), Triton block_threshold (default config) vs TileLang, "
+                  "outputs compared bitwise",
+                  "- 8 KV heads, block 64, sink 1, local 1, k = 10 % of the blocks; us per call "
+                  "of 8-call CUDA graphs, 4 fresh score sets; every TileLang config checked bit "
+                  "for bit against the torch reference first (random, tied, mixed lengths)", "",
+                  "| B | len | blocks | k | triton us (tuned config) | tilelang 256 thr | 512 | "
+                  "1024 | notes |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            cells = [f"{r.get(f'tilelang_t{t}_us', float('nan')):.2f}" for t in (256, 512, 1024)]
+            notes = "; ".join(f"{k}: {v}" for k, v in r.items() if k.endswith("_note"))
+            lines.append(f"| {r['batch']}{' ' + r['part'] + ' b' + str(r['block']) if 'part' in r else ''} | {r['seq_len']} | {r['blocks']} | {r['k']} | "
+                         f"{r['triton_us']:.2f} ({r['triton_config']}) | {' | '.join(cells)} | "
+                         f"{notes} |")
+        path.write_text("\n".join(lines) + "\n")
+
+    stem = args.out or str(ROOT / "bench" / "results" / f"{facts['gpu_slug']}-block-select-tilelang")
+    save_results(stem, facts, rows, write_markdown)
+
+
+if __name__ == "__main__":
+    main()
