@@ -242,9 +242,29 @@ def test_tilelang_algo_configs_and_compile():
     facts = TritonBlockSelect(four, {**base, "chunk": 256, "num_warps": 16}).compile_sm90()
     assert set(facts) == {"tilelang_threshold", "block_select"}
     assert all(f["cubin_bytes"] > 0 for f in facts.values())
-    kern = TritonBlockSelect(one, base)
-    with pytest.raises(RuntimeError, match="CUDA device only"):
-        kern(torch.zeros(1, 1, 4), torch.ones(1, dtype=torch.int32), k=1, width=1)
+    assert TritonBlockSelect.default_config(one)["algo"] == "tilelang"
+    assert check(four, TritonBlockSelect.default_config(four)) is None
+    with pytest.raises(RuntimeError, match="CUDA device only"):   # the kernel itself
+        TritonBlockSelect(one, base).tilelang(torch.zeros(1, 1, 4),
+                                              torch.ones(1, dtype=torch.int32),
+                                              (torch.zeros(1, 1, 1, dtype=torch.int32),
+                                               torch.zeros(1, 1, dtype=torch.int32)), 1, 0, 0)
+
+
+@needs_interp
+@pytest.mark.parametrize("rows", [1, 4])
+def test_tilelang_algo_off_cuda_runs_the_triton_radix_select(rows):
+    """The default algo (tilelang) on CPU scores, as under the interpreter: the same
+    selection through Triton's radix8."""
+    gen = torch.Generator().manual_seed(rows)
+    static = SelectStatic(16, "topk", rows)
+    kern = TritonBlockSelect(static, TritonBlockSelect.default_config(static))
+    seq = torch.tensor([16 * 37 + 5, 16 * 3, 1, 0], dtype=torch.int32)
+    scores = _scores(4, 2 * rows, 40, gen)
+    width = sel.topk_width(7, 1, 2, 40, rows)
+    got = kern(scores, seq, k=7, sink=1, local=2, width=width)
+    want = kern.reference(scores, seq, k=7, sink=1, local=2, width=width)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
 @only_if_not_interpreted

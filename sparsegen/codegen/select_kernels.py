@@ -70,11 +70,11 @@ class TritonBlockSelect(TritonKernel):
     @classmethod
     def default_config(cls, static: SelectStatic) -> dict:
         rows = next_pow2(static.rows)
-        # H100 (bench/results/H100-block-select-probe.md): with the row resident, radix8 at
-        # 8 warps was fastest or within 6 % of the fastest on every measured shape (2048
-        # blocks: 15.7 us; Quest's 4-row union at block 64: 30.8 us, 4 warps 36.4); count
-        # and sort win only by a few percent on some shapes, which the tuner finds
-        algo = "radix8" if static.mode == "topk" else _THRESHOLD_ALGO
+        # H100 (bench/results/H100-block-select-tilelang.md): the TileLang select at 256
+        # threads beat the tuned Triton radix8 on every measured shape (one row of 512 blocks:
+        # 5.5 vs 10.2 us; Quest's per-row thresholds: 4.9-7.9 vs 12.3-18.7 us); off a CUDA
+        # device and on rows longer than MAX_BLOCKS it runs Triton's radix8 (_streaming)
+        algo = "tilelang" if static.mode == "topk" else _THRESHOLD_ALGO
         return {"algo": algo, "chunk": max(128, 1024 // rows), "radix_chunk": 2048,
                 "num_warps": 8}
 
@@ -209,7 +209,7 @@ class TritonBlockSelect(TritonKernel):
         else:
             idx, cnt = out
         tl = self.tilelang
-        if tl is not None and scores.shape[-1] > MAX_BLOCKS:
+        if tl is not None and (scores.shape[-1] > MAX_BLOCKS or not scores.is_cuda):
             return self._streaming()(scores, seq_lens, k=k, threshold=threshold, sink=sink,
                                      local=local, width=width, out=(idx, cnt))
         if tl is not None and not self.split:
@@ -235,8 +235,9 @@ class TritonBlockSelect(TritonKernel):
         return idx, cnt
 
     def _streaming(self) -> "TritonBlockSelect":
-        """Rows longer than the TileLang select holds: the Triton radix select, which streams
-        a row of any length."""
+        """algo=tilelang where TileLang cannot run (rows longer than it holds in shared
+        memory, scores off a CUDA device, e.g. under TRITON_INTERPRET): Triton's radix select,
+        which streams a row of any length and returns the same selection."""
         if self.__dict__.get("_stream") is None:
             self._stream = TritonBlockSelect(self.static, dict(self.config, algo="radix8",
                                                                num_warps=8), self.build_dir)
