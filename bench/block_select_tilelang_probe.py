@@ -8,7 +8,8 @@ TileLang config is first checked bit for bit against the torch reference
 (sparsegen.methods.selection.select_topk) on random, tied and mixed-length scores; then both
 kernels are timed per call of 8-call CUDA graphs (what a decode step sees) over 4 fresh score
 sets. The Triton kernel runs the config the seer-attention-r spec's emitted module picks (its
-nearest tuned bucket). Writes bench/results/<GPU>-block-select-tilelang.{md,json}.
+nearest tuned bucket) where that is a Triton algo, else radix8 at 8 warps (the tuned Triton
+winner before the TileLang select existed). Writes bench/results/<GPU>-block-select-tilelang.{md,json}.
 """
 from __future__ import annotations
 
@@ -43,6 +44,13 @@ def tilelang_kernel(threads: int, nmax: int, emit: str = "indices", block: int =
                             execution_backend="tvm_ffi", pass_configs=mod.PASS_CONFIGS)
 
 
+def triton_only(config: dict) -> dict:
+    """The baseline stays Triton once the tuned (or default) config is the TileLang one."""
+    if config["algo"] != "tilelang":
+        return config
+    return {**config, "algo": "radix8", "radix_chunk": 2048, "num_warps": 8}
+
+
 def inputs(B, nb, gen, kind="randn", heads=KV_HEADS, block=BLOCK):
     scores = torch.randn(B, heads, nb, device="cuda", generator=gen)
     if kind == "ties":
@@ -63,7 +71,7 @@ def quest_threshold_rows(gen) -> list[dict]:
         nb, rows = seq_len // block, 4
         k = max(2, round(0.1 * nb / rows))
         static = SelectStatic(block, "topk", rows)
-        tri = TritonBlockSelect(static)
+        tri = TritonBlockSelect(static, triton_only(TritonBlockSelect.default_config(static)))
         H = KV_HEADS * rows
         row = {"part": "quest-threshold", "batch": B, "seq_len": seq_len, "block": block,
                "blocks": nb, "k": k, "triton_config": tri.config}
@@ -116,7 +124,7 @@ def main():
         k = round(0.1 * nb)
         width = sel.topk_width(k, SINK, LOCAL, nb)
         cfgs, _ = tuned_rule_configs({"block_select": static}, ["seer-attention-r"], B, seq_len)
-        tri_cfg = cfgs.get("block_select", TritonBlockSelect.default_config(static))
+        tri_cfg = triton_only(cfgs.get("block_select", TritonBlockSelect.default_config(static)))
         tri = TritonBlockSelect(static, tri_cfg)
         kw = dict(k=k, sink=SINK, local=LOCAL, width=width)
         sets = [inputs(B, nb, gen) for _ in range(4)]

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import methods_entmax_milestone as em  # noqa: E402
+from bench.block_select_tilelang_probe import triton_only  # noqa: E402
 from bench.timing import (fmt, gpu_facts, note, results_header, save_results,  # noqa: E402
                           time_graph_per_call)
 from sparsegen.codegen.entmax_kernels import EntmaxTauTriton  # noqa: E402
@@ -95,8 +96,9 @@ def select_rows(batch, seq_len, rev, gen, st=SelectStatic(64)):
     scores = [inputs["scores"]] + [torch.randn(inputs["scores"].shape, device="cuda",
                                                generator=gen) for _ in range(COPIES - 1)]
     kw = {k: v for k, v in inputs.items() if k != "scores"}
-    new = TritonBlockSelect(st)
-    old = at_revision(TritonBlockSelect, rev, st)
+    cfg = triton_only(TritonBlockSelect.default_config(st))   # the Triton template, both sides
+    new = TritonBlockSelect(st, cfg)
+    old = at_revision(TritonBlockSelect, rev, st, cfg)
     same = all(torch.equal(x, y) for s in scores
                for x, y in zip(new(s, **kw), old(s, **kw)))
     kept = kw["k"] / nb
