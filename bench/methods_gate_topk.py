@@ -10,7 +10,9 @@ input sets rotated):
   dense cuDNN SDPA over the same cache (its fastest formulation, bench/baselines.py), at
   batch 8/16, 32K/128K, 90 % of blocks skipped (target: >= 7x), and the share of scoring +
   selection in the step (target: <= 10 %). Every kernel runs the config an emitted module
-  runs where an example spec (TUNED_EXAMPLES) shares its statics, else its default.
+  runs where an example spec (TUNED_EXAMPLES) shares its statics, else its default. Where
+  that block_select config is the TileLang one, the same steps are timed again with the
+  Triton radix8 select (a same-run A/B of the selection kernel inside the step).
 The gate distillation figures are bench/gate_distill.py's.
 Hq 32, Hkv 8, D 128, bf16. Writes bench/results/<GPU>-step-gate-topk.{md,json} (and $OUT).
 Quest per_head selects budget / G blocks per query head so that the union its KV head
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.baselines import fastest_cudnn_decode  # noqa: E402
+from bench.block_select_tilelang_probe import triton_only  # noqa: E402
 from bench.emitted import emitted_attention, tuned_rule_configs  # noqa: E402
 from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa: E402
                           save_results, time_graph, time_graph_per_call, time_plain,
@@ -161,6 +164,24 @@ def fixed_selection(dec, idx, cnt):
         del dec.select
 
 
+@contextlib.contextmanager
+def block_select_config(dec, config: dict):
+    """Within: dec's rule kernels are rebuilt with block_select at `config` (the others at
+    their configs); as before after."""
+    saved = dec._kernel_configs, dec._kernels
+    dec._kernel_configs, dec._kernels = {**saved[0], "block_select": config}, None
+    try:
+        yield
+    finally:
+        dec._kernel_configs, dec._kernels = saved
+
+
+def block_select_in_use(dec, cache) -> dict:
+    """The block_select config dec's kernels run (tuned bucket or default)."""
+    kernels = dec.kernels if isinstance(dec, GateDecoder) else dec.kernels(cache)[1]
+    return kernels.select.config
+
+
 def select_fn(dec, cache, q, qn):
     is_gate = isinstance(dec, GateDecoder)
     return (lambda: dec.select(qn, cache)) if is_gate else (lambda: dec.select(q, cache))
@@ -234,6 +255,12 @@ def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, g
             dec.overlap_append = default
         sels = [select_fn(dec, cache, s[0], s[3]) for s in sets]
         row["select_graph_ms"] = time_graph(sels)
+        row["block_select_config"] = config = block_select_in_use(dec, cache)
+        if config["algo"] == "tilelang":   # the same steps with the Triton select, same run
+            with block_select_config(dec, triton_only(config)):
+                row["triton_select_step_graph_ms"] = time_graph(steps)
+                row["triton_select_block_mean_step_graph_ms"] = time_graph(blocks) / bs
+                row["triton_select_graph_ms"] = time_graph(sels)
         # the share is what the step loses to scoring + selection: the same steps with the
         # selection fixed in advance, timed the same way (L2 holds what the real step
         # sequence leaves in it, not a loop of selections re-reading their metadata)
@@ -331,6 +358,23 @@ def write_markdown(rows, facts, path):
                     f"{r['serial_block_mean_step_graph_ms']:.4f} | "
                     f"{r['sdpa_mean_graph_ms'] / r['side_block_mean_step_graph_ms']:.2f}x / "
                     f"{r['sdpa_mean_graph_ms'] / r['serial_block_mean_step_graph_ms']:.2f}x |")
+            lines.append("")
+        ab = [r for r in steps if "triton_select_step_graph_ms" in r and "sdpa_mean_graph_ms" in r]
+        if ab:
+            lines += ["### block_select in TileLang vs the Triton radix8 (same steps, same run; "
+                      "the step runs TileLang)", "",
+                      "| rule | B | len | select ms TileLang / Triton | fill step ms TileLang / "
+                      "Triton | block mean ms TileLang / Triton | speedup mean TileLang / "
+                      "Triton |", "|---|---|---|---|---|---|---|"]
+            for r in ab:
+                lines.append(
+                    f"| {r['rule']} | {r['batch']} | {r['seq_len']} | "
+                    f"{r['select_graph_ms']:.4f} / {r['triton_select_graph_ms']:.4f} | "
+                    f"{r['step_graph_ms']:.4f} / {r['triton_select_step_graph_ms']:.4f} | "
+                    f"{r['block_mean_step_graph_ms']:.4f} / "
+                    f"{r['triton_select_block_mean_step_graph_ms']:.4f} | "
+                    f"{r['speedup_block_mean']:.2f}x / "
+                    f"{r['sdpa_mean_graph_ms'] / r['triton_select_block_mean_step_graph_ms']:.2f}x |")
             lines.append("")
         tuned = sorted({(r["rule"], k, v) for r in steps for k, v in r.get("tuned_from", {}).items()})
         attn = sorted({(r["rule"], r.get("attention", "-")) for r in steps})
