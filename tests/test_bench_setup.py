@@ -45,3 +45,34 @@ def test_bench_attention_statics_are_an_examples():
     assert DecodeStatic(64, gt.D, gt.G, "bf16", "contiguous", 0) == seer
     dash = _statics(load_spec(SPECS / "dash-entmax.yaml"))
     assert dash["entmax_prefill"] == em.ENTMAX_STATIC
+
+
+@pytest.mark.parametrize("row", ["gate", "quest-ub-per-head-b16"])
+def test_step_bench_select_ab_swaps_only_block_select(row):
+    """The step bench's same-run A/B: within block_select_config the decoder's kernels are
+    rebuilt with the Triton select (the other rule kernels at their configs), and the TileLang
+    ones are back after."""
+    import torch
+
+    from bench import methods_gate_topk as gt
+    from bench.block_select_tilelang_probe import triton_only
+    from sparsegen.methods.decode_step import GateDecoder, TopkDecoder
+    from sparsegen.methods.gate import AttnGate
+    from sparsegen.methods.kv_cache import KVCache
+
+    _, rule, bs, score, group = {r[0]: r for r in gt.RULES}[row]
+    spec = gt.bench_spec(rule, bs, score, group, 1024, 0.9)
+    cache = KVCache(1, gt.HKV, gt.D, 1024, dtype=torch.float32, device="cpu")
+    others = {"gate_score": {"block_j": 8, "tiles": 4, "num_stages": 2, "num_warps": 2}}
+    if rule == "gate":
+        dec = GateDecoder.from_spec(spec, AttnGate.from_spec(spec), 1, 1024, device="cpu",
+                                    impl="triton", kernel_configs=others)
+    else:
+        dec = TopkDecoder.from_spec(spec, cache, impl="triton", kernel_configs=others)
+    before = gt.block_select_in_use(dec, cache)
+    assert before["algo"] == "tilelang"
+    with gt.block_select_config(dec, triton_only(before)):
+        assert gt.block_select_in_use(dec, cache) == triton_only(before)
+        assert dec._kernel_configs["gate_score"] == others["gate_score"]
+    assert gt.block_select_in_use(dec, cache) == before
+    assert dec._kernel_configs == others
