@@ -22,26 +22,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.block_select_probe import inputs  # noqa: E402
 from bench.emitted import tuned_rule_configs  # noqa: E402
 from bench.timing import (gpu_facts, results_header, save_results,  # noqa: E402
                           time_graph_per_call)
-from sparsegen.codegen.render import render_and_import  # noqa: E402
 from sparsegen.codegen.select_kernels import SelectStatic, TritonBlockSelect  # noqa: E402
-from sparsegen.codegen.triton_kernel import next_pow2  # noqa: E402
+from sparsegen.codegen.tilelang_select import TileLangTopk  # noqa: E402
 from sparsegen.methods import selection as sel  # noqa: E402
 
 KV_HEADS, BLOCK, SINK, LOCAL = 8, 64, 1, 1
 SHAPES = [(8, 32768), (16, 32768), (8, 131072), (16, 131072)]
-
-
-def tilelang_kernel(threads: int, nmax: int, emit: str = "indices", block: int = BLOCK):
-    import tilelang
-
-    mod = render_and_import("tilelang/block_select.py.j2",
-                            {"block_size": block, "threads": threads, "nmax": nmax,
-                             "emit": emit}, None)
-    return tilelang.compile(mod.build(), target={"kind": "cuda", "arch": "sm_90a"},
-                            execution_backend="tvm_ffi", pass_configs=mod.PASS_CONFIGS)
 
 
 def triton_only(config: dict) -> dict:
@@ -49,18 +39,6 @@ def triton_only(config: dict) -> dict:
     if config["algo"] != "tilelang":
         return config
     return {**config, "algo": "radix8", "radix_chunk": 2048, "num_warps": 8}
-
-
-def inputs(B, nb, gen, kind="randn", heads=KV_HEADS, block=BLOCK):
-    scores = torch.randn(B, heads, nb, device="cuda", generator=gen)
-    if kind == "ties":
-        scores = (scores * 2).round()
-    seq = torch.full((B,), nb * block, dtype=torch.int32, device="cuda")
-    if kind == "mixed":
-        seq = torch.randint(1, nb * block + 1, (B,), device="cuda", generator=gen,
-                            dtype=torch.int32)
-        seq[0] = nb * block
-    return scores, seq
 
 
 def quest_threshold_rows(gen) -> list[dict]:
@@ -75,7 +53,7 @@ def quest_threshold_rows(gen) -> list[dict]:
         H = KV_HEADS * rows
         row = {"part": "quest-threshold", "batch": B, "seq_len": seq_len, "block": block,
                "blocks": nb, "k": k, "triton_config": tri.config}
-        sets = [inputs(B, nb, gen, heads=H, block=block) for _ in range(4)]
+        sets = [inputs(B, H, nb, block, gen) for _ in range(4)]
         thrs = [torch.empty(B, H, 2, dtype=torch.int32, device="cuda") for _ in sets]
 
         def triton_thr(s, t):
@@ -87,18 +65,18 @@ def quest_threshold_rows(gen) -> list[dict]:
         for threads in (256, 512):
             name = f"tilelang_t{threads}"
             try:
-                kern = tilelang_kernel(threads, max(next_pow2(nb), threads), "threshold", block)
+                kern = TileLangTopk(block, threads, "threshold")
                 for kind in ("randn", "ties", "mixed"):
-                    s = inputs(B, nb, gen, kind, heads=H, block=block)
+                    s = inputs(B, H, nb, block, gen, kind)
                     want = torch.empty(B, H, 2, dtype=torch.int32, device="cuda")
                     got = torch.empty_like(want)
                     triton_thr(s, want)
-                    kern(s[0], s[1], got, k, SINK, LOCAL)
+                    kern(s[0], s[1], (got,), k, SINK, LOCAL)
                     if not torch.equal(got, want):
                         raise AssertionError(f"thresholds differ from Triton's on {kind} scores "
                                              f"({(got != want).sum().item()} entries)")
                 row[name + "_us"] = 1000 * time_graph_per_call(
-                    [lambda s=s, t=t: kern(s[0], s[1], t, k, SINK, LOCAL)
+                    [lambda s=s, t=t: kern(s[0], s[1], (t,), k, SINK, LOCAL)
                      for s, t in zip(sets, thrs)])
             except Exception as e:  # noqa: BLE001
                 row[name + "_note"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -127,22 +105,21 @@ def main():
         tri_cfg = triton_only(cfgs.get("block_select", TritonBlockSelect.default_config(static)))
         tri = TritonBlockSelect(static, tri_cfg)
         kw = dict(k=k, sink=SINK, local=LOCAL, width=width)
-        sets = [inputs(B, nb, gen) for _ in range(4)]
+        sets = [inputs(B, KV_HEADS, nb, BLOCK, gen) for _ in range(4)]
         outs = [(torch.empty(B, KV_HEADS, width, dtype=torch.int32, device="cuda"),
                  torch.empty(B, KV_HEADS, dtype=torch.int32, device="cuda")) for _ in sets]
         row = {"batch": B, "seq_len": seq_len, "blocks": nb, "k": k, "triton_config": tri_cfg}
         row["triton_us"] = 1000 * time_graph_per_call(
             [lambda s=s, o=o: tri(s[0], s[1], out=o, **kw) for s, o in zip(sets, outs)])
         for threads in thread_counts:
-            nmax = max(next_pow2(nb), threads)
             name = f"tilelang_t{threads}"
             try:
-                kern = tilelang_kernel(threads, nmax)
+                kern = TileLangTopk(BLOCK, threads, "indices")
                 for kind in ("randn", "ties", "mixed"):
-                    scores, seq = inputs(B, nb, gen, kind)
+                    scores, seq = inputs(B, KV_HEADS, nb, BLOCK, gen, kind)
                     idx = torch.empty(B, KV_HEADS, width, dtype=torch.int32, device="cuda")
                     cnt = torch.empty(B, KV_HEADS, dtype=torch.int32, device="cuda")
-                    kern(scores, seq, idx, cnt, k, SINK, LOCAL)
+                    kern(scores, seq, (idx, cnt), k, SINK, LOCAL)
                     want = sel.select_topk(scores, sel.num_blocks(seq, BLOCK), k, SINK, LOCAL,
                                            1, width)
                     if not (torch.equal(idx, want[0]) and torch.equal(cnt, want[1])):
@@ -150,7 +127,7 @@ def main():
                         raise AssertionError(f"differs from the torch reference on {kind} "
                                              f"scores ({bad} entries)")
                 row[name + "_us"] = 1000 * time_graph_per_call(
-                    [lambda s=s, o=o: kern(s[0], s[1], o[0], o[1], k, SINK, LOCAL)
+                    [lambda s=s, o=o: kern(s[0], s[1], o, k, SINK, LOCAL)
                      for s, o in zip(sets, outs)])
             except Exception as e:  # noqa: BLE001 - a failing config is a result
                 row[name + "_note"] = f"{type(e).__name__}: {str(e)[:300]}"

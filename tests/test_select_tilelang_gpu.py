@@ -14,6 +14,7 @@ import torch
 from sparsegen.codegen.select_kernels import SelectStatic, TritonBlockSelect
 from sparsegen.codegen.tilelang_select import MAX_BLOCKS
 from sparsegen.methods import selection as sel
+from tests.select_cases import tricky_scores
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -21,17 +22,6 @@ CASES = [  # (rows, block_size, blocks in the widest row, k, sink, local)
     (1, 64, 512, 51, 1, 1), (1, 64, 2048, 205, 1, 1), (1, 16, 40, 5, 2, 3),
     (1, 64, 300, 0, 0, 0), (1, 64, 300, 1000, 1, 2), (1, 128, 7, 3, 4, 4),
     (4, 64, 512, 13, 1, 1), (4, 16, 2048, 51, 1, 1), (2, 32, 600, 7, 0, 1)]
-
-
-def _scores(B, H, NB, gen):
-    s = torch.randn(B, H, NB, generator=gen, device="cuda")
-    s[0, 0, : NB // 2] = 0.25                                             # a long tie run
-    s[1] = torch.randint(0, 3, (H, NB), generator=gen, device="cuda").float()  # ties everywhere
-    s[-1, -1, 1 % NB] = float("nan")
-    s[-1, -1, 2 % NB] = -0.0
-    s[-1, -1, 3 % NB] = float("inf")
-    s[-1, -1, 4 % NB] = float("-inf")
-    return s
 
 
 def _seq(B, NB, bs, gen):
@@ -54,8 +44,8 @@ def test_tilelang_select_equals_reference(case, num_warps):
     kern = TritonBlockSelect(static, cfg)
     width = sel.topk_width(k, sink, local, NB, rows)
     for trial in range(3):
-        scores = _scores(B, H, NB, gen) if trial else torch.randn(B, H, NB, generator=gen,
-                                                                   device="cuda")
+        scores = (tricky_scores(B, H, NB, gen, "cuda") if trial
+                  else torch.randn(B, H, NB, generator=gen, device="cuda"))
         seq = _seq(B, NB, bs, gen)
         got = kern(scores, seq, k=k, sink=sink, local=local, width=width)
         want = kern.reference(scores, seq, k=k, sink=sink, local=local, width=width)

@@ -12,6 +12,7 @@ import torch
 from sparsegen.codegen.select_kernels import SelectStatic, TritonBlockSelect
 from sparsegen.methods import selection as sel
 from tests.interp import needs_interp, only_if_not_interpreted, rerun_in_interpreter
+from tests.select_cases import tricky_scores
 
 
 def test_topk_ranking_and_tie_break():
@@ -65,17 +66,6 @@ def test_mask_to_indices_pads_truncates_and_rejects_overflow():
         sel.mask_to_indices(mask, 1)
 
 
-def _scores(B, H, NB, gen):
-    s = torch.randn(B, H, NB, generator=gen)
-    s[0, 0, : NB // 2] = 0.25                                   # a long run of ties
-    s[1 % B] = torch.randint(0, 3, (H, NB), generator=gen).float()  # ties everywhere
-    s[-1, -1, 1] = float("nan")
-    s[-1, -1, 2] = -0.0
-    s[-1, -1, 3] = float("inf")
-    s[-1, -1, 4] = float("-inf")
-    return s
-
-
 ALGOS = ["radix8", "count2", "count4", "sort"]
 # (rows, heads, chunk, radix_chunk, k, sink, local): the longest row has 40 blocks, so
 # radix_chunk 64 holds it in registers and 32 streams it (sort falls back to counting)
@@ -94,7 +84,7 @@ def test_kernel_topk_equals_reference(algo, case):
     gen = torch.Generator().manual_seed(rows * 100 + k)
     B, bs = 4, 16
     seq = torch.tensor([bs * 37 + 5, bs * 3, 1, 0], dtype=torch.int32)
-    scores = _scores(B, heads * rows, 40, gen)
+    scores = tricky_scores(B, heads * rows, 40, gen)
     kern = TritonBlockSelect(SelectStatic(bs, "topk", rows),
                              {"algo": algo, "chunk": chunk, "radix_chunk": radix_chunk,
                               "num_warps": 1})
@@ -260,7 +250,7 @@ def test_tilelang_algo_off_cuda_runs_the_triton_radix_select(rows):
     static = SelectStatic(16, "topk", rows)
     kern = TritonBlockSelect(static, TritonBlockSelect.default_config(static))
     seq = torch.tensor([16 * 37 + 5, 16 * 3, 1, 0], dtype=torch.int32)
-    scores = _scores(4, 2 * rows, 40, gen)
+    scores = tricky_scores(4, 2 * rows, 40, gen)
     width = sel.topk_width(7, 1, 2, 40, rows)
     got = kern(scores, seq, k=7, sink=1, local=2, width=width)
     want = kern.reference(scores, seq, k=7, sink=1, local=2, width=width)
