@@ -41,44 +41,45 @@ def triton_only(config: dict) -> dict:
     return {**config, "algo": "radix8", "radix_chunk": 2048, "num_warps": 8}
 
 
-def quest_threshold_rows(gen) -> list[dict]:
-    """Quest per query head (4 score rows per KV head): the per-row radix select alone
-    (Triton block_threshold vs the TileLang emit=threshold kernel), outputs compared bitwise."""
+def quest_rows(gen) -> list[dict]:
+    """Quest per query head (4 score rows per KV head, k = 10 % / 4 a row): the whole select
+    (each row's radix select, then the union of the group's rows) through block_select, the
+    Triton kernels (block_threshold + union) against the TileLang ones (threshold + union),
+    each checked bit for bit against the torch reference first."""
     out = []
-    for B, seq_len, block in [(8, 32768, 64), (16, 32768, 64), (8, 32768, 16), (8, 131072, 64)]:
+    for B, seq_len, block in [(8, 32768, 64), (16, 32768, 64), (8, 32768, 16),
+                              (8, 131072, 64), (8, 131072, 16), (16, 131072, 16)]:
         nb, rows = seq_len // block, 4
         k = max(2, round(0.1 * nb / rows))
+        width = sel.topk_width(k, SINK, LOCAL, nb, rows)
         static = SelectStatic(block, "topk", rows)
-        tri = TritonBlockSelect(static, triton_only(TritonBlockSelect.default_config(static)))
+        default = TritonBlockSelect.default_config(static)
         H = KV_HEADS * rows
-        row = {"part": "quest-threshold", "batch": B, "seq_len": seq_len, "block": block,
-               "blocks": nb, "k": k, "triton_config": tri.config}
+        kw = dict(k=k, sink=SINK, local=LOCAL, width=width)
         sets = [inputs(B, H, nb, block, gen) for _ in range(4)]
-        thrs = [torch.empty(B, H, 2, dtype=torch.int32, device="cuda") for _ in sets]
-
-        def triton_thr(s, t):
-            tri.module.block_threshold[(H, B)](s[0], s[1], t, k, SINK, LOCAL, s[0].stride(0),
-                                               s[0].stride(1), t.stride(0), t.stride(1),
-                                               num_warps=tri.config["num_warps"], num_stages=1)
-        row["triton_us"] = 1000 * time_graph_per_call(
-            [lambda s=s, t=t: triton_thr(s, t) for s, t in zip(sets, thrs)])
+        outs = [(torch.empty(B, KV_HEADS, width, dtype=torch.int32, device="cuda"),
+                 torch.empty(B, KV_HEADS, dtype=torch.int32, device="cuda")) for _ in sets]
+        tri_cfg = triton_only(default)
+        row = {"part": "quest", "batch": B, "seq_len": seq_len, "block": block, "blocks": nb,
+               "k": k, "triton_config": tri_cfg}
+        kernels = {"triton": TritonBlockSelect(static, tri_cfg)}
         for threads in (256, 512):
-            name = f"tilelang_t{threads}"
+            kernels[f"tilelang_t{threads}"] = TritonBlockSelect(
+                static, {**default, "num_warps": threads // 32})
+        for name, kern in kernels.items():
             try:
-                kern = TileLangTopk(block, threads, "threshold")
                 for kind in ("randn", "ties", "mixed"):
-                    s = inputs(B, H, nb, block, gen, kind)
-                    want = torch.empty(B, H, 2, dtype=torch.int32, device="cuda")
-                    got = torch.empty_like(want)
-                    triton_thr(s, want)
-                    kern(s[0], s[1], (got,), k, SINK, LOCAL)
-                    if not torch.equal(got, want):
-                        raise AssertionError(f"thresholds differ from Triton's on {kind} scores "
-                                             f"({(got != want).sum().item()} entries)")
+                    scores, seq = inputs(B, H, nb, block, gen, kind)
+                    got = kern(scores, seq, **kw)
+                    want = sel.select_topk(scores, sel.num_blocks(seq, block), k, SINK, LOCAL,
+                                           rows, width)
+                    if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                        raise AssertionError(f"differs from the torch reference on {kind} "
+                                             f"scores ({(got[0] != want[0]).sum().item()} entries)")
                 row[name + "_us"] = 1000 * time_graph_per_call(
-                    [lambda s=s, t=t: kern(s[0], s[1], (t,), k, SINK, LOCAL)
-                     for s, t in zip(sets, thrs)])
-            except Exception as e:  # noqa: BLE001
+                    [lambda s=s, o=o: kern(s[0], s[1], out=o, **kw)
+                     for s, o in zip(sets, outs)])
+            except Exception as e:  # noqa: BLE001 - a failing config is a result
                 row[name + "_note"] = f"{type(e).__name__}: {str(e)[:300]}"
         print(row, flush=True)
         out.append(row)
@@ -134,14 +135,15 @@ def main():
         print(row, flush=True)
         rows.append(row)
     if not args.quick:
-        rows += quest_threshold_rows(gen)
+        rows += quest_rows(gen)
 
     def write_markdown(path):
         lines = results_header("top-k block selection: TileLang vs tuned Triton", facts)
         lines += ["- rows without `part`: top-k of one score row per KV head (gate, NSA); "
-                  "quest-threshold: the per-row radix select of Quest per query head (4 rows a "
-                  "KV head, k = 10 % / 4), Triton block_threshold (default config) vs TileLang, "
-                  "outputs compared bitwise",
+                  "quest: the whole select of Quest per query head (4 rows a KV head, k = 10 % / 4 "
+                  "a row; each row's radix select, then the union), the Triton kernels "
+                  "(block_threshold + union, radix8 at the default config) vs TileLang "
+                  "(threshold + union)",
                   "- 8 KV heads, block 64, sink 1, local 1, k = 10 % of the blocks; us per call "
                   "of 8-call CUDA graphs, 4 fresh score sets; every TileLang config checked bit "
                   "for bit against the torch reference first (random, tied, mixed lengths)", "",
@@ -150,9 +152,10 @@ def main():
         for r in rows:
             cells = [f"{r.get(f'tilelang_t{t}_us', float('nan')):.2f}" for t in (256, 512, 1024)]
             notes = "; ".join(f"{k}: {v}" for k, v in r.items() if k.endswith("_note"))
-            lines.append(f"| {r['batch']}{' ' + r['part'] + ' b' + str(r['block']) if 'part' in r else ''} | {r['seq_len']} | {r['blocks']} | {r['k']} | "
-                         f"{r['triton_us']:.2f} ({r['triton_config']}) | {' | '.join(cells)} | "
-                         f"{notes} |")
+            label = f"{r['batch']} {r['part']} b{r['block']}" if "part" in r else r["batch"]
+            lines.append(f"| {label} | {r['seq_len']} | {r['blocks']} | {r['k']} | "
+                         f"{r.get('triton_us', float('nan')):.2f} ({r['triton_config']}) | "
+                         f"{' | '.join(cells)} | {notes} |")
         path.write_text("\n".join(lines) + "\n")
 
     stem = args.out or str(ROOT / "bench" / "results" / f"{facts['gpu_slug']}-block-select-tilelang")

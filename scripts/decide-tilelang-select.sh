@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On an H100, decide branch tilelang-select in one device call (under 10 minutes in all):
+# On an H100, decide a block_select change on a branch (tilelang-select, landed in session 12;
+# tilelang-union) in one device call (under 10 minutes in all):
 #   1. the TileLang top-k's GPU tests (bit for bit against the torch selection);
 #   2. bench/block_select_tilelang_probe.py: TileLang vs the tuned Triton block_select, same run;
 #   3. re-tune block_select for every example spec that has one (its entries are stale on this

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sparsegen.codegen.select_kernels import SelectStatic, TritonBlockSelect
+from sparsegen.codegen.tilelang_select import TileLangTopk
 from sparsegen.methods import selection as sel
 from tests.interp import needs_interp, only_if_not_interpreted, rerun_in_interpreter
 from tests.select_cases import tricky_scores
@@ -208,9 +209,9 @@ def test_configs_and_compile():
 
 def test_tilelang_algo_configs_and_compile():
     """algo=tilelang: top-k only, 8 or 16 warps (a thread per radix bin), the unused keys
-    pinned; the tuner measures both thread counts early (seed_configs); both forms compile
-    for sm_90a without a GPU (one score row: the whole select in TileLang; four: TileLang
-    thresholds, then Triton's union kernel, whose block_threshold is not built)."""
+    pinned; the tuner measures both thread counts early (seed_configs); every form compiles
+    for sm_90a without a GPU (one score row: the whole select in TileLang; four and eight:
+    TileLang thresholds, then the TileLang union; no Triton kernel is built)."""
     check = TritonBlockSelect.check_config
     one, four = SelectStatic(64, "topk", 1), SelectStatic(16, "topk", 4)
     base = {"algo": "tilelang", "chunk": 1024, "radix_chunk": 2048, "num_warps": 8}
@@ -219,7 +220,7 @@ def test_tilelang_algo_configs_and_compile():
     assert "unused" in check(one, {**base, "radix_chunk": 1024})
     assert "unused" in check(one, {**base, "chunk": 512})
     assert check(four, {**base, "chunk": 256}) is None
-    assert "union kernel" in check(four, {**base, "chunk": 8192})
+    assert "leave 256" in check(four, {**base, "chunk": 512})
     assert "threshold mode" in check(SelectStatic(64, "softmax_threshold", 1), base)
     assert "tilelang" in TritonBlockSelect.tunable_space(one)["algo"]
     for st in (one, four):
@@ -229,16 +230,22 @@ def test_tilelang_algo_configs_and_compile():
     assert TritonBlockSelect.seed_configs(SelectStatic(64, "softmax_threshold", 1)) == []
     facts = TritonBlockSelect(one, base).compile_sm90()
     assert set(facts) == {"tilelang_indices"} and facts["tilelang_indices"]["cubin_bytes"] > 0
-    facts = TritonBlockSelect(four, {**base, "chunk": 256, "num_warps": 16}).compile_sm90()
-    assert set(facts) == {"tilelang_threshold", "block_select"}
-    assert all(f["cubin_bytes"] > 0 for f in facts.values())
+    for st, chunk in ((four, 256), (SelectStatic(64, "topk", 8), 128)):
+        facts = TritonBlockSelect(st, {**base, "chunk": chunk, "num_warps": 16}).compile_sm90()
+        assert set(facts) == {"tilelang_threshold", "tilelang_union"}
+        assert all(f["cubin_bytes"] > 0 for f in facts.values())
+    with pytest.raises(ValueError, match="union kernel"):
+        TileLangTopk(16, 256, "union")                   # rows = 1
+    assert TileLangTopk(16, 256, "union", rows=4).launch_shape(8192) == (256, 8192)
+    assert TileLangTopk(16, 256, "union", rows=4).launch_shape(8193) == (512, 16384)
+    assert TileLangTopk(16, 512, "threshold").launch_shape(100) == (512, 512)
     assert TritonBlockSelect.default_config(one)["algo"] == "tilelang"
     assert check(four, TritonBlockSelect.default_config(four)) is None
     with pytest.raises(RuntimeError, match="CUDA device only"):   # the kernel itself
-        TritonBlockSelect(one, base).tilelang(torch.zeros(1, 1, 4),
-                                              torch.ones(1, dtype=torch.int32),
-                                              (torch.zeros(1, 1, 1, dtype=torch.int32),
-                                               torch.zeros(1, 1, dtype=torch.int32)), 1, 0, 0)
+        TritonBlockSelect(one, base).tilelang[0](
+            torch.zeros(1, 1, 4), torch.ones(1, dtype=torch.int32),
+            (torch.zeros(1, 1, 1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32)),
+            1, 0, 0)
 
 
 @needs_interp

@@ -4,7 +4,8 @@ One program per (output head, batch) turns a row of block scores into the padded
 block indices and counts the decode attention takes. Top-k is an exact select over
 order-preserving integer keys, by one of the tunable algorithms (`algo`: four 8-bit
 histogram passes; 16 or 8 counting passes of 2 or 4 bits; a bitonic sort of packed
-(key, index) words; `tilelang`: the radix select in TileLang with shared-memory histograms,
+(key, index) words; `tilelang`: the radix select, the union of several rows and the
+compaction in TileLang with shared-memory histograms and thread scans,
 sparsegen.codegen.tilelang_select, CUDA only), then one compaction pass, so the result equals
 sparsegen.methods.selection bit for bit, ties included; the threshold mode applies a softmax
 over the scored blocks first (the gate rule). Nothing depends on the sequence length at
@@ -21,7 +22,7 @@ from .triton_kernel import TritonKernel, check_int_config, next_pow2, pow2
 MODES = ("topk", "softmax_threshold")
 _KEYS = ("chunk", "radix_chunk", "num_warps")
 # top-k algorithms (template algo, count bits); the threshold mode has no choice to make
-# (tilelang: the Triton module renders radix8 for the union kernel only, see template_params)
+# (tilelang renders no Triton kernel; its entry keeps template_params defined)
 ALGOS = {"radix8": ("radix8", 8), "count2": ("count", 2), "count4": ("count", 4),
          "sort": ("sort", 4), "tilelang": ("radix8", 8)}
 _THRESHOLD_ALGO = "count4"
@@ -128,35 +129,34 @@ class TritonBlockSelect(TritonKernel):
             return f"rows x chunk leaves threads idle at num_warps={config['num_warps']}"
         return None
 
-    @staticmethod
-    def _check_tilelang(static: SelectStatic, config: dict) -> str | None:
+    @classmethod
+    def _check_tilelang(cls, static: SelectStatic, config: dict) -> str | None:
         if config["num_warps"] not in (8, 16):
             return "tilelang: num_warps must be 8 or 16 (a thread per radix bin at least)"
         if config["radix_chunk"] != 2048:
             return "tilelang: radix_chunk is unused (the row sits in shared memory); leave 2048"
-        chunk, rows = config["chunk"], next_pow2(static.rows)
-        if static.rows == 1 and chunk != 1024:
-            return "tilelang: chunk is unused with one score row; leave 1024"
-        if not pow2(chunk) or rows * chunk > 16384 or rows * chunk < 32 * config["num_warps"]:
-            return f"tilelang: chunk={chunk} does not fit the union kernel's tiles"
+        chunk = cls.default_config(static)["chunk"]
+        if config["chunk"] != chunk:
+            return f"tilelang: chunk is unused (no Triton kernel runs); leave {chunk}"
         return None
 
     @cached_property
-    def tilelang(self) -> TileLangTopk | None:
-        """The TileLang kernel of algo=tilelang (the whole select with one score row, the
-        per-row thresholds before Triton's union kernel with several), else None."""
+    def tilelang(self) -> tuple[TileLangTopk, ...]:
+        """The TileLang kernels of algo=tilelang, else (): the whole select with one score
+        row; with several, the per-row thresholds and then their union."""
         if self.config["algo"] != "tilelang":
-            return None
-        emit = "indices" if self.static.rows == 1 else "threshold"
-        return TileLangTopk(self.static.block_size, 32 * self.config["num_warps"], emit,
-                            self.build_dir)
+            return ()
+        s, threads = self.static, 32 * self.config["num_warps"]
+        if s.rows == 1:
+            return (TileLangTopk(s.block_size, threads, "indices", self.build_dir),)
+        return (TileLangTopk(s.block_size, threads, "threshold", self.build_dir),
+                TileLangTopk(s.block_size, threads, "union", self.build_dir, rows=s.rows))
 
     def compile_sm90(self, keep_asm: bool = False) -> dict:
-        tl = self.tilelang
-        facts = tl.compile_sm90() if tl is not None else {}
-        if tl is None or self.static.rows > 1:
-            facts.update(super().compile_sm90(keep_asm))
-        return facts
+        facts = {}
+        for kern in self.tilelang:
+            facts.update(kern.compile_sm90())
+        return facts or super().compile_sm90(keep_asm)
 
     def template_params(self) -> dict:
         s, c = self.static, self.config
@@ -179,7 +179,7 @@ class TritonBlockSelect(TritonKernel):
                   "stride_tb", "stride_th"):
             sig[a] = "i32"
         out = [("block_select", sig, ("SCORES", "SEQ", "IDX", "CNT"), kw)]
-        if self.split and self.config["algo"] != "tilelang":  # TileLang writes the thresholds
+        if self.split:
             thr = {"SCORES": "*fp32", "SEQ": "*i32", "THR": "*i32", "k": "i32", "sink": "i32",
                    "local": "i32"}
             for a in ("stride_sb", "stride_sh", "stride_tb", "stride_th"):
@@ -209,18 +209,21 @@ class TritonBlockSelect(TritonKernel):
         else:
             idx, cnt = out
         tl = self.tilelang
-        if tl is not None and (scores.shape[-1] > MAX_BLOCKS or not scores.is_cuda):
+        if tl and (scores.shape[-1] > MAX_BLOCKS or not scores.is_cuda):
             return self._streaming()(scores, seq_lens, k=k, threshold=threshold, sink=sink,
                                      local=local, width=width, out=(idx, cnt))
-        if tl is not None and not self.split:
-            tl(scores.contiguous(), seq_lens, (idx, cnt), k, sink, local)
+        if len(tl) == 1:
+            tl[0](scores.contiguous(), seq_lens, (idx, cnt), k, sink, local)
+            return idx, cnt
+        if tl:
+            scores = scores.contiguous()
+            thr = torch.empty(B, H, 2, dtype=torch.int32, device=scores.device)
+            tl[0](scores, seq_lens, (thr,), k, sink, local)
+            tl[1](scores, seq_lens, (thr, idx, cnt), k, sink, local)
             return idx, cnt
         kw = {"num_warps": self.config["num_warps"], "num_stages": 1}
         mod = self.module
-        if tl is not None:
-            thr = torch.empty(B, H, 2, dtype=torch.int32, device=scores.device)
-            tl(scores.contiguous(), seq_lens, (thr,), k, sink, local)
-        elif self.split:
+        if self.split:
             thr = torch.empty(B, H, 2, dtype=torch.int32, device=scores.device)
             mod.block_threshold[(H, B)](
                 scores, seq_lens, thr, int(k), int(sink), int(local), scores.stride(0),
