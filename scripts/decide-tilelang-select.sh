@@ -6,7 +6,9 @@
 #   3. re-tune block_select for every example spec that has one (its entries are stale on this
 #      branch: each study measures the previous winner, the default and the two TileLang
 #      seeds), packing tuning_db/ into OUTDIR after each spec;
-#   4. the decode-step bench of the gate / Quest b64 / NSA rules at the new winners.
+#   4. the decode-step bench at the new winners (RULES, default the Quest per-head rules at
+#      block 16 and 64, the ones the union kernel serves; it times each step with the
+#      Triton select too, same run).
 # Each stage gets a share of one deadline (TOTAL seconds, default 570), so a slow stage
 # shortens the later ones instead of losing the call.
 #   scripts/decide-tilelang-select.sh OUTDIR
@@ -37,6 +39,6 @@ done
 s=$(left)
 echo "== step bench ($s s)"
 (( s > 30 )) && timeout "$s" python bench/methods_gate_topk.py \
-  --rules gate quest-ub-per-head-b64 nsa-mean-shared-b64 \
+  --rules ${RULES:-quest-ub-per-head-b16 quest-ub-per-head-b64} \
   --out "$out/H100-step-gate-topk" > "$out/step.txt" 2>&1
 tail -25 "$out/step.txt"
