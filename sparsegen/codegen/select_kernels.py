@@ -210,7 +210,7 @@ class TritonBlockSelect(TritonKernel):
             idx, cnt = out
         tl = self.tilelang
         if tl and (scores.shape[-1] > MAX_BLOCKS or not scores.is_cuda):
-            return self._streaming()(scores, seq_lens, k=k, threshold=threshold, sink=sink,
+            return self._streaming(scores, seq_lens, k=k, threshold=threshold, sink=sink,
                                      local=local, width=width, out=(idx, cnt))
         if len(tl) == 1:
             tl[0](scores.contiguous(), seq_lens, (idx, cnt), k, sink, local)
@@ -237,14 +237,13 @@ class TritonBlockSelect(TritonKernel):
             **kw)
         return idx, cnt
 
+    @cached_property
     def _streaming(self) -> "TritonBlockSelect":
         """algo=tilelang where TileLang cannot run (rows longer than it holds in shared
         memory, scores off a CUDA device, e.g. under TRITON_INTERPRET): Triton's radix select,
         which streams a row of any length and returns the same selection."""
-        if self.__dict__.get("_stream") is None:
-            self._stream = TritonBlockSelect(self.static, dict(self.config, algo="radix8",
-                                                               num_warps=8), self.build_dir)
-        return self._stream
+        return TritonBlockSelect(self.static, dict(self.config, algo="radix8", num_warps=8),
+                                 self.build_dir)
 
     # --- tuner protocol --------------------------------------------------------------------
     @classmethod

@@ -13,18 +13,13 @@ one config serves every capacity up to MAX_BLOCKS; compiled kernels are cached p
 """
 from __future__ import annotations
 
-import threading
-
-from .backend import CompileError
 from .render import render_and_import
+from .tilelang_build import compiled_for, lower_sm90
 from .triton_kernel import next_pow2
 
 MAX_BLOCKS = 32768           # keys held in shared memory: 128 KB at the longest row
 EMITS = ("indices", "threshold", "union")
 UNION_RUN = 32               # blocks a thread of the union kernel owns (one 32-bit mask)
-_TARGET = {"kind": "cuda", "arch": "sm_90a"}
-_KERNELS: dict = {}          # (block_size, threads, emit, rows, nmax, arch) -> kernel
-_LOCK = threading.Lock()
 
 
 class TileLangTopk:
@@ -63,51 +58,19 @@ class TileLangTopk:
                                                  "emit": self.emit, "rows": self.rows},
                                  self.build_dir)
 
+    def _what(self) -> str:
+        return f"tilelang block_select ({self.emit}, {self.threads} threads, {self.rows} rows)"
+
     def compile_sm90(self, row_blocks: int = 2048) -> dict:
         """Lower and nvcc-compile for sm_90a with no GPU; facts of the build."""
-        import tilelang
-        from tilelang import tvm
-        from tilelang.cuda.backend import tilelang_callback_cuda_compile
-
         mod = self._module(*self.launch_shape(row_blocks))
-        try:
-            target = tvm.target.Target(_TARGET)
-            with tvm.transform.PassContext(opt_level=3, config=mod.PASS_CONFIGS), target:
-                source = tilelang.lower(mod.build(), target=_TARGET).kernel_source
-                cubin = tilelang_callback_cuda_compile(source, target, mod.PASS_CONFIGS)
-        except Exception as e:  # TileLang / TVM / nvcc fail in many types
-            raise CompileError(f"tilelang block_select ({self.emit}, {self.threads} threads, "
-                               f"{self.rows} rows): "
-                               f"{type(e).__name__}: {str(e)[:500]}") from e
+        _, source, cubin = lower_sm90(mod, self._what())
         return {"tilelang_" + self.emit: {"cubin_bytes": len(cubin),
                                           "cuda_source_chars": len(source)}}
 
     def _kernel(self, device, threads: int, nmax: int):
-        import torch
-
-        major, minor = torch.cuda.get_device_capability(device)
-        arch = f"sm_{major}{minor}" + ("a" if major == 9 else "")
-        key = (self.block_size, threads, self.emit, self.rows, nmax, arch)
-        kernel = _KERNELS.get(key)
-        if kernel is None:
-            with _LOCK:
-                kernel = _KERNELS.get(key)
-                if kernel is None:
-                    import tilelang
-
-                    mod = self._module(threads, nmax)
-                    try:
-                        # tvm_ffi: tensors reach the host function through DLPack on torch's
-                        # current stream, so a CUDA graph captures the launch
-                        kernel = tilelang.compile(mod.build(), target={"kind": "cuda",
-                                                                       "arch": arch},
-                                                  execution_backend="tvm_ffi",
-                                                  pass_configs=mod.PASS_CONFIGS)
-                    except Exception as e:
-                        raise CompileError(f"tilelang block_select: {type(e).__name__}: "
-                                           f"{str(e)[:500]}") from e
-                    _KERNELS[key] = kernel
-        return kernel
+        key = ("block_select", self.block_size, threads, self.emit, self.rows, nmax)
+        return compiled_for(key, device, lambda: self._module(threads, nmax), self._what())
 
     def __call__(self, scores, seq_lens, out: tuple, k: int, sink: int, local: int):
         """scores [B, H, NB] fp32 contiguous, seq_lens [B] int32; out = (indices [B, H, width],
