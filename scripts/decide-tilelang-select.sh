@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On an H100, decide a block_select change on a branch (tilelang-select, landed in session 12;
-# tilelang-union) in one device call (under 10 minutes in all):
-#   1. the TileLang top-k's GPU tests (bit for bit against the torch selection);
+# tilelang-union, landed in session 13) in one device call (under 10 minutes in all):
+#   1. the TileLang top-k's GPU tests (bit for bit against the torch selection; on a cold
+#      machine they take ~2 minutes, most of it compiling the union kernels);
 #   2. bench/block_select_tilelang_probe.py: TileLang vs the tuned Triton block_select, same run;
 #   3. re-tune block_select for every example spec that has one (its entries are stale on this
 #      branch: each study measures the previous winner, the default and the two TileLang
@@ -20,8 +21,8 @@ deadline=$(( $(date +%s) + ${TOTAL:-570} ))
 left() { echo $(( deadline - $(date +%s) )); }
 cap() { local l; l=$(left); echo $(( $1 < l ? $1 : l )); }   # a stage's seconds
 
-echo "== GPU tests ($(cap 150) s)"
-timeout "$(cap 150)" python -m pytest -q -x -p no:cacheprovider tests/test_select_tilelang_gpu.py \
+echo "== GPU tests ($(cap 240) s)"
+timeout "$(cap 240)" python -m pytest -q -x -p no:cacheprovider tests/test_select_tilelang_gpu.py \
   > "$out/gpu-tests.txt" 2>&1
 tests_rc=$?
 tail -3 "$out/gpu-tests.txt"

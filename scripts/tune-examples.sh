@@ -11,6 +11,9 @@
 # SAVE_DB=FILE.tgz: after each spec, tuning_db/ is packed into that one file (on a lent
 # device, write it under $OUT: the device's tree is reset at the next call and only a
 # limited number of files come back, so a tuned file not packed is lost).
+# The budget bounds the tuning; a spec can end up to ~90 s past it (start-up, compiles, the
+# trial in flight; 50-85 s seen on the H100 in session 13): keep that margin under a device
+# call's limit, or the call is cut off before it packs anything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 usage="usage: scripts/tune-examples.sh SECONDS LOGDIR [sparsegen tune options...]"

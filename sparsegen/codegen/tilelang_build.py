@@ -56,7 +56,8 @@ def compiled_for(key: tuple, device, load_module, what: str,
     """The kernel of `key` compiled for `device`'s arch, built once per process:
     load_module() gives the rendered module. tvm_ffi passes tensors through DLPack on torch's
     current stream, so a CUDA graph captures the launch."""
-    full = (*key, device_arch(device), execution_backend)
+    arch = device_arch(device)
+    full = (*key, arch, execution_backend)
     kernel = _KERNELS.get(full)
     if kernel is None:
         with _LOCK:
@@ -67,7 +68,7 @@ def compiled_for(key: tuple, device, load_module, what: str,
                 mod = load_module()
                 try:
                     kernel = tilelang.compile(mod.build(),
-                                              target={"kind": "cuda", "arch": full[-2]},
+                                              target={"kind": "cuda", "arch": arch},
                                               execution_backend=execution_backend,
                                               pass_configs=mod.PASS_CONFIGS)
                 except Exception as e:
