@@ -1,14 +1,16 @@
 """Where a method's step spends its GPU time, kernel by kernel (torch.profiler).
 
-    python bench/profile_methods.py                  # every part
+    python bench/profile_methods.py                  # every part but quest-b16
+    python bench/profile_methods.py --parts quest-b16 --batch 8
     python bench/profile_methods.py --parts gate milestone
     python bench/profile_methods.py --parts gate nsa --batch 8 --seq-len 32768
 
 A development tool beside the benchmarks (bench/methods_*.py): it builds the same states with
 their builders, runs a few plain steps under torch.profiler and prints, per part, each kernel's
-summed CUDA time per step. Hq 32, Hkv 8, D 128, bf16. Parts: gate, quest, nsa (B 16, 128K,
-90 % skipped unless --batch / --seq-len say otherwise), entmax (decode, B 8, 128K, 90 %), milestone (B 8, 1K prefill, 2K budget, 4K
-decoded), prefill (entmax forward + backward, 32K, 75 %). Writes the tables to
+summed CUDA time per step. Hq 32, Hkv 8, D 128, bf16. Parts: gate, quest (per head, block 64),
+quest-b16 (per head, block 16; by name only), nsa (B 16, 128K, 90 % skipped unless --batch /
+--seq-len say otherwise), entmax (decode, B 8, 128K, 90 %), milestone (B 8, 1K prefill, 2K
+budget, 4K decoded), prefill (entmax forward + backward, 32K, 75 %). Writes the tables to
 $OUT/profile-methods.txt when $OUT is set.
 """
 from __future__ import annotations
@@ -109,7 +111,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=131072, help="gate / quest / nsa parts")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    names = {"gate": "gate", "quest": "quest-ub-per-head-b64", "nsa": "nsa-mean-shared-b64"}
+    names = {"gate": "gate", "quest": "quest-ub-per-head-b64", "quest-b16": "quest-ub-per-head-b16",
+             "nsa": "nsa-mean-shared-b64"}
     text = ""
     for part in args.parts:
         try:
