@@ -210,7 +210,7 @@ def test_configs_and_compile():
 def test_tilelang_algo_configs_and_compile():
     """algo=tilelang: top-k only, 8 or 16 warps (a thread per radix bin), the unused keys
     pinned; the tuner measures both thread counts early (seed_configs); every form compiles
-    for sm_90a without a GPU (one score row: the whole select in TileLang; four and eight:
+    for sm_90a without a GPU (one score row: the whole select in TileLang; four, eight and seven:
     TileLang thresholds, then the TileLang union; no Triton kernel is built)."""
     check = TritonBlockSelect.check_config
     one, four = SelectStatic(64, "topk", 1), SelectStatic(16, "topk", 4)
@@ -230,7 +230,8 @@ def test_tilelang_algo_configs_and_compile():
     assert TritonBlockSelect.seed_configs(SelectStatic(64, "softmax_threshold", 1)) == []
     facts = TritonBlockSelect(one, base).compile_sm90()
     assert set(facts) == {"tilelang_indices"} and facts["tilelang_indices"]["cubin_bytes"] > 0
-    for st, chunk in ((four, 256), (SelectStatic(64, "topk", 8), 128)):
+    for st in (four, SelectStatic(64, "topk", 8), SelectStatic(32, "topk", 7)):
+        chunk = TritonBlockSelect.default_config(st)["chunk"]
         facts = TritonBlockSelect(st, {**base, "chunk": chunk, "num_warps": 16}).compile_sm90()
         assert set(facts) == {"tilelang_threshold", "tilelang_union"}
         assert all(f["cubin_bytes"] > 0 for f in facts.values())
