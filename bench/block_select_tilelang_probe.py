@@ -2,6 +2,7 @@
 Triton block_select, same inputs, same run (issue 5: scoring + selection <= 10 % of the step).
 
     python bench/block_select_tilelang_probe.py
+    python bench/block_select_tilelang_probe.py --quest-only   # the Quest rows alone
 
 For each decode shape (8 KV heads, block 64, sink 1 / local 1, 90 % of blocks skipped) every
 TileLang config is first checked bit for bit against the torch reference
@@ -41,11 +42,34 @@ def triton_only(config: dict) -> dict:
     return {**config, "algo": "radix8", "radix_chunk": 2048, "num_warps": 8}
 
 
+def quest_bounds(B, seq_len, block, gen, sets=4):
+    """`sets` score sets [B, 32, blocks] of Quest's upper bounds over the step bench's cache
+    (bench/methods_gate_topk.py's build: seq_len - 1 random keys a sequence), one fresh query
+    each, with the lengths: the scores a decode step selects from. The randn scores the
+    tuner uses spread over many exponents; these are positive and close together."""
+    from bench import methods_gate_topk as gt
+    from sparsegen.methods.topk import quest_scores_reference
+
+    cache, dec, _ = gt.build("topk", block, "upper_bound", "per_head", B, seq_len, 0.9,
+                             "contiguous", gen)
+    nb = -(-(seq_len - 1) // block)
+    seq = torch.full((B,), seq_len - 1, dtype=torch.int32, device="cuda")
+    out = []
+    for _ in range(sets):
+        q = torch.randn(B, gt.HQ, gt.D, device="cuda", dtype=gt.DT, generator=gen)
+        out.append((quest_scores_reference(q, dec.meta, cache, "per_head", nb).contiguous(),
+                    seq))
+    del cache, dec
+    torch.cuda.empty_cache()
+    return out
+
+
 def quest_rows(gen) -> list[dict]:
     """Quest per query head (4 score rows per KV head, k = 10 % / 4 a row): the whole select
     (each row's radix select, then the union of the group's rows) through block_select, the
     Triton kernels (block_threshold + union) against the TileLang ones (threshold + union),
-    each checked bit for bit against the torch reference first."""
+    each checked bit for bit against the torch reference first, timed on random scores and
+    on Quest's bounds of a random cache (`_bounds_us`)."""
     out = []
     for B, seq_len, block in [(8, 32768, 64), (16, 32768, 64), (8, 32768, 16),
                               (8, 131072, 64), (8, 131072, 16), (16, 131072, 16)]:
@@ -59,6 +83,7 @@ def quest_rows(gen) -> list[dict]:
         sets = [inputs(B, H, nb, block, gen) for _ in range(4)]
         outs = [(torch.empty(B, KV_HEADS, width, dtype=torch.int32, device="cuda"),
                  torch.empty(B, KV_HEADS, dtype=torch.int32, device="cuda")) for _ in sets]
+        bounds = quest_bounds(B, seq_len, block, gen)
         tri_cfg = triton_only(default)
         row = {"part": "quest", "batch": B, "seq_len": seq_len, "block": block, "blocks": nb,
                "k": k, "triton_config": tri_cfg}
@@ -76,13 +101,21 @@ def quest_rows(gen) -> list[dict]:
                     if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
                         raise AssertionError(f"differs from the torch reference on {kind} "
                                              f"scores ({(got[0] != want[0]).sum().item()} entries)")
-                row[name + "_us"] = 1000 * time_graph_per_call(
-                    [lambda s=s, o=o: kern(s[0], s[1], out=o, **kw)
-                     for s, o in zip(sets, outs)])
+                scores, seq = bounds[0]
+                got = kern(scores, seq, **kw)
+                want = sel.select_topk(scores, sel.num_blocks(seq, block), k, SINK, LOCAL,
+                                       rows, width)
+                if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                    raise AssertionError("differs from the torch reference on Quest bounds")
+                for suffix, score_sets in (("_us", sets), ("_bounds_us", bounds)):
+                    row[name + suffix] = 1000 * time_graph_per_call(
+                        [lambda s=s, o=o: kern(s[0], s[1], out=o, **kw)
+                         for s, o in zip(score_sets, outs)])
             except Exception as e:  # noqa: BLE001 - a failing config is a result
                 row[name + "_note"] = f"{type(e).__name__}: {str(e)[:300]}"
         print(row, flush=True)
         out.append(row)
+        del bounds
     return out
 
 
@@ -91,6 +124,9 @@ def main():
     ap.add_argument("--out", default=None, help="results stem")
     ap.add_argument("--quick", action="store_true",
                     help="B8 x 32K and B16 x 128K at 256 threads, no Quest rows (~30 s)")
+    ap.add_argument("--quest-only", action="store_true",
+                    help="only the Quest rows (the whole per-head select, random scores and "
+                         "Quest bounds)")
     args = ap.parse_args()
     shapes = [(8, 32768), (16, 131072)] if args.quick else SHAPES
     thread_counts = (256,) if args.quick else (256, 512, 1024)
@@ -98,7 +134,7 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     static = SelectStatic(BLOCK, "topk", 1, exclude_current=True)
     rows = []
-    for B, seq_len in shapes:
+    for B, seq_len in ([] if args.quest_only else shapes):
         nb = seq_len // BLOCK
         k = round(0.1 * nb)
         width = sel.topk_width(k, SINK, LOCAL, nb)
@@ -143,7 +179,8 @@ def main():
                   "quest: the whole select of Quest per query head (4 rows a KV head, k = 10 % / 4 "
                   "a row; each row's radix select, then the union), the Triton kernels "
                   "(block_threshold + union, radix8 at the default config) vs TileLang "
-                  "(threshold + union)",
+                  "(threshold + union); on random scores, then (`bounds`) on Quest's upper "
+                  "bounds of a random cache, the scores a decode step selects from",
                   "- 8 KV heads, block 64, sink 1, local 1, k = 10 % of the blocks; us per call "
                   "of 8-call CUDA graphs, 4 fresh score sets; every TileLang config checked bit "
                   "for bit against the torch reference first (random, tied, mixed lengths)", "",
@@ -151,7 +188,9 @@ def main():
                   "1024 | notes |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             cells = [f"{r.get(f'tilelang_t{t}_us', float('nan')):.2f}" for t in (256, 512, 1024)]
-            notes = "; ".join(f"{k}: {v}" for k, v in r.items() if k.endswith("_note"))
+            notes = "; ".join([f"{k}: {v}" for k, v in r.items() if k.endswith("_note")]
+                              + [f"bounds: {k[:-10]} {v:.2f}" for k, v in r.items()
+                                 if k.endswith("_bounds_us")])
             label = f"{r['batch']} {r['part']} b{r['block']}" if "part" in r else r["batch"]
             lines.append(f"| {label} | {r['seq_len']} | {r['blocks']} | {r['k']} | "
                          f"{r.get('triton_us', float('nan')):.2f} ({r['triton_config']}) | "
