@@ -70,6 +70,29 @@ def inputs(B, H, nb, block, gen, kind="randn"):
     return scores, seq
 
 
+def input_cases(B, H, nb, block, gen) -> list[tuple]:
+    """(kind, scores, seq_lens) of every kind of inputs(): random, tied, mixed lengths."""
+    return [(kind, *inputs(B, H, nb, block, gen, kind)) for kind in ("randn", "ties", "mixed")]
+
+
+def check_selection(select, reference, cases) -> None:
+    """Raise AssertionError unless select(scores, seq) gives reference(scores, seq)'s
+    (indices, counts) exactly on every (kind, scores, seq) of cases."""
+    for kind, scores, seq in cases:
+        got, want = select(scores, seq), reference(scores, seq)
+        if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+            raise AssertionError(f"differs from the torch reference on {kind} scores "
+                                 f"({(got[0] != want[0]).sum().item()} entries)")
+
+
+def triton_only(config: dict) -> dict:
+    """A block_select config whose algo is the TileLang one as the Triton radix8 at 8 warps
+    (the baseline of the A/Bs stays Triton once the tuned or default config is TileLang)."""
+    if config["algo"] != "tilelang":
+        return config
+    return {**config, "algo": "radix8", "radix_chunk": 2048, "num_warps": 8}
+
+
 def probe(shape, gen) -> list[dict]:
     name, B, seq_len, block, rows, k = shape
     nb = seq_len // block
@@ -84,12 +107,8 @@ def probe(shape, gen) -> list[dict]:
                "blocks": nb, "k": k, "mode": mode, "config": cfg}
         try:
             kern = TritonBlockSelect(static, cfg)
-            for kind in ("randn", "ties", "mixed"):
-                scores, seq = inputs(B, H, nb, block, gen, kind)
-                got = kern(scores, seq, **kw)
-                want = kern.reference(scores, seq, **kw)
-                if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
-                    raise AssertionError(f"differs from the torch reference on {kind} scores")
+            check_selection(lambda s, n: kern(s, n, **kw), lambda s, n: kern.reference(s, n, **kw),
+                            input_cases(B, H, nb, block, gen))
             sets = [inputs(B, H, nb, block, gen) for _ in range(4)]
             outs = [(torch.empty(B, KV_HEADS, kw["width"], dtype=torch.int32, device="cuda"),
                      torch.empty(B, KV_HEADS, dtype=torch.int32, device="cuda")) for _ in sets]

@@ -23,7 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.block_select_probe import inputs  # noqa: E402
+from bench.block_select_probe import (check_selection, input_cases, inputs,  # noqa: E402
+                                       triton_only)
 from bench.emitted import tuned_rule_configs  # noqa: E402
 from bench.timing import (gpu_facts, results_header, save_results,  # noqa: E402
                           time_graph_per_call)
@@ -33,13 +34,6 @@ from sparsegen.methods import selection as sel  # noqa: E402
 
 KV_HEADS, BLOCK, SINK, LOCAL = 8, 64, 1, 1
 SHAPES = [(8, 32768), (16, 32768), (8, 131072), (16, 131072)]
-
-
-def triton_only(config: dict) -> dict:
-    """The baseline stays Triton once the tuned (or default) config is the TileLang one."""
-    if config["algo"] != "tilelang":
-        return config
-    return {**config, "algo": "radix8", "radix_chunk": 2048, "num_warps": 8}
 
 
 def quest_bounds(B, seq_len, block, gen, sets=4):
@@ -93,20 +87,9 @@ def quest_rows(gen) -> list[dict]:
                 static, {**default, "num_warps": threads // 32})
         for name, kern in kernels.items():
             try:
-                for kind in ("randn", "ties", "mixed"):
-                    scores, seq = inputs(B, H, nb, block, gen, kind)
-                    got = kern(scores, seq, **kw)
-                    want = sel.select_topk(scores, sel.num_blocks(seq, block), k, SINK, LOCAL,
-                                           rows, width)
-                    if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
-                        raise AssertionError(f"differs from the torch reference on {kind} "
-                                             f"scores ({(got[0] != want[0]).sum().item()} entries)")
-                scores, seq = bounds[0]
-                got = kern(scores, seq, **kw)
-                want = sel.select_topk(scores, sel.num_blocks(seq, block), k, SINK, LOCAL,
-                                       rows, width)
-                if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
-                    raise AssertionError("differs from the torch reference on Quest bounds")
+                check_selection(lambda s, n: kern(s, n, **kw),
+                                lambda s, n: kern.reference(s, n, **kw),
+                                input_cases(B, H, nb, block, gen) + [("Quest bound", *bounds[0])])
                 for suffix, score_sets in (("_us", sets), ("_bounds_us", bounds)):
                     row[name + suffix] = 1000 * time_graph_per_call(
                         [lambda s=s, o=o: kern(s[0], s[1], out=o, **kw)
@@ -152,17 +135,15 @@ def main():
             name = f"tilelang_t{threads}"
             try:
                 kern = TileLangTopk(BLOCK, threads, "indices")
-                for kind in ("randn", "ties", "mixed"):
-                    scores, seq = inputs(B, KV_HEADS, nb, BLOCK, gen, kind)
-                    idx = torch.empty(B, KV_HEADS, width, dtype=torch.int32, device="cuda")
-                    cnt = torch.empty(B, KV_HEADS, dtype=torch.int32, device="cuda")
-                    kern(scores, seq, (idx, cnt), k, SINK, LOCAL)
-                    want = sel.select_topk(scores, sel.num_blocks(seq, BLOCK), k, SINK, LOCAL,
-                                           1, width)
-                    if not (torch.equal(idx, want[0]) and torch.equal(cnt, want[1])):
-                        bad = (idx != want[0]).sum().item()
-                        raise AssertionError(f"differs from the torch reference on {kind} "
-                                             f"scores ({bad} entries)")
+
+                def select(scores, seq, kern=kern):
+                    out = (torch.empty(B, KV_HEADS, width, dtype=torch.int32, device="cuda"),
+                           torch.empty(B, KV_HEADS, dtype=torch.int32, device="cuda"))
+                    kern(scores, seq, out, k, SINK, LOCAL)
+                    return out
+
+                check_selection(select, lambda s, n: tri.reference(s, n, **kw),
+                                input_cases(B, KV_HEADS, nb, BLOCK, gen))
                 row[name + "_us"] = 1000 * time_graph_per_call(
                     [lambda s=s, o=o: kern(s[0], s[1], o, k, SINK, LOCAL)
                      for s, o in zip(sets, outs)])

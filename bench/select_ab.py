@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import methods_entmax_milestone as em  # noqa: E402
-from bench.block_select_tilelang_probe import triton_only  # noqa: E402
+from bench.block_select_probe import triton_only  # noqa: E402
 from bench.timing import (fmt, gpu_facts, note, results_header, save_results,  # noqa: E402
                           time_graph_per_call)
 from sparsegen.codegen.entmax_kernels import EntmaxTauTriton  # noqa: E402

@@ -55,7 +55,7 @@ def test_step_bench_select_ab_swaps_only_block_select(row):
     import torch
 
     from bench import methods_gate_topk as gt
-    from bench.block_select_tilelang_probe import triton_only
+    from bench.block_select_probe import triton_only
     from sparsegen.methods.decode_step import GateDecoder, TopkDecoder
     from sparsegen.methods.gate import AttnGate
     from sparsegen.methods.kv_cache import KVCache
