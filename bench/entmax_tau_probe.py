@@ -33,6 +33,15 @@ SWEEP = {"block_j": [32, 64, 128], "tiles": [1, 2, 4, 8], "stages": [2, 3],
          "num_warps": [4, 8]}
 
 
+def solve_us(tau, qs, summs, seq, lengths) -> float:
+    """us per solve: a CUDA graph that solves over the COPIES summaries in turn (each read
+    from memory, as a decode layer's are)."""
+    def run():
+        for i in range(COPIES):
+            tau(qs[i], summs[i], seq, lengths)
+    return 1000 * time_graph([run]) / COPIES
+
+
 def probe(batch, seq_len, gen, rows):
     k, v, seq, summ, qs, c = em.entmax_decode_state(batch, seq_len, 0.9, gen)
     del k, v
@@ -52,11 +61,7 @@ def probe(batch, seq_len, gen, rows):
             row["same_selection"] = all(torch.equal(a, b) for a, b in zip(got, want))
             if not row["same_selection"]:
                 raise RuntimeError("selects differently from the first config")
-
-            def run(tau=tau):
-                for i in range(COPIES):
-                    tau(qs[i], summs[i], seq, lengths)
-            row["tau_us"] = 1000 * time_graph([run]) / COPIES
+            row["tau_us"] = solve_us(tau, qs, summs, seq, lengths)
             row["default"] = config == base
         except Exception as e:  # noqa: BLE001 - a config that fails is a result
             note(row, "note", e)
@@ -93,23 +98,29 @@ def write_markdown(rows, facts, path):
     path.write_text("\n".join(lines) + "\n")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def probe_main(doc: str, probe_fn, write_fn, results_name: str, script: str):
+    """The command line of the tau probes: every (batch, seq_len) through probe_fn(batch,
+    seq_len, gen, rows), then bench/results/<GPU>-<results_name>.{md,json} (or --out)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--batch", nargs="+", type=int, default=[8, 16])
     ap.add_argument("--seq-len", nargs="+", type=int, default=[32768, 131072])
     ap.add_argument("--out", default=None, help="results stem")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench/entmax_tau_probe.py needs a CUDA GPU")
+        sys.exit(f"{script} needs a CUDA GPU")
     facts = gpu_facts()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for batch in args.batch:
         for seq_len in args.seq_len:
-            probe(batch, seq_len, gen, rows)
+            probe_fn(batch, seq_len, gen, rows)
     stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        f"{facts['gpu_slug']}-entmax-tau-probe")
-    save_results(stem, facts, rows, lambda path: write_markdown(rows, facts, path))
+        f"{facts['gpu_slug']}-{results_name}")
+    save_results(stem, facts, rows, lambda path: write_fn(rows, facts, path))
+
+
+def main():
+    probe_main(__doc__, probe, write_markdown, "entmax-tau-probe", "bench/entmax_tau_probe.py")
 
 
 if __name__ == "__main__":

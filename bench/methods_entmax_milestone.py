@@ -39,8 +39,8 @@ from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa
                           GRAPH_CALLS)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
-from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxStatic,  # noqa: E402
-                                              EntmaxTauTriton)
+from sparsegen.codegen.entmax_kernels import EntmaxDecodeTriton, EntmaxStatic  # noqa: E402
+from sparsegen.codegen.entmax_tau import EntmaxTau  # noqa: E402
 from sparsegen.codegen.entmax_prefill import EntmaxPrefillTriton  # noqa: E402
 from sparsegen.codegen.milestone_kernels import MilestoneScoreTriton, MilestoneStatic  # noqa: E402
 from sparsegen.methods.entmax import (EntmaxRule, block_summaries,  # noqa: E402
@@ -96,14 +96,14 @@ SPEC_AT_SPARSITY = {0.75: "dash-entmax", 0.9: "dash-entmax-90"}
 
 
 def entmax_decode_kernels(c, batch, seq_len, target=0.75):
-    """The Triton tau solve at scale c and the decode kernel with the prior, at the configs
+    """The tau solve at scale c and the decode kernel with the prior, at the configs
     the emitted module of the example spec tuned at `target` sparsity runs at this shape
     (its nearest tuned buckets, else the defaults): (tau, att, {kernel: where its config
     came from})."""
     cfg, source = tuned_rule_configs({"entmax_tau": ENTMAX_STATIC,
                                       "entmax_decode": ENTMAX_STATIC},
                                      [SPEC_AT_SPARSITY[target]], batch, seq_len)
-    return (EntmaxTauTriton(ENTMAX_STATIC, cfg.get("entmax_tau"), scale=c),
+    return (EntmaxTau(ENTMAX_STATIC, cfg.get("entmax_tau"), scale=c),
             EntmaxDecodeTriton(ENTMAX_STATIC, cfg.get("entmax_decode")),
             {k: source.get(k, "default") for k in ("entmax_tau", "entmax_decode")})
 
@@ -116,7 +116,45 @@ def entmax_decode_step(tau, att, k, v, seq, summ, lengths):
     return step
 
 
-def bench_entmax_decode(batch, seq_len, target, rows, gen):
+def tau_variants(tau: EntmaxTau) -> dict:
+    """The tau solve as the row runs it and its other forms, each at its seed config: the
+    two Triton launches at the default config, the TileLang kernel at 256 and 512 threads."""
+    st, c = tau.static, tau.config
+    out = {f"as run ({c['algo']})": tau}
+    if c["algo"] == "tilelang":
+        out["triton default"] = EntmaxTau(st, None, scale=tau.scale)
+    for cfg in EntmaxTau.seed_configs(st):
+        if cfg != c:
+            out[f"tilelang {32 * cfg['num_warps']} threads"] = EntmaxTau(st, cfg,
+                                                                               scale=tau.scale)
+    return out
+
+
+def tau_ab(variants, att, k, v, seq, summ, qs, lengths, want, dense_mean):
+    """Same steps, same inputs, one tau form after another (each checked first): block mean
+    per call and of-ideal for each; `want` is the torch selection of qs[0]."""
+    out = {}
+    batch = seq.shape[0]
+    nb = want.indices.shape[-1]
+    for name, tau in variants.items():
+        r = out[name] = {"config": tau.config}
+        sel = tau(qs[0], summ, seq, lengths)
+        r["selection_rows_identical"] = sum(
+            sel.blocks(b, h) == want.blocks(b, h) for b in range(batch)
+            for h in range(HKV)) / (batch * HKV)
+        if r["selection_rows_identical"] < 0.99:
+            r["note"] = "selection differs from torch: not timed"
+            continue
+        # before the timed calls: they overwrite the kernel's persistent outputs
+        sparsity = 1 - sel.counts.float().mean().item() / nb
+        step = entmax_decode_step(tau, att, k, v, seq, summ, lengths)
+        r["step_mean_graph_ms"] = time_graph_per_call([lambda q=q: step(q) for q in qs])
+        r["tau_graph_ms"] = time_graph([lambda q=q: tau(q, summ, seq, lengths) for q in qs])
+        r["of_ideal_mean"] = dense_mean / r["step_mean_graph_ms"] * (1 - sparsity)
+    return out
+
+
+def bench_entmax_decode(batch, seq_len, target, rows, gen, ab=False):
     row = {"part": "entmax_decode", "batch": batch, "seq_len": seq_len, "target_sparsity": target}
     rows.append(row)
     try:
@@ -168,6 +206,9 @@ def bench_entmax_decode(batch, seq_len, target, rows, gen):
         row["speedup_mean"] = row["dense_mean_graph_ms"] / row["step_mean_graph_ms"]
         row["of_ideal_mean"] = row["speedup_mean"] / row["ideal_speedup"]
         row["tau_share_mean"] = 1 - row["attn_mean_graph_ms"] / row["step_mean_graph_ms"]
+        if ab:
+            row["tau_ab"] = tau_ab(tau_variants(tau), att, k, v, seq, summ, qs, lengths,
+                                   want, row["dense_mean_graph_ms"])
     except Exception as e:  # a failure is a result, not the end of the run
         note(row, "note", e)
     finally:
@@ -413,6 +454,20 @@ def write_markdown(rows, facts, path):
                      f"{r['step_mean_graph_ms']:.4f} | {r['attn_mean_graph_ms']:.4f} | "
                      f"{r['tau_share_mean']:.3f} | {r['dense_mean_graph_ms']:.4f} | "
                      f"{r['speedup_mean']:.2f} | {r['of_ideal_mean']:.2f} |")
+        ab = [r for r in dec if r.get("tau_ab")]
+        if ab:
+            L += ["", "Tau forms side by side (`--tau-ab`: the same steps and inputs, the "
+                  "attention as above, one solve after another; block mean per call of graphs "
+                  f"of {GRAPH_CALLS} calls; of ideal against the dense time above):", "",
+                  "| B | len | target | tau form | config | sel. rows = torch | tau ms (graph) | "
+                  "step ms | of ideal |", "|" + "---|" * 9]
+            for r in ab:
+                for name, t in r["tau_ab"].items():
+                    L.append(f"| {r['batch']} | {r['seq_len']} | {r['target_sparsity']} | "
+                             f"{name} | `{t['config']}` | {fmt(t.get('selection_rows_identical'))} | "
+                             f"{fmt(t.get('tau_graph_ms'), '.4f')} | "
+                             f"{fmt(t.get('step_mean_graph_ms'), '.4f')} | "
+                             f"{fmt(t.get('of_ideal_mean'), '.2f')} {t.get('note', '')} |")
         L.append("")
     pre = [r for r in rows if r["part"] == "entmax_prefill"]
     if pre:
@@ -460,6 +515,10 @@ def main():
     ap.add_argument("--parts", nargs="+", default=["decode", "prefill", "milestone"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None, help="results stem")
+    ap.add_argument("--tau-ab", action="store_true",
+                    help="also time each decode row with the other tau forms (Triton / TileLang)")
+    ap.add_argument("--shapes", nargs="+", default=None, metavar="BxN",
+                    help="decode shapes, e.g. 8x32768 16x131072 (default: the four targets)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/methods_entmax_milestone.py needs a CUDA GPU")
@@ -470,9 +529,11 @@ def main():
     if "decode" in args.parts:
         shapes = [(8, 32768)] if args.quick else [(8, 32768), (16, 32768), (8, 131072),
                                                    (16, 131072)]
+        if args.shapes:
+            shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
         for batch, n in shapes:
             for target in ((0.75,) if args.quick else (0.75, 0.9)):
-                bench_entmax_decode(batch, n, target, rows, gen)
+                bench_entmax_decode(batch, n, target, rows, gen, ab=args.tau_ab)
     if "prefill" in args.parts:
         bench_entmax_prefill(32768, 0.75, rows, gen)
     if "milestone" in args.parts:

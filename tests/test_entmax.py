@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxStatic,  # noqa: E402
                                               EntmaxTauTriton)
 from sparsegen.codegen.entmax_prefill import EntmaxPrefillTriton  # noqa: E402
+from sparsegen.codegen.entmax_tau import EntmaxTau  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
 from sparsegen.methods.entmax import (EntmaxDecoder, EntmaxPool, EntmaxRule, block_summaries,  # noqa: E402
                                       entmax, entmax_forward,
@@ -169,6 +170,27 @@ def test_tau_kernel_matches_torch(alpha, sink, local, chunk, scale, G, tiles):
             torch.testing.assert_close(got.bias[b, h, :c], exact.bias[b, h, :c].float(),
                                        rtol=1e-4, atol=1e-4)
     assert int(got.counts[0].min()) < math.ceil(700 / bs)  # sparse for the long sequence
+
+
+@needs_interp
+def test_tilelang_tau_off_a_gpu_runs_the_triton_pair():
+    """algo=tilelang on CPU tensors (here under the interpreter) selects with the Triton pair
+    at its default config, which matches the torch rule."""
+    B, Hkv, G, D, bs, cap = 3, 2, 4, 64, 16, 40
+    st = EntmaxStatic(block_size=bs, head_dim=D, group_size=G, dtype="fp16")
+    kern = EntmaxTau(st, EntmaxTau.seed_configs(st)[0], scale=6.0)
+    assert kern.tilelang is not None
+    g = _gen(5)
+    summ = torch.randn(B, Hkv, cap, D, generator=g).half()
+    q = torch.randn(B, Hkv * G, D, generator=g).half()
+    lengths = [cap * bs, 300, 9]
+    seq = torch.tensor(lengths, dtype=torch.int32)
+    got = kern(q, summ, seq, lengths)
+    want = select_blocks(q, summ, seq, st.rule(6.0), width=cap)
+    assert torch.equal(got.counts, want.counts)
+    for b in range(B):
+        for h in range(Hkv):
+            assert got.blocks(b, h) == want.blocks(b, h)
 
 
 @needs_interp
@@ -342,7 +364,7 @@ def test_decoder_on_triton_kernels_matches_torch_decoder():
 def test_configs_defaults_valid_and_bad_rejected():
     for st in (EntmaxStatic(64, 128, 4, "bf16"), EntmaxStatic(16, 64, 1, "fp16"),
                EntmaxStatic(128, 128, 8, "bf16", "paged", 128, alpha=1.3, prior=False)):
-        for cls in (EntmaxTauTriton, EntmaxDecodeTriton, EntmaxPrefillTriton):
+        for cls in (EntmaxTauTriton, EntmaxTau, EntmaxDecodeTriton, EntmaxPrefillTriton):
             cfg = cls.default_config(st)
             assert cls.check_config(st, cfg) is None, (cls, st)
             space = cls.tunable_space(st)
@@ -354,6 +376,39 @@ def test_configs_defaults_valid_and_bad_rejected():
                                                          "x": 1})
     with pytest.raises(ValueError):
         EntmaxPrefillTriton(st, bad)
+
+
+def test_tilelang_tau_configs():
+    """EntmaxTau's algo: TileLang seeds are feasible for bf16 / fp16 statics; the TileLang
+    corners (dtype, warps, tile, shared memory, unused Triton keys) and the Triton bounds are
+    named when rejected."""
+    st = EntmaxStatic(64, 128, 4, "bf16")
+    seeds = EntmaxTau.seed_configs(st)
+    assert len(seeds) == 2 and all(EntmaxTau.check_config(st, c) is None for c in seeds)
+    space = EntmaxTau.tunable_space(st)
+    assert all(c[k] in space[k] for c in seeds for k in c)
+    assert EntmaxTau.seed_configs(EntmaxStatic(64, 128, 4, "fp32")) == []
+    tl = seeds[0]
+    for bad, words in [({"num_warps": 4}, "8 or 16"), ({"block_j": 32}, "block_j"),
+                       ({"num_warps": 16, "block_j": 64}, ">= 128"),
+                       ({"block_j": 256, "stages": 3}, "exceed 128 KB"),
+                       ({"chunk": 256}, "chunk is unused"), ({"algo": "cuda"}, "algo")]:
+        assert words in EntmaxTau.check_config(st, {**tl, **bad}), bad
+    assert "tilelang: dtype" in EntmaxTau.check_config(EntmaxStatic(64, 128, 4, "fp32"), tl)
+    assert "at most 8 warps" in EntmaxTau.check_config(
+        st, {**EntmaxTau.default_config(st), "num_warps": 16})
+    with pytest.raises(ValueError):
+        EntmaxTau(EntmaxStatic(64, 128, 4, "fp32"), tl)
+
+
+@pytest.mark.parametrize("st", [EntmaxStatic(64, 128, 4, "bf16"),
+                                EntmaxStatic(32, 64, 7, "fp16", alpha=1.3, prior=False)],
+                         ids=["bf16-d128-g4", "fp16-d64-g7-a1.3"])
+def test_tilelang_tau_compiles_for_sm90(st):
+    """The TileLang tau kernel lowers and nvcc-compiles for sm_90a with no GPU (each seed)."""
+    for cfg in EntmaxTau.seed_configs(st):
+        facts = EntmaxTau(st, cfg).compile_sm90()
+        assert facts["tilelang_entmax_tau"]["cubin_bytes"] > 0
 
 
 def test_from_spec():

@@ -5,7 +5,8 @@ reference / __call__)."""
 from __future__ import annotations
 
 from .distill_kernels import DistillStatic, TritonDistillTarget
-from .entmax_kernels import EntmaxDecodeTriton, EntmaxStatic, EntmaxTauTriton
+from .entmax_kernels import EntmaxDecodeTriton, EntmaxStatic
+from .entmax_tau import EntmaxTau
 from .entmax_prefill import EntmaxPrefillTriton
 from .gate_kernels import GateScoreStatic, GateStepStatic, TritonGateScore, TritonGateStep
 from .milestone_kernels import (MilestoneScoreTriton, MilestoneSelectStatic,
@@ -39,7 +40,7 @@ def rule_kernels(spec) -> list[tuple[str, type, object]]:
                 ("block_select", TritonBlockSelect, SelectStatic(bs, "topk", rows))]
     if s.rule == "entmax":
         static = EntmaxStatic.from_spec(spec)
-        kernels = [("entmax_tau", EntmaxTauTriton, static),
+        kernels = [("entmax_tau", EntmaxTau, static),
                    ("entmax_decode", EntmaxDecodeTriton, static)]
         if "prefill" in spec.phases:
             kernels.append(("entmax_prefill", EntmaxPrefillTriton, static))

@@ -3,8 +3,8 @@ of every generated kernel), the device's arch string, and the per-process cache 
 compiled for a device (compiling takes seconds, so threads racing to the first call share
 one build).
 
-Used by the TileLang selection (tilelang_select.py); tilelang_decode.py still carries its own
-copy of these steps, to be moved here at its next re-tune (its source is part of its tuned
+Used by the TileLang selection (tilelang_select.py) and the entmax tau kernel
+(tilelang_entmax.py); tilelang_decode.py still carries its own copy of these steps, to be moved here at its next re-tune (its source is part of its tuned
 entries' key: see bench/NOTES.md).
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import threading
 from .backend import CompileError
 
 SM90_TARGET = {"kind": "cuda", "arch": "sm_90a"}
+TL_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}   # spec dtype -> TileLang's name
 
 _ARCHS: dict = {}            # (device type, index) -> "sm_90a", ...
 _KERNELS: dict = {}          # caller's key + arch + execution backend -> compiled kernel

@@ -63,12 +63,12 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
 
         selector = prefill = None
         if impl == "triton":
-            from ..codegen.entmax_kernels import EntmaxStatic, EntmaxTauTriton
+            from ..codegen.entmax_kernels import EntmaxStatic
             from ..codegen.entmax_prefill import EntmaxPrefillTriton
+            from ..codegen.entmax_tau import EntmaxTau
 
             static = EntmaxStatic.from_spec(spec)
-            selector = EntmaxTauTriton(static, kc.get("entmax_tau"),
-                                       scale=spec.selection.entmax.scale)
+            selector = EntmaxTau(static, kc.get("entmax_tau"), scale=spec.selection.entmax.scale)
             if "prefill" in spec.phases:
                 prefill = EntmaxPrefillTriton(static, kc.get("entmax_prefill")).attention
         dec = EntmaxDecoder.from_spec(spec, selector=selector, prefill_attention=prefill)

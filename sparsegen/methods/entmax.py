@@ -250,7 +250,8 @@ class EntmaxDecoder:
     """One layer's entmax decode: summaries kept beside the KV cache, one call per step.
 
     `selector(q, summaries, seq_lens, lengths)` -> Selection defaults to the torch rule
-    (`select_blocks`); the Triton tau kernels (EntmaxTauTriton) have the same signature.
+    (`select_blocks`); the tau kernels (sparsegen.codegen.entmax_tau.EntmaxTau) have the same
+    signature.
     `attend` follows decode_api plus `block_bias=` (the Triton EntmaxDecodeTriton; None is
     sparse_decode_reference) and is called with keywords, as in decode_step.
     """

@@ -1,0 +1,109 @@
+"""Where the TileLang tau kernel's time goes, beside the Triton solve (EntmaxTau algo=tilelang).
+
+    python bench/entmax_tau_tilelang_probe.py      # B 8 / 16 x 32K / 128K, 90 % skipped
+
+The decode selection of the entmax rule at the scale that skips 90 % of the blocks: the
+Triton pair (entmax_scores + entmax_select) at its default config, and the one-kernel
+TileLang form at several (block_j, stages, warps), each first checked to select exactly what
+the Triton pair selects; then two cuts of the first TileLang config that tell its parts
+apart (not checked, they select differently by design): no Halley steps (what the four
+solve passes cost) and sequences of two blocks over the same capacity (no scoring: the
+launch, the register run and the passes over an empty row). Times are CUDA-graph medians per
+call of one graph that solves over 4 copies of the summaries in turn, so every call reads
+its summaries from memory, as a decode layer does.
+Writes bench/results/<GPU>-entmax-tau-tilelang-probe.{md,json}.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import methods_entmax_milestone as em  # noqa: E402
+from bench.entmax_tau_probe import COPIES, probe_main, solve_us  # noqa: E402
+from bench.timing import note, results_header  # noqa: E402
+from sparsegen.codegen.entmax_tau import EntmaxTau  # noqa: E402
+
+TILELANG = [(64, 3, 8), (64, 2, 8), (128, 3, 8), (256, 2, 8), (128, 2, 16), (256, 2, 16)]
+
+
+def _tl_config(block_j, stages, warps):
+    return dict(EntmaxTau.default_config(em.ENTMAX_STATIC), algo="tilelang",
+                block_j=block_j, stages=stages, num_warps=warps)
+
+
+def variants():
+    """(name, statics, config, sequence blocks or None, checked)."""
+    st = em.ENTMAX_STATIC
+    out = [("triton default", st, None, None, True)]
+    out += [(f"tilelang bj{b} s{s} w{w}", st, _tl_config(b, s, w), None, True)
+            for b, s, w in TILELANG]
+    first = _tl_config(*TILELANG[0])
+    out += [("  cut: no Halley steps", dataclasses.replace(st, halley_iters=0), first, None,
+             False),
+            ("  cut: 2-block sequences (no scoring)", st, first, 2, False)]
+    return out
+
+
+def probe(batch, seq_len, gen, rows):
+    k, v, seq, summ, qs, c = em.entmax_decode_state(batch, seq_len, 0.9, gen)
+    del k, v
+    summs = [summ] + [summ.clone() for _ in range(COPIES - 1)]
+    want = None
+    for name, st, config, blocks, checked in variants():
+        row = {"batch": batch, "seq_len": seq_len, "form": name, "config": config}
+        try:
+            tau = EntmaxTau(st, config, scale=c)
+            s = seq if blocks is None else torch.full_like(seq, blocks * st.block_size)
+            lengths = [int(x) for x in s.tolist()]
+            sel = tau(qs[0], summ, s, lengths)
+            got = (sel.indices.clone(), sel.counts.clone(), sel.bias.clone())
+            if want is None:
+                want = got
+            if checked:
+                c_ = int(got[1].max())
+                row["same_selection"] = (torch.equal(got[1], want[1]) and torch.equal(
+                    got[0][..., :c_], want[0][..., :c_]))
+                if not row["same_selection"]:
+                    raise RuntimeError("selects differently from the Triton pair")
+            row["tau_us"] = solve_us(tau, qs, summs, s, lengths)
+        except Exception as e:  # noqa: BLE001 - a config that fails is a result
+            note(row, "note", e)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    torch.cuda.empty_cache()
+
+
+def write_markdown(rows, facts, path):
+    lines = [*results_header("entmax tau solve: the TileLang kernel's parts", facts),
+             "- Hq 32, Hkv 8, D 128, block 64, bf16, 90 % of blocks skipped; us per solve "
+             f"(CUDA graph over {COPIES} copies of the summaries in turn); checked forms select "
+             "exactly what the Triton pair does; the cuts are not checked (see the script)", ""]
+    for shape in sorted({(r["batch"], r["seq_len"]) for r in rows}):
+        rs = [r for r in rows if (r["batch"], r["seq_len"]) == shape]
+        base = next((r["tau_us"] for r in rs if r["form"] == "triton default" and "tau_us" in r),
+                    None)
+        lines += [f"## B {shape[0]}, {shape[1]} tokens", "", "| form | us | vs Triton | note |",
+                  "|---|---|---|---|"]
+        for r in rs:
+            us = r.get("tau_us")
+            vs = f"{base / us:.2f}x" if us and base else "-"
+            lines.append(f"| {r['form']} | {us:.1f} | {vs} | {r.get('note', '')[:80]} |"
+                         if us else f"| {r['form']} | - | - | {r.get('note', '')[:80]} |")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main():
+    probe_main(__doc__, probe, write_markdown, "entmax-tau-tilelang-probe",
+               "bench/entmax_tau_tilelang_probe.py")
+
+
+if __name__ == "__main__":
+    main()

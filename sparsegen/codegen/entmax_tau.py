@@ -1,0 +1,143 @@
+"""The entmax rule's tuned decode selection: the Triton pair or the one TileLang kernel.
+
+EntmaxTau is the `entmax_tau` kernel the tuner and the emitted module run. Its `algo` config
+key picks the form: `triton` is EntmaxTauTriton (entmax_scores + entmax_select, two launches;
+sparsegen.codegen.entmax_kernels), `tilelang` is TileLangEntmaxTau (scores, tau and the
+selection in one CTA a row; sparsegen.codegen.tilelang_entmax), which runs on CUDA devices for
+bf16 / fp16 statics and rows that fit its shared memory; elsewhere (e.g. under
+TRITON_INTERPRET) the Triton pair runs at its default config and selects the same blocks.
+Both take the same inputs and return the same Selection (sparsegen.methods.entmax).
+Kept apart from entmax_kernels.py so its edits leave the Triton kernels' tuned entries
+(entmax_decode shares that module) current.
+"""
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import torch
+
+from ..methods.entmax import Selection
+from .entmax_kernels import EntmaxTauTriton
+from .tilelang_entmax import TileLangEntmaxTau, unsupported
+from .triton_kernel import torch_dtype
+
+ALGOS = ("triton", "tilelang")
+
+
+class EntmaxTau(EntmaxTauTriton):
+    """EntmaxTauTriton's call and tuner protocol, plus `algo` (see the module doc). The TileLang
+    kernel uses block_j (summaries a pipeline step), stages and num_warps (8 or 16: 256 or 512
+    threads); the Triton-only keys stay at their defaults under it."""
+
+    depends_on = (TileLangEntmaxTau,)   # algo=tilelang renders and launches its template
+
+    @classmethod
+    def tunable_space(cls, static) -> dict[str, list]:
+        space = super().tunable_space(static)
+        return {"algo": list(ALGOS), **space, "block_j": sorted({*space["block_j"], 256}),
+                "num_warps": sorted({*space["num_warps"], 16})}
+
+    @classmethod
+    def default_config(cls, static) -> dict:
+        return {"algo": "triton", **super().default_config(static)}
+
+    @classmethod
+    def seed_configs(cls, static) -> list[dict]:
+        """The TileLang kernel at 256 and 512 threads, measured early in every study (one
+        algo of two; a few sampled trials could miss its few feasible points)."""
+        if unsupported(static):
+            return []
+        base = dict(cls.default_config(static), algo="tilelang")
+        return [dict(base, block_j=64, stages=3, num_warps=8),
+                dict(base, block_j=128, stages=2, num_warps=16)]
+
+    @classmethod
+    def check_config(cls, static, config) -> str | None:
+        algo = config.get("algo")
+        if algo not in ALGOS:
+            return f"algo={algo!r} is not one of {ALGOS}"
+        rest = {k: v for k, v in config.items() if k != "algo"}
+        if algo == "triton":
+            if rest.get("num_warps", 0) > 8 or rest.get("block_j", 0) > 128:
+                return (f"num_warps={rest.get('num_warps')}, block_j={rest.get('block_j')}: "
+                        "the Triton kernels take at most 8 warps and 128-block tiles")
+            return super().check_config(static, rest)
+        if reason := unsupported(static):
+            return f"tilelang: {reason}"
+        default = super().default_config(static)
+        if set(rest) != set(default):
+            return f"tilelang: config keys {sorted(rest)} are not {sorted(default)}"
+        if not 1.0 < static.alpha <= 2.0:
+            return f"alpha={static.alpha} out of (1, 2]"
+        if rest["num_warps"] not in (8, 16):
+            return "tilelang: num_warps must be 8 or 16 (256 or 512 threads)"
+        if rest["block_j"] not in (64, 128, 256) or rest["block_j"] < 8 * rest["num_warps"]:
+            return ("tilelang: block_j must be 64, 128 or 256 and give each warp 8 columns of "
+                    f"the score tile (>= {8 * rest['num_warps']})")
+        if not 1 <= rest["stages"] <= 3:
+            return f"stages={rest['stages']} out of [1, 3]"
+        staged = rest["stages"] * rest["block_j"] * static.head_dim * 2
+        if staged > 128 * 1024:
+            # beside a row of z (64 KB at the longest) in the H100's 227 KB of shared memory
+            return f"tilelang: {staged // 1024} KB of staged summaries exceed 128 KB"
+        for key in ("tiles", "chunk", "select_warps"):
+            if rest[key] != default[key]:
+                return f"tilelang: {key} is unused (no Triton kernel runs); leave {default[key]}"
+        return None
+
+    def template_params(self) -> dict:
+        params = super().template_params()
+        params.pop("algo")
+        return params
+
+    @cached_property
+    def tilelang(self) -> TileLangEntmaxTau | None:
+        """The TileLang kernel of algo=tilelang, else None."""
+        c = self.config
+        if c["algo"] != "tilelang":
+            return None
+        return TileLangEntmaxTau(self.static, 32 * c["num_warps"], c["block_j"], c["stages"],
+                                 self.build_dir)
+
+    @cached_property
+    def _triton(self) -> EntmaxTauTriton:
+        """The Triton pair at its default config: algo=tilelang where TileLang cannot run."""
+        return EntmaxTauTriton(self.static, None, self.build_dir, self.scale)
+
+    def compile_sm90(self, keep_asm: bool = False) -> dict:
+        if self.tilelang is not None:
+            return self.tilelang.compile_sm90()
+        return super().compile_sm90(keep_asm)
+
+    def __call__(self, q, summaries, seq_lens, lengths=None):
+        tl = self.tilelang
+        if tl is None:
+            return super().__call__(q, summaries, seq_lens, lengths)
+        cap = summaries.shape[2]
+        if not (q.is_cuda and tl.fits(cap)):
+            return self._triton(q, summaries, seq_lens, lengths)
+        s = self.static
+        B, Hq, D = q.shape
+        Hkv = summaries.shape[1]
+        if D != s.head_dim or Hq != Hkv * s.group_size:
+            raise ValueError(f"q {tuple(q.shape)} / summaries {tuple(summaries.shape)} do not "
+                             f"match head_dim={s.head_dim}, group_size={s.group_size}")
+        if q.dtype != torch_dtype(s.dtype) or summaries.dtype != q.dtype:
+            raise TypeError(f"q and summaries must be {s.dtype}")
+        out = self._outputs(B, Hkv, cap, q.device)
+        tl(q.contiguous(), summaries.contiguous(), seq_lens, out,
+           (s.alpha - 1.0) * self.scale / math.sqrt(D))
+        return Selection(*out)
+
+    def _outputs(self, B, Hkv, cap, device):
+        """Persistent (indices, counts, bias) of a shape, as the Triton pair keeps them (only
+        the first count entries of a row are written)."""
+        key = ("tilelang", B, Hkv, cap, device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = (
+                torch.full((B, Hkv, cap), -1, dtype=torch.int32, device=device),
+                torch.zeros(B, Hkv, dtype=torch.int32, device=device),
+                torch.zeros(B, Hkv, cap, dtype=torch.float32, device=device))
+        return buf
