@@ -48,9 +48,25 @@ def _configs_to_compile(kernel, db) -> list[tuple[str, dict]]:
     return out
 
 
+def _rule_configs_to_compile(kernel, db) -> list[dict]:
+    """A rule kernel's (plan.RuleKernelPlan) default config, then every distinct config the
+    database holds for it (on any GPU, with today's templates): what an emitted package's
+    decoder may render."""
+    from .emit import _best_entries
+    from .tune.db import kernel_identity
+
+    out = [kernel.adapter.default_config(kernel.static)]
+    for _gpu, entries in _best_entries(db, kernel_identity(kernel)):
+        for e in entries:
+            if e["best"]["config"] not in out:
+                out.append(e["best"]["config"])
+    return out
+
+
 def cmd_compile(args) -> int:
-    """Render every kernel of the plan with its default configs and the tuned configs in the
-    database, and compile each for Hopper; needs no GPU."""
+    """Render every kernel of the plan (attention and rule kernels) with its default configs
+    and the tuned configs in the database, and compile each for Hopper; needs no GPU."""
+    from .plan import rule_kernel_plans
     from .tune.db import TuningDB
 
     spec, plan = _load(args.spec)
@@ -74,15 +90,19 @@ def cmd_compile(args) -> int:
                 continue
             print(f"ok   {kernel.name} [{backend}] {adapter.config} -> {path.name} "
                   f"{json.dumps(facts, default=str)}")
+    tuned_rules = {k.name: k for k in rule_kernel_plans(plan)}
     for name, adapter_cls, static in plan.rule_kernels:
-        adapter = adapter_cls(static, None, build_dir)
-        try:
-            facts = adapter.compile_sm90()
-        except Exception as e:
-            failures += 1
-            print(f"FAIL {name} [triton]: {str(e).splitlines()[0][:300]}")
-            continue
-        print(f"ok   {name} [triton] {adapter.config} {json.dumps(facts, default=str)[:300]}")
+        configs = (_rule_configs_to_compile(tuned_rules[name], db) if name in tuned_rules
+                   else [None])
+        for config in configs:
+            try:
+                adapter = adapter_cls(static, config, build_dir)
+                facts = adapter.compile_sm90()
+            except Exception as e:  # a stored config today's adapter rejects, or a compiler failure
+                failures += 1
+                print(f"FAIL {name} [triton] {config}: {str(e).splitlines()[0][:300]}")
+                continue
+            print(f"ok   {name} [triton] {adapter.config} {json.dumps(facts, default=str)[:300]}")
     if failures:
         raise SparsegenError(f"{failures} kernel(s) failed to compile for sm_90a")
     return 0
