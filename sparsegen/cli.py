@@ -67,7 +67,7 @@ def cmd_compile(args) -> int:
     """Render every kernel of the plan (attention and rule kernels) with its default configs
     and the tuned configs in the database, and compile each for Hopper; needs no GPU."""
     from .plan import rule_kernel_plans
-    from .tune.db import TuningDB
+    from .tune.db import TuningDB, backend_label
 
     spec, plan = _load(args.spec)
     build_dir = Path(args.build_dir) if args.build_dir else None
@@ -102,7 +102,8 @@ def cmd_compile(args) -> int:
                 failures += 1
                 print(f"FAIL {name} [triton] {config}: {str(e).splitlines()[0][:300]}")
                 continue
-            print(f"ok   {name} [triton] {adapter.config} {json.dumps(facts, default=str)[:300]}")
+            print(f"ok   {name} [{backend_label('triton', adapter.config)}] {adapter.config} "
+                  f"{json.dumps(facts, default=str)[:300]}")
     if failures:
         raise SparsegenError(f"{failures} kernel(s) failed to compile for sm_90a")
     return 0

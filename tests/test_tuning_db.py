@@ -10,8 +10,8 @@ import pytest
 
 from tests import tune_fakes
 from sparsegen.errors import SparsegenError
-from sparsegen.tune.db import (DbError, GpuId, TuningDB, detect_gpu, identity_key,
-                               kernel_identity, library_versions, nearest_bucket)
+from sparsegen.tune.db import (DbError, GpuId, TuningDB, backend_label, detect_gpu,
+                               identity_key, kernel_identity, library_versions, nearest_bucket)
 
 GPU = GpuId("NVIDIA H100 80GB HBM3", "9.0")
 VERSIONS = {"tilelang": "0.1.15", "torch": "2.11.0", "triton": "3.6.0"}
@@ -137,6 +137,15 @@ def test_corrupt_or_hand_edited_file_is_refused_and_kept(tmp_path, identity, dam
     with pytest.raises(DbError):
         db.prune(lambda data, entry: False)
     assert path.read_text() == bad  # never overwritten
+
+
+def test_backend_label_names_the_algorithm_a_config_picks():
+    """A TileLang form recorded under its adapter's backend reads as such in `db list`, the
+    tune summary and `sparsegen compile`."""
+    assert backend_label("triton", {"algo": "tilelang", "num_warps": 8}) == "triton (tilelang)"
+    assert backend_label("triton", {"algo": "radix8"}) == "triton (radix8)"
+    assert backend_label("triton", {"algo": "triton"}) == "triton"
+    assert backend_label("tilelang", {"block_n": 64}) == "tilelang"
 
 
 def test_nearest_bucket():

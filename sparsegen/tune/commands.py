@@ -197,7 +197,7 @@ def _selected(args):
 
 
 def cmd_db_list(args) -> int:
-    from .db import shape_key
+    from .db import backend_label, shape_key
 
     rows = []
     for path, data, e in _selected(args):
@@ -206,7 +206,8 @@ def cmd_db_list(args) -> int:
         bw = f"{b['bandwidth_gbs']:.0f}" if b.get("bandwidth_gbs") else "-"
         vers = " ".join(f"{k}={v}" for k, v in sorted(e["versions"].items()))
         rows.append((path.parent.name, f"{data['kernel']['name']}-{data['kernel']['key'][:8]}",
-                     shape_key(e["shape"]), b["backend"], f"{b['median_ms']:.4f}", bw, gain,
+                     shape_key(e["shape"]), backend_label(b["backend"], b["config"]),
+                     f"{b['median_ms']:.4f}", bw, gain,
                      vers))
     if not rows:
         print(f"no entries in {_db(args).root}" + (" matching the filters" if

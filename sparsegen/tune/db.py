@@ -189,6 +189,13 @@ def identity_key(identity: dict) -> str:
     return _digest(identity)[:16]
 
 
+def backend_label(backend: str, config: dict) -> str:
+    """How a tuned winner's backend reads: the adapter's backend, plus the algorithm when its
+    config picks one (block_select / entmax_tau record `triton` for their TileLang forms)."""
+    algo = config.get("algo")
+    return f"{backend} ({algo})" if algo and algo != backend else backend
+
+
 def shape_key(shape: dict) -> str:
     return f"b{shape['batch']}_s{shape['seq_len']}"
 

@@ -46,7 +46,8 @@ from optuna.trial import TrialState
 from ..errors import SparsegenError
 from ..plan import rule_kernel_plans
 from .bench import workload_of
-from .db import GpuId, TuningDB, identity_key, kernel_identity, library_versions
+from .db import (GpuId, TuningDB, backend_label, identity_key, kernel_identity,
+                 library_versions)
 from .progress import Progress, tally
 from .space import Candidate, SearchSpace
 from .worker import ChildWorker, WorkerPool
@@ -667,7 +668,8 @@ def print_summary(results: list[ShapeResult], stream=None) -> None:
             gain = f" {d['median_ms'] / b['median_ms']:.2f}x vs default" if d["median_ms"] else ""
             bw = f" {b['bandwidth_gbs']:.0f} GB/s" if b.get("bandwidth_gbs") else ""
             cut = f" ({r.message})" if r.message else ""
-            print(f"{r.status:6} {r.kernel} {r.shape}: {b['backend']} {b['median_ms']:.4f} ms"
+            print(f"{r.status:6} {r.kernel} {r.shape}: {backend_label(b['backend'], b['config'])} "
+                  f"{b['median_ms']:.4f} ms"
                   f"{bw}{gain}{cut}", file=stream)
         else:
             print(f"{r.status:6} {r.kernel} {r.shape}: {r.message}", file=stream)
