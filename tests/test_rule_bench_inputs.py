@@ -21,8 +21,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxStatic,  # noqa: E402
-                                              EntmaxTauTriton)
+from sparsegen.codegen.entmax_kernels import EntmaxDecodeTriton, EntmaxStatic  # noqa: E402
+from sparsegen.codegen.entmax_tau import EntmaxTau  # noqa: E402
 from sparsegen.codegen.gate_kernels import GateStepStatic, TritonGateStep  # noqa: E402
 from sparsegen.codegen.milestone_kernels import (MilestoneScoreTriton,  # noqa: E402
                                                  MilestoneSelectStatic, MilestoneSelectTriton,
@@ -39,8 +39,10 @@ SPECS = Path(__file__).resolve().parents[1] / "examples" / "specs"
 TOL = 1e-2  # the tuner's default tolerance
 
 GATE_SMALL = {"pairs": 4, "chunk_k": 64, "block_b": 2, "num_warps": 4}  # several tiles
-TAU_SMALL = {"block_j": 16, "tiles": 2, "stages": 2, "chunk": 16, "num_warps": 4,
-             "select_warps": 4}
+TAU_SMALL = {"algo": "triton", "block_j": 16, "tiles": 2, "stages": 2, "chunk": 16,
+             "num_warps": 4, "select_warps": 4}
+# the TileLang form's seed: off a GPU (here) the Triton pair runs it at its default config
+TAU_TILELANG = EntmaxTau.seed_configs(EntmaxStatic(16, 64, 4, "fp16"))[0]
 SEL_SMALL = {"head_chunk": 4, "block_chunk": 16, "rank_sort": 1, "num_warps": 4}
 
 
@@ -67,9 +69,11 @@ CASES = [
     ("quest_score-paged-mean-shared", TritonQuestScore,
      QuestStatic(16, 32, 4, "fp32", "mean_pooled", "shared", "paged", 32), None, 3, 200,
      {"kv_heads": 2}),
-    ("entmax_tau", EntmaxTauTriton, EntmaxStatic(16, 32, 4, "fp16"), TAU_SMALL, 3, 300,
+    ("entmax_tau", EntmaxTau, EntmaxStatic(16, 32, 4, "fp16"), TAU_SMALL, 3, 300,
      {"kv_heads": 2, "budget_blocks": 6}),
-    ("entmax_tau-alpha2-sink2", EntmaxTauTriton,
+    ("entmax_tau-tilelang-off-gpu", EntmaxTau, EntmaxStatic(16, 64, 4, "fp16"), TAU_TILELANG,
+     3, 300, {"kv_heads": 2, "budget_blocks": 6}),
+    ("entmax_tau-alpha2-sink2", EntmaxTau,
      EntmaxStatic(16, 64, 2, "fp32", sink_blocks=2, local_blocks=2, alpha=2.0), TAU_SMALL,
      2, 500, {"kv_heads": 2, "budget_blocks": 12}),
     ("entmax_decode", EntmaxDecodeTriton, EntmaxStatic(16, 32, 4, "fp16"), "decode", 2, 300,
