@@ -33,33 +33,21 @@ def cmd_check(args) -> int:
     return 0
 
 
-def _configs_to_compile(kernel, db) -> list[tuple[str, dict]]:
-    """Each backend's heuristic default, then every distinct config the database holds for
-    this kernel (on any GPU): what an emitted package may load."""
+def _configs_to_compile(kernel, defaults: list[tuple[str, dict]],
+                        db) -> list[tuple[str, dict]]:
+    """The (backend, config) defaults given, then every distinct config the database holds for
+    this kernel (attention or rule kernel plan; on any GPU, with today's templates) on one of
+    their backends: what an emitted package may load or its decoder render."""
     from .emit import _best_entries
     from .tune.db import kernel_identity
 
-    out = [(b, decode_backend(b).default_config(kernel.static)) for b in kernel.backends]
+    out = list(defaults)
+    backends = {b for b, _ in defaults}
     for _gpu, entries in _best_entries(db, kernel_identity(kernel)):
         for e in entries:
             cand = (e["best"]["backend"], e["best"]["config"])
-            if cand[0] in kernel.backends and cand not in out:
+            if cand[0] in backends and cand not in out:
                 out.append(cand)
-    return out
-
-
-def _rule_configs_to_compile(kernel, db) -> list[dict]:
-    """A rule kernel's (plan.RuleKernelPlan) default config, then every distinct config the
-    database holds for it (on any GPU, with today's templates): what an emitted package's
-    decoder may render."""
-    from .emit import _best_entries
-    from .tune.db import kernel_identity
-
-    out = [kernel.adapter.default_config(kernel.static)]
-    for _gpu, entries in _best_entries(db, kernel_identity(kernel)):
-        for e in entries:
-            if e["best"]["config"] not in out:
-                out.append(e["best"]["config"])
     return out
 
 
@@ -74,7 +62,8 @@ def cmd_compile(args) -> int:
     db = TuningDB(args.db)
     failures = 0
     for kernel in plan.kernels:
-        for backend, config in _configs_to_compile(kernel, db):
+        defaults = [(b, decode_backend(b).default_config(kernel.static)) for b in kernel.backends]
+        for backend, config in _configs_to_compile(kernel, defaults, db):
             try:
                 adapter = decode_backend(backend)(kernel.static, config, build_dir)
             except ValueError as e:  # a stored config today's adapter rejects
@@ -92,8 +81,10 @@ def cmd_compile(args) -> int:
                   f"{json.dumps(facts, default=str)}")
     tuned_rules = {k.name: k for k in rule_kernel_plans(plan)}
     for name, adapter_cls, static in plan.rule_kernels:
-        configs = (_rule_configs_to_compile(tuned_rules[name], db) if name in tuned_rules
-                   else [None])
+        # rule kernels have one backend: Triton adapters (TileLang forms are their `algo`)
+        configs = ([c for _, c in _configs_to_compile(
+            tuned_rules[name], [("triton", adapter_cls.default_config(static))], db)]
+            if name in tuned_rules else [None])
         for config in configs:
             try:
                 adapter = adapter_cls(static, config, build_dir)

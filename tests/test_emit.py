@@ -249,14 +249,15 @@ def test_compile_covers_every_tuned_rule_kernel_config():
     """`sparsegen compile` (the main job) compiles each rule kernel at its default and at every
     distinct config the committed database holds for it: what an emitted decoder may render
     (here the entmax tau kernel, whose tuned configs run TileLang and Triton)."""
-    from sparsegen.cli import _rule_configs_to_compile
+    from sparsegen.cli import _configs_to_compile
     from sparsegen.emit import _best_entries
     from sparsegen.plan import rule_kernel_plans
 
     db = TuningDB(ROOT / "tuning_db")
     plan = make_plan(load_spec(SPECS / "dash-entmax.yaml"))
     tau = next(k for k in rule_kernel_plans(plan) if k.name == "entmax_tau")
-    configs = _rule_configs_to_compile(tau, db)
+    default = tau.adapter.default_config(tau.static)
+    configs = [c for _, c in _configs_to_compile(tau, [("triton", default)], db)]
     assert configs[0] == tau.adapter.default_config(tau.static)
     assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs)
     tuned = [e["best"]["config"] for _, es in _best_entries(db, kernel_identity(tau)) for e in es]

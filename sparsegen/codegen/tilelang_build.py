@@ -16,7 +16,7 @@ from .backend import CompileError
 SM90_TARGET = {"kind": "cuda", "arch": "sm_90a"}
 TL_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}   # spec dtype -> TileLang's name
 
-_ARCHS: dict = {}            # (device type, index) -> "sm_90a", ...
+_ARCHS: dict = {}            # CUDA device index -> "sm_90a", ...
 _KERNELS: dict = {}          # caller's key + arch + execution backend -> compiled kernel
 _LOCK = threading.Lock()
 
