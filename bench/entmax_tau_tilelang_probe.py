@@ -4,11 +4,12 @@
 
 The decode selection of the entmax rule at the scale that skips 90 % of the blocks: the
 Triton pair (entmax_scores + entmax_select) at its default config, and the one-kernel
-TileLang form at several (block_j, stages, warps), each first checked to select exactly what
-the Triton pair selects; then two cuts of the first TileLang config that tell its parts
-apart (not checked, they select differently by design): no Halley steps (what the four
+TileLang form at several (block_j, stages, warps, cluster), each first checked to select
+exactly what the Triton pair selects; then two cuts of the first TileLang config that tell
+its parts apart (not checked, they select differently by design): no Halley steps (what the four
 solve passes cost) and sequences of two blocks over the same capacity (no scoring: the
-launch, the register run and the passes over an empty row). Times are CUDA-graph medians per
+launch, the register run and the passes over an empty row), the latter also for a cluster
+of 2 (what the cluster's launch, push and barrier add). Times are CUDA-graph medians per
 call of one graph that solves over 4 copies of the summaries in turn, so every call reads
 its summaries from memory, as a decode layer does.
 Writes bench/results/<GPU>-entmax-tau-tilelang-probe.{md,json}.
@@ -30,24 +31,28 @@ from bench.entmax_tau_probe import COPIES, probe_main, solve_us  # noqa: E402
 from bench.timing import note, results_header  # noqa: E402
 from sparsegen.codegen.entmax_tau import EntmaxTau  # noqa: E402
 
-TILELANG = [(64, 3, 8), (64, 2, 8), (128, 3, 8), (256, 2, 8), (128, 2, 16), (256, 2, 16)]
+TILELANG = [  # (block_j, stages, warps, cluster): one CTA a row, then a cluster of 2 / 4
+    (64, 3, 8, 1), (64, 2, 8, 1), (128, 3, 8, 1), (256, 2, 8, 1), (128, 2, 16, 1),
+    (256, 2, 16, 1), (64, 2, 8, 2), (128, 2, 8, 2), (64, 2, 8, 4), (64, 1, 8, 4),
+    (128, 2, 8, 4), (128, 2, 16, 4)]
 
 
-def _tl_config(block_j, stages, warps):
+def _tl_config(block_j, stages, warps, cluster):
     return dict(EntmaxTau.default_config(em.ENTMAX_STATIC), algo="tilelang",
-                block_j=block_j, stages=stages, num_warps=warps)
+                block_j=block_j, stages=stages, num_warps=warps, cluster=cluster)
 
 
 def variants():
     """(name, statics, config, sequence blocks or None, checked)."""
     st = em.ENTMAX_STATIC
     out = [("triton default", st, None, None, True)]
-    out += [(f"tilelang bj{b} s{s} w{w}", st, _tl_config(b, s, w), None, True)
-            for b, s, w in TILELANG]
+    out += [(f"tilelang bj{b} s{s} w{w}" + (f" cluster {c}" if c > 1 else ""), st,
+             _tl_config(b, s, w, c), None, True) for b, s, w, c in TILELANG]
     first = _tl_config(*TILELANG[0])
     out += [("  cut: no Halley steps", dataclasses.replace(st, halley_iters=0), first, None,
              False),
-            ("  cut: 2-block sequences (no scoring)", st, first, 2, False)]
+            ("  cut: 2-block sequences (no scoring)", st, first, 2, False),
+            ("  cut: 2-block sequences, cluster 2", st, _tl_config(64, 2, 8, 2), 2, False)]
     return out
 
 

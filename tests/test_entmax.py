@@ -379,17 +379,19 @@ def test_configs_defaults_valid_and_bad_rejected():
 
 
 def test_tilelang_tau_configs():
-    """EntmaxTau's algo: TileLang seeds are feasible for bf16 / fp16 statics; the TileLang
-    corners (dtype, warps, tile, shared memory, unused Triton keys) and the Triton bounds are
-    named when rejected."""
+    """EntmaxTau's algo: TileLang seeds (one CTA a row and a 2-CTA cluster) are feasible for
+    bf16 / fp16 statics; the TileLang corners (dtype, warps, tile, shared memory, cluster,
+    unused Triton keys) and the Triton bounds are named when rejected."""
     st = EntmaxStatic(64, 128, 4, "bf16")
     seeds = EntmaxTau.seed_configs(st)
-    assert len(seeds) == 2 and all(EntmaxTau.check_config(st, c) is None for c in seeds)
+    assert len(seeds) == 3 and all(EntmaxTau.check_config(st, c) is None for c in seeds)
+    assert sorted(c["cluster"] for c in seeds) == [1, 1, 2]
     space = EntmaxTau.tunable_space(st)
     assert all(c[k] in space[k] for c in seeds for k in c)
     assert EntmaxTau.seed_configs(EntmaxStatic(64, 128, 4, "fp32")) == []
     tl = seeds[0]
-    for bad, words in [({"num_warps": 4}, "8 or 16"), ({"block_j": 32}, "block_j"),
+    for bad, words in [({"num_warps": 4}, "(256, 512) threads"), ({"block_j": 32}, "block_j"),
+                       ({"cluster": 3}, "cluster=3"), ({"cluster": None}, "cluster"),
                        ({"num_warps": 16, "block_j": 64}, ">= 128"),
                        ({"block_j": 256, "stages": 3}, "exceed 128 KB"),
                        ({"chunk": 256}, "chunk is unused"), ({"algo": "cuda"}, "algo")]:
@@ -397,6 +399,8 @@ def test_tilelang_tau_configs():
     assert "tilelang: dtype" in EntmaxTau.check_config(EntmaxStatic(64, 128, 4, "fp32"), tl)
     assert "at most 8 warps" in EntmaxTau.check_config(
         st, {**EntmaxTau.default_config(st), "num_warps": 16})
+    assert "no cluster" in EntmaxTau.check_config(st, {**EntmaxTau.default_config(st),
+                                                       "cluster": 2})
     with pytest.raises(ValueError):
         EntmaxTau(EntmaxStatic(64, 128, 4, "fp32"), tl)
 
@@ -405,8 +409,10 @@ def test_tilelang_tau_configs():
                                 EntmaxStatic(32, 64, 7, "fp16", alpha=1.3, prior=False)],
                          ids=["bf16-d128-g4", "fp16-d64-g7-a1.3"])
 def test_tilelang_tau_compiles_for_sm90(st):
-    """The TileLang tau kernel lowers and nvcc-compiles for sm_90a with no GPU (each seed)."""
-    for cfg in EntmaxTau.seed_configs(st):
+    """The TileLang tau kernel lowers and nvcc-compiles for sm_90a with no GPU (each seed, and
+    a 4-CTA cluster of 512 threads)."""
+    seeds = EntmaxTau.seed_configs(st)
+    for cfg in [*seeds, dict(seeds[1], cluster=4)]:
         facts = EntmaxTau(st, cfg).compile_sm90()
         assert facts["tilelang_entmax_tau"]["cubin_bytes"] > 0
 

@@ -8,7 +8,9 @@ GPU against the plain-torch rule (sparsegen.methods.entmax.select_blocks):
   grid and far above the sequence;
 - on random inputs, against the fp64 rule: the selections differ at most in blocks whose fp64
   p_bar is at the support's edge (< 1e-5), where fp32 rounding of tau decides;
-- the Triton fallback of a row too long for shared memory, and a CUDA-graph replay.
+- the Triton fallback of a row too long for shared memory, and a CUDA-graph replay;
+- rows scored by a cluster of 2 or 4 CTAs (`cluster`), as exact as one CTA a row, the graph
+  replay included.
 Skipped without a GPU (CI has none); run on an H100 with
 `python -m pytest -q tests/test_entmax_tilelang_gpu.py`."""
 from __future__ import annotations
@@ -24,8 +26,9 @@ from sparsegen.methods.entmax import select_blocks
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 F64 = torch.float64
-CONFIGS = {  # (block_j, stages, num_warps)
-    "bj64-s3-w8": (64, 3, 8), "bj128-s2-w16": (128, 2, 16), "bj256-s1-w8": (256, 1, 8)}
+CONFIGS = {  # (block_j, stages, num_warps, cluster)
+    "bj64-s3-w8": (64, 3, 8, 1), "bj128-s2-w16": (128, 2, 16, 1), "bj256-s1-w8": (256, 1, 8, 1),
+    "bj64-s2-w8-c4": (64, 2, 8, 4), "bj128-s2-w16-c2": (128, 2, 16, 2)}
 STATICS = [  # (block_size, head_dim, group, dtype, sink, local, alpha, prior)
     (64, 128, 4, "bf16", 1, 1, 1.5, True), (64, 128, 1, "bf16", 1, 1, 1.5, True),
     (32, 64, 8, "fp16", 2, 1, 1.5, False), (16, 128, 7, "bf16", 1, 3, 2.0, True),
@@ -33,9 +36,9 @@ STATICS = [  # (block_size, head_dim, group, dtype, sink, local, alpha, prior)
 
 
 def _kernel(st: EntmaxStatic, cfg: str, scale: float = 1.0) -> EntmaxTau:
-    bj, stages, nw = CONFIGS[cfg]
+    bj, stages, nw, cluster = CONFIGS[cfg]
     config = dict(EntmaxTau.default_config(st), algo="tilelang", block_j=bj,
-                  stages=stages, num_warps=nw)
+                  stages=stages, num_warps=nw, cluster=cluster)
     assert EntmaxTau.check_config(st, config) is None
     return EntmaxTau(st, config, scale=scale)
 
@@ -93,7 +96,7 @@ def test_exact_support_equals_reference(stat, cfg, seq_len, cap_extra):
         _assert_same(got, want)
 
 
-@pytest.mark.parametrize("cfg", ["bj64-s3-w8", "bj128-s2-w16"])
+@pytest.mark.parametrize("cfg", ["bj64-s3-w8", "bj128-s2-w16", "bj64-s2-w8-c4"])
 @pytest.mark.parametrize("G,D", [(4, 128), (8, 64), (3, 128)])
 def test_random_inputs_match_fp64_off_the_edge(cfg, G, D):
     st = EntmaxStatic(64, D, G, "bf16")
@@ -125,10 +128,11 @@ def test_row_too_long_for_shared_memory_runs_triton():
     _assert_same(got, want)
 
 
-def test_in_a_cuda_graph():
+@pytest.mark.parametrize("cfg", ["bj64-s3-w8", "bj64-s2-w8-c4"])
+def test_in_a_cuda_graph(cfg):
     """Captured once, replayed on new queries and summaries written into the same buffers."""
     st = EntmaxStatic(64, 128, 4, "bf16")
-    kern = _kernel(st, "bj64-s3-w8")
+    kern = _kernel(st, cfg)
     a = EntmaxTau.bench_inputs(st, 4, 64 * 512, budget_blocks=50, seed=2)
     b = EntmaxTau.bench_inputs(st, 4, 64 * 512, budget_blocks=30, seed=3)
     q, summ, seq = a["q"].clone(), a["summaries"].clone(), a["seq_lens"].clone()

@@ -3,12 +3,12 @@
 EntmaxTau is the `entmax_tau` kernel the tuner and the emitted module run. Its `algo` config
 key picks the form: `triton` is EntmaxTauTriton (entmax_scores + entmax_select, two launches;
 sparsegen.codegen.entmax_kernels), `tilelang` is TileLangEntmaxTau (scores, tau and the
-selection in one CTA a row; sparsegen.codegen.tilelang_entmax), which runs on CUDA devices for
-bf16 / fp16 statics and rows that fit its shared memory; elsewhere (e.g. under
-TRITON_INTERPRET) the Triton pair runs at its default config and selects the same blocks.
-Both take the same inputs and return the same Selection (sparsegen.methods.entmax).
-Kept apart from entmax_kernels.py so its edits leave the Triton kernels' tuned entries
-(entmax_decode shares that module) current.
+selection in one launch, one CTA a row or a cluster of `cluster` CTAs scoring it;
+sparsegen.codegen.tilelang_entmax), which runs on CUDA devices for bf16 / fp16 statics and
+rows that fit its shared memory; elsewhere (e.g. under TRITON_INTERPRET) the Triton pair
+runs at its default config and selects the same blocks. Both take the same inputs and
+return the same Selection (sparsegen.methods.entmax). Kept apart from entmax_kernels.py so
+its edits leave the Triton kernels' tuned entries (entmax_decode shares that module) current.
 """
 from __future__ import annotations
 
@@ -19,61 +19,71 @@ import torch
 
 from ..methods.entmax import Selection
 from .entmax_kernels import EntmaxTauTriton
-from .tilelang_entmax import TileLangEntmaxTau, unsupported
+from .tilelang_entmax import BLOCK_J, CLUSTERS, THREADS, TileLangEntmaxTau, unsupported
 from .triton_kernel import torch_dtype
 
 ALGOS = ("triton", "tilelang")
 
 
 class EntmaxTau(EntmaxTauTriton):
-    """EntmaxTauTriton's call and tuner protocol, plus `algo` (see the module doc). The TileLang
-    kernel uses block_j (summaries a pipeline step), stages and num_warps (8 or 16: 256 or 512
-    threads); the Triton-only keys stay at their defaults under it."""
+    """EntmaxTauTriton's call and tuner protocol, plus `algo` and `cluster` (see the module
+    doc). The TileLang kernel uses block_j (summaries a pipeline step), stages, num_warps (8 or
+    16: 256 or 512 threads) and cluster (CTAs scoring a row); the Triton-only keys stay at
+    their defaults under it, and cluster at 1 under algo=triton."""
 
     depends_on = (TileLangEntmaxTau,)   # algo=tilelang renders and launches its template
+    OWN_KEYS = ("algo", "cluster")      # the keys EntmaxTauTriton does not have
 
     @classmethod
     def tunable_space(cls, static) -> dict[str, list]:
         space = super().tunable_space(static)
-        return {"algo": list(ALGOS), **space, "block_j": sorted({*space["block_j"], 256}),
-                "num_warps": sorted({*space["num_warps"], 16})}
+        return {"algo": list(ALGOS), **space, "block_j": sorted({*space["block_j"], *BLOCK_J}),
+                "num_warps": sorted({*space["num_warps"], *(t // 32 for t in THREADS)}),
+                "cluster": list(CLUSTERS)}
 
     @classmethod
     def default_config(cls, static) -> dict:
-        return {"algo": "triton", **super().default_config(static)}
+        return {"algo": "triton", **super().default_config(static), "cluster": 1}
 
     @classmethod
     def seed_configs(cls, static) -> list[dict]:
-        """The TileLang kernel at 256 and 512 threads, measured early in every study (one
-        algo of two; a few sampled trials could miss its few feasible points)."""
+        """The TileLang kernel at 256 and 512 threads, and a row over a cluster of 2 CTAs,
+        measured early in every study (one algo of two; a few sampled trials could miss its
+        few feasible points). A cluster can pay where rows are fewer than half the SMs
+        (batch 8 at 128K: 64 rows); clusters of 4 ran in two waves there (H100: 40 vs 28 us,
+        bench/results/H100-tune-dash-entmax-tau-cluster.log)."""
         if unsupported(static):
             return []
         base = dict(cls.default_config(static), algo="tilelang")
         return [dict(base, block_j=64, stages=3, num_warps=8),
-                dict(base, block_j=128, stages=2, num_warps=16)]
+                dict(base, block_j=128, stages=2, num_warps=16),
+                dict(base, block_j=64, stages=3, num_warps=8, cluster=2)]
 
     @classmethod
     def check_config(cls, static, config) -> str | None:
-        algo = config.get("algo")
+        algo, cluster = config.get("algo"), config.get("cluster")
         if algo not in ALGOS:
             return f"algo={algo!r} is not one of {ALGOS}"
-        rest = {k: v for k, v in config.items() if k != "algo"}
+        if cluster not in CLUSTERS:
+            return f"cluster={cluster!r} is not one of {CLUSTERS}"
+        rest = {k: v for k, v in config.items() if k not in cls.OWN_KEYS}
         if algo == "triton":
-            if rest.get("num_warps", 0) > 8 or rest.get("block_j", 0) > 128:
-                return (f"num_warps={rest.get('num_warps')}, block_j={rest.get('block_j')}: "
-                        "the Triton kernels take at most 8 warps and 128-block tiles")
+            if rest.get("num_warps", 0) > 8 or rest.get("block_j", 0) > 128 or cluster != 1:
+                return (f"num_warps={rest.get('num_warps')}, block_j={rest.get('block_j')}, "
+                        f"cluster={cluster}: the Triton kernels take at most 8 warps and "
+                        "128-block tiles, and no cluster (1)")
             return super().check_config(static, rest)
         if reason := unsupported(static):
             return f"tilelang: {reason}"
         default = super().default_config(static)
         if set(rest) != set(default):
             return f"tilelang: config keys {sorted(rest)} are not {sorted(default)}"
-        if not 1.0 < static.alpha <= 2.0:
-            return f"alpha={static.alpha} out of (1, 2]"
-        if rest["num_warps"] not in (8, 16):
-            return "tilelang: num_warps must be 8 or 16 (256 or 512 threads)"
-        if rest["block_j"] not in (64, 128, 256) or rest["block_j"] < 8 * rest["num_warps"]:
-            return ("tilelang: block_j must be 64, 128 or 256 and give each warp 8 columns of "
+        if bad := super().check_config(static, rest):   # key types, alpha
+            return bad
+        if 32 * rest["num_warps"] not in THREADS:
+            return f"tilelang: num_warps must give {THREADS} threads"
+        if rest["block_j"] not in BLOCK_J or rest["block_j"] < 8 * rest["num_warps"]:
+            return (f"tilelang: block_j must be in {BLOCK_J} and give each warp 8 columns of "
                     f"the score tile (>= {8 * rest['num_warps']})")
         if not 1 <= rest["stages"] <= 3:
             return f"stages={rest['stages']} out of [1, 3]"
@@ -88,7 +98,8 @@ class EntmaxTau(EntmaxTauTriton):
 
     def template_params(self) -> dict:
         params = super().template_params()
-        params.pop("algo")
+        for key in self.OWN_KEYS:
+            params.pop(key)
         return params
 
     @cached_property
@@ -98,7 +109,7 @@ class EntmaxTau(EntmaxTauTriton):
         if c["algo"] != "tilelang":
             return None
         return TileLangEntmaxTau(self.static, 32 * c["num_warps"], c["block_j"], c["stages"],
-                                 self.build_dir)
+                                 c["cluster"], self.build_dir)
 
     @cached_property
     def _triton(self) -> EntmaxTauTriton:

@@ -6,9 +6,11 @@ entmax_select (one program a row runs ~iters + 3 passes, each a chain of block-w
 reductions through Triton's layouts). Here one CTA a (KV head, batch) row scores its
 summaries through shared memory into a shared row of z, and one warp solves each query head's
 tau by passes over that row reduced with warp shuffles (no block barrier inside the solve):
-the decode step loses one dependent launch and the solve's reductions get cheaper. The row length is a compile-time
-bound picked per call from the summaries' capacity (a power of two), so one config serves
-every capacity up to the shared-memory bound; compiled kernels are cached per process.
+the decode step loses one dependent launch and the solve's reductions get cheaper. With
+`cluster` > 1 a thread-block cluster of CTAs scores a row (few rows, e.g. batch 8 at 128K,
+leave one CTA a row short of the memory bandwidth) and rank 0 solves. The row length is a
+compile-time bound picked per call from the summaries' capacity (a power of two), so one config
+serves every capacity up to the shared-memory bound; compiled kernels are cached per process.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from .triton_kernel import next_pow2
 MAX_ROW_VALUES = 16384   # group x blocks of z in shared memory (64 KB fp32)
 THREADS = (256, 512)
 BLOCK_J = (64, 128, 256)
+CLUSTERS = (1, 2, 4)     # CTAs scoring a row (a thread-block cluster; rank 0 solves)
 
 
 def unsupported(static) -> str | None:
@@ -33,18 +36,22 @@ def unsupported(static) -> str | None:
 
 class TileLangEntmaxTau:
     """The rendered TileLang tau kernel for EntmaxStatic statics and (threads, block_j,
-    stages)."""
+    stages, cluster)."""
 
     template = "tilelang/entmax_tau.py.j2"
 
-    def __init__(self, static, threads: int, block_j: int, stages: int, build_dir=None):
+    def __init__(self, static, threads: int, block_j: int, stages: int, cluster: int = 1,
+                 build_dir=None):
         if reason := unsupported(static):
             raise ValueError(f"TileLang entmax tau: {reason}")
-        if threads not in THREADS or block_j not in BLOCK_J or not 1 <= stages <= 4:
-            raise ValueError(f"threads={threads}, block_j={block_j}, stages={stages}: threads "
-                             f"in {THREADS}, block_j in {BLOCK_J}, stages in [1, 4]")
+        if (threads not in THREADS or block_j not in BLOCK_J or not 1 <= stages <= 4
+                or cluster not in CLUSTERS):
+            raise ValueError(f"threads={threads}, block_j={block_j}, stages={stages}, "
+                             f"cluster={cluster}: threads in {THREADS}, block_j in {BLOCK_J}, "
+                             f"stages in [1, 4], cluster in {CLUSTERS}")
         self.static, self.threads, self.block_j, self.stages = static, threads, block_j, stages
-        self.build_dir = build_dir
+        self.cluster, self.build_dir = cluster, build_dir
+        self._keys: dict = {}    # nmax -> compile-cache key (built once, not per decode step)
 
     def fits(self, capacity: int) -> bool:
         """Whether a row of `capacity` blocks fits the shared row of z."""
@@ -52,8 +59,10 @@ class TileLangEntmaxTau:
 
     def nmax(self, capacity: int) -> int:
         """The compiled row bound for `capacity` blocks (a power of two, a whole number of
-        runs and of score tiles)."""
-        return max(next_pow2(max(capacity, 1)), self.threads, self.block_j)
+        runs, and of score tiles and of threads for each CTA of the cluster: its push to rank 0
+        is whole rounds of the threads)."""
+        per_cta = max(self.threads, self.block_j) if self.cluster > 1 else self.block_j
+        return max(next_pow2(max(capacity, 1)), self.threads, per_cta * self.cluster)
 
     def _params(self, nmax: int) -> dict:
         s = self.static
@@ -61,7 +70,8 @@ class TileLangEntmaxTau:
                 "dtype": s.dtype, "tl_dtype": TL_DTYPES[s.dtype], "sink_blocks": s.sink_blocks,
                 "local_blocks": s.local_blocks, "alpha": float(s.alpha),
                 "iters": s.halley_iters, "prior": s.prior, "threads": self.threads,
-                "block_j": self.block_j, "stages": self.stages, "nmax": nmax}
+                "block_j": self.block_j, "stages": self.stages, "cluster": self.cluster,
+                "nmax": nmax}
 
     def _module(self, nmax: int):
         from .render import render_and_import
@@ -70,7 +80,7 @@ class TileLangEntmaxTau:
 
     def _what(self) -> str:
         return (f"tilelang entmax_tau ({self.threads} threads, block_j {self.block_j}, "
-                f"{self.stages} stages)")
+                f"{self.stages} stages, cluster {self.cluster})")
 
     def compile_sm90(self, capacity: int = 2048) -> dict:
         """Lower and nvcc-compile for sm_90a with no GPU; facts of the build."""
@@ -83,6 +93,8 @@ class TileLangEntmaxTau:
         [B] int32, out = (indices [B, Hkv, cap] int32, counts [B, Hkv] int32, bias
         [B, Hkv, cap] fp32), contiguous. No device sync."""
         nmax = self.nmax(summaries.shape[2])
-        key = ("entmax_tau", *sorted(self._params(nmax).items()))
+        key = self._keys.get(nmax)
+        if key is None:
+            key = self._keys[nmax] = ("entmax_tau", *sorted(self._params(nmax).items()))
         kernel = compiled_for(key, summaries.device, lambda: self._module(nmax), self._what())
         kernel(q, summaries, seq_lens, *out, float(coef))

@@ -191,9 +191,13 @@ def identity_key(identity: dict) -> str:
 
 def backend_label(backend: str, config: dict) -> str:
     """How a tuned winner's backend reads: the adapter's backend, plus the algorithm when its
-    config picks one (block_select / entmax_tau record `triton` for their TileLang forms)."""
-    algo = config.get("algo")
-    return f"{backend} ({algo})" if algo and algo != backend else backend
+    config picks one (block_select / entmax_tau record `triton` for their TileLang forms) and
+    the thread-block cluster a row runs on when there is one (entmax_tau's `cluster`)."""
+    algo, cluster = config.get("algo"), config.get("cluster", 1)
+    parts = [algo] if algo and algo != backend else []
+    if cluster != 1:
+        parts.append(f"cluster {cluster}")
+    return f"{backend} ({', '.join(parts)})" if parts else backend
 
 
 def shape_key(shape: dict) -> str:
