@@ -405,6 +405,25 @@ def test_tilelang_tau_configs():
         EntmaxTau(EntmaxStatic(64, 128, 4, "fp32"), tl)
 
 
+def test_tuner_draws_entmax_tau_keys_per_algo():
+    """The tuner's space for the example spec's entmax_tau branches on algo: under tilelang
+    the Triton-only keys are fixed at their defaults, under triton the cluster at 1 and the
+    tiles / warps within the Triton kernels' bounds (no trial wasted on a mix)."""
+    from sparsegen.plan import make_plan, rule_kernel_plans
+    from sparsegen.tune.space import SearchSpace
+
+    plan = make_plan(load_spec(ROOT / "examples/specs/dash-entmax.yaml"))
+    tau = next(k for k in rule_kernel_plans(plan) if k.name == "entmax_tau")
+    (backend,) = tau.backends
+    branches = SearchSpace(tau).branches(backend)
+    default = EntmaxTau.default_config(tau.static)
+    tl, tr = branches["tilelang"], branches["triton"]
+    assert all(tl[k] == [default[k]] for k in ("tiles", "chunk", "select_warps"))
+    assert tl["num_warps"] == [8, 16] and tl["block_j"] == [64, 128, 256]
+    assert tl["cluster"] == [1, 2, 4] and tr["cluster"] == [1]
+    assert max(tr["num_warps"]) == 8 and max(tr["block_j"]) == 128
+
+
 @pytest.mark.parametrize("st", [EntmaxStatic(64, 128, 4, "bf16"),
                                 EntmaxStatic(32, 64, 7, "fp16", alpha=1.3, prior=False)],
                          ids=["bf16-d128-g4", "fp16-d64-g7-a1.3"])

@@ -47,6 +47,33 @@ class FakeFailing(FakeDecode):
 _ADAPTERS.setdefault("fakefail", ("tests.test_tuner", "FakeFailing"))
 
 
+class FakeForms(FakeDecode):
+    """Two forms under `algo`, each with values of its own: a takes tiles <= 32 and one
+    lane, b tiles >= 64 and four lanes (and FakeDecode's tile x stages bound)."""
+
+    name = "fakeforms"
+
+    @classmethod
+    def tunable_space(cls, static):
+        return {"algo": ["a", "b"], "tile": [16, 32, 64, 128], "warps": [1, 2, 4, 8],
+                "stages": [1, 2], "lanes": [1, 4]}
+
+    @classmethod
+    def default_config(cls, static):
+        return {"algo": "a", "tile": 32, "warps": 2, "stages": 2, "lanes": 1}
+
+    @classmethod
+    def check_config(cls, static, config):
+        if config["algo"] == "a" and (config["tile"] > 32 or config["lanes"] != 1):
+            return "form a takes tiles <= 32 and one lane"
+        if config["algo"] == "b" and (config["tile"] < 64 or config["lanes"] != 4):
+            return "form b takes tiles >= 64 and four lanes"
+        return super().check_config(static, config)
+
+
+_ADAPTERS.setdefault("fakeforms", ("tests.test_tuner", "FakeForms"))
+
+
 def options(tmp_path, **kw) -> TuneOptions:
     kw.setdefault("trials", 8)
     return TuneOptions(gpu=GPU, db=TuningDB(tmp_path / "db"), timeout_s=kw.pop("timeout_s", 5.0),
@@ -84,6 +111,52 @@ def test_space_defaults_and_static_feasibility():
     cand = space.defaults()[1]
     assert space.from_params(space.params(cand)) == cand and cand.key == space.from_params(
         space.params(cand)).key
+
+
+def test_space_branches_on_algo():
+    """A backend with an `algo` key: a trial draws the form first, then only the values some
+    feasible config of that form takes (fixed keys as one-choice params); params round-trip
+    under the branched names, and flat params (studies recorded before) still parse."""
+    space = SearchSpace(fake_kernel(backends=("fakeforms",)))
+    assert space.branches("fakeforms") == {
+        "a": {"tile": [16, 32], "warps": [1, 2, 4, 8], "stages": [1, 2], "lanes": [1]},
+        "b": {"tile": [64, 128], "warps": [1, 2, 4, 8], "stages": [1, 2], "lanes": [4]}}
+    assert SearchSpace(fake_kernel()).branches("fake") is None   # no algo key
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    reasons = []
+    for _ in range(60):
+        trial = study.ask()
+        cand = space.suggest(trial)
+        reasons.append(space.infeasibility(cand))
+        study.tell(trial, 1.0)
+    assert {c.params["fakeforms/algo"] for c in study.trials} == {"a", "b"}
+    # only the cross-key bound is left to reject (tile 128 x stages 2 under b)
+    assert {r for r in reasons if r} <= {"tile*stages=256 exceeds shared memory"}
+    assert reasons.count(None) >= 45
+    cand = Candidate("fakeforms", {"algo": "b", "tile": 64, "warps": 4, "stages": 1,
+                                   "lanes": 4})
+    params = space.params(cand)
+    assert params == {"backend": "fakeforms", "fakeforms/algo": "b", "fakeforms/b.tile": 64,
+                      "fakeforms/b.warps": 4, "fakeforms/b.stages": 1, "fakeforms/b.lanes": 4}
+    assert space.from_params(params).key == cand.key
+    flat = {"backend": "fakeforms", **{f"fakeforms.{k}": v for k, v in cand.config.items()}}
+    assert space.from_params(flat).key == cand.key
+    assert space.feasible_count() == 2 * 4 * 2 + (4 * 2 + 4 * 1)   # a: 16; b: 8 + 4
+
+
+def test_tune_over_a_branched_space(tmp_path, fake_log):
+    """A whole CPU tune over forms: the default (form a) enqueued first under the branched
+    names, the winner form b's best (tile 64, 4 warps, 1 stage: the fake cost's minimum)."""
+    kernel = fake_kernel(backends=("fakeforms",), shapes=((2, 2048),))
+    (r,) = tune_plan(FakePlan(kernel), options(tmp_path, trials=16))
+    assert r.status == "tuned"
+    trials = load_study(tmp_path, kernel, kernel.shapes[0]).get_trials()
+    assert trials[0].params["fakeforms/algo"] == "a"
+    assert all("fakeforms/algo" in t.params for t in trials)
+    infeasible = [t for t in trials if t.user_attrs.get("outcome") == "infeasible"]
+    assert all("exceeds shared memory" in t.user_attrs["reason"] for t in infeasible)
+    assert r.entry["best"]["config"]["algo"] in ("a", "b")
+    assert r.entry["best"]["median_ms"] <= r.entry["default"]["median_ms"]
 
 
 def test_tune_enqueues_defaults_first_and_reports_infeasible_on_cpu(tmp_path, fake_log):

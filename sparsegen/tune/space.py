@@ -1,7 +1,12 @@
 """The search space of one kernel: which backend, then that backend's tunables.
 
 Optuna sees a conditional categorical space: `backend`, then `<backend>.<tunable>` for the
-chosen backend only. Static feasibility (shared memory, registers, divisibility, tile vs
+chosen backend only. A backend whose config has an `algo` key (a form whose other keys are
+its own: block_select's radix / TileLang selects, entmax_tau's Triton pair / TileLang kernel)
+branches once more: `<backend>/algo`, then `<backend>/<algo>.<tunable>` over the values that
+some feasible config of that form takes (the space's feasible points projected, when the
+space is small enough to enumerate), so a trial stops drawing one form's keys at values only
+the other form can run. Static feasibility (shared memory, registers, divisibility, tile vs
 group size: the adapter's `check_config`) is decided here on the CPU; an infeasible
 candidate is reported with `trial.set_constraint` and pruned before any GPU time, so the
 sampler learns to avoid that region.
@@ -16,6 +21,7 @@ import optuna
 
 CONSTRAINT = "static_feasibility"  # > 0: the config cannot run on the target
 ENUMERATE_LIMIT = 200_000          # spaces up to this size are counted exactly
+BRANCH_KEY = "algo"                # a config key that picks a form with keys of its own
 
 
 @dataclass(frozen=True)
@@ -45,26 +51,64 @@ class SearchSpace:
                 if name in space and value not in space[name]:
                     space[name].append(value)
             self.choices[b] = space
-        self._feasible_count = None
+        self._feasible: dict[str, list[dict]] = {}   # backend -> feasible configs
+        self._branches: dict[str, dict | None] = {}
 
     # --- sampling ----------------------------------------------------------------------
     def suggest(self, trial: optuna.Trial) -> Candidate:
         backend = trial.suggest_categorical("backend", list(self.adapters))
-        config = {name: trial.suggest_categorical(f"{backend}.{name}", values)
-                  for name, values in self.choices[backend].items()}
+        branches = self.branches(backend)
+        if branches is None:
+            config = {name: trial.suggest_categorical(f"{backend}.{name}", values)
+                      for name, values in self.choices[backend].items()}
+        else:
+            form = trial.suggest_categorical(f"{backend}/{BRANCH_KEY}", list(branches))
+            config = {BRANCH_KEY: form, **{
+                name: trial.suggest_categorical(f"{backend}/{form}.{name}", values)
+                for name, values in branches[form].items()}}
         return Candidate(backend, config)
 
     def params(self, cand: Candidate) -> dict:
-        """Optuna params of a candidate (for enqueue_trial)."""
-        return {"backend": cand.backend,
-                **{f"{cand.backend}.{k}": v for k, v in cand.config.items()}}
+        """Optuna params of a candidate (for enqueue_trial), named as suggest() names them."""
+        b, form = cand.backend, cand.config.get(BRANCH_KEY)
+        branches = self.branches(b)
+        if branches is None or form not in branches:
+            return {"backend": b, **{f"{b}.{k}": v for k, v in cand.config.items()}}
+        return {"backend": b, f"{b}/{BRANCH_KEY}": form,
+                **{f"{b}/{form}.{k}": v for k, v in cand.config.items() if k != BRANCH_KEY}}
 
     @staticmethod
     def from_params(params: dict) -> Candidate:
+        """The candidate of a trial's params, flat (`b.key`) or branched (`b/algo`,
+        `b/<algo>.key`)."""
         backend = params["backend"]
-        prefix = backend + "."
-        return Candidate(backend, {k[len(prefix):]: v for k, v in params.items()
-                                   if k.startswith(prefix)})
+        n = len(backend) + 1
+        config = {}
+        for k, v in params.items():
+            if k.startswith(backend + "."):
+                config[k[n:]] = v
+            elif k.startswith(backend + "/"):
+                config[k[n:].rsplit(".", 1)[-1]] = v
+        return Candidate(backend, config)
+
+    def branches(self, backend: str) -> dict | None:
+        """{algo value: {key: choices}} of a backend whose space has an `algo` key: per form,
+        each other key's values among the form's feasible configs (every value of the
+        declared choices, in their order). None without such a key, when the space is too
+        large to enumerate, or when no config is feasible."""
+        if backend not in self._branches:
+            space = self.choices[backend]
+            feasible = self._feasible_configs(backend) if BRANCH_KEY in space else None
+            out = None
+            if feasible:
+                out = {}
+                for form in space[BRANCH_KEY]:
+                    mine = [c for c in feasible if c[BRANCH_KEY] == form]
+                    if mine:
+                        out[form] = {k: [v for v in values if any(c[k] == v for c in mine)]
+                                     for k, values in space.items() if k != BRANCH_KEY}
+            self._branches[backend] = out
+        return self._branches[backend]
 
     # --- feasibility -------------------------------------------------------------------
     def infeasibility(self, cand: Candidate) -> str | None:
@@ -144,14 +188,20 @@ class SearchSpace:
             total += n
         return total
 
+    def _feasible_configs(self, backend: str) -> list[dict] | None:
+        """Every feasible config of a backend (None when the space is too large)."""
+        if backend not in self._feasible:
+            if self.size() > ENUMERATE_LIMIT:
+                return None
+            space = self.choices[backend]
+            names = list(space)
+            configs = (dict(zip(names, values)) for values in itertools.product(*space.values()))
+            self._feasible[backend] = [c for c in configs
+                                       if self.infeasibility(Candidate(backend, c)) is None]
+        return self._feasible[backend]
+
     def feasible_count(self) -> int | None:
         """Feasible candidates in the whole space (None when too large to enumerate)."""
-        if self._feasible_count is None and self.size() <= ENUMERATE_LIMIT:
-            count = 0
-            for backend, space in self.choices.items():
-                names = list(space)
-                for values in itertools.product(*space.values()):
-                    cand = Candidate(backend, dict(zip(names, values)))
-                    count += self.infeasibility(cand) is None
-            self._feasible_count = count
-        return self._feasible_count
+        if self.size() > ENUMERATE_LIMIT:
+            return None
+        return sum(len(self._feasible_configs(b)) for b in self.choices)
