@@ -98,14 +98,19 @@ def write_markdown(rows, facts, path):
     path.write_text("\n".join(lines) + "\n")
 
 
-def probe_main(doc: str, probe_fn, write_fn, results_name: str, script: str):
+def probe_main(doc: str, probe_fn, write_fn, results_name: str, script: str,
+               add_args=None):
     """The command line of the tau probes: every (batch, seq_len) through probe_fn(batch,
-    seq_len, gen, rows), then bench/results/<GPU>-<results_name>.{md,json} (or --out)."""
+    seq_len, gen, rows), then bench/results/<GPU>-<results_name>.{md,json} (or --out).
+    add_args(parser) adds a probe's own options and returns what takes the parsed args."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--batch", nargs="+", type=int, default=[8, 16])
     ap.add_argument("--seq-len", nargs="+", type=int, default=[32768, 131072])
     ap.add_argument("--out", default=None, help="results stem")
+    use_args = add_args(ap) if add_args else None
     args = ap.parse_args()
+    if use_args:
+        use_args(args)
     if not torch.cuda.is_available():
         sys.exit(f"{script} needs a CUDA GPU")
     facts = gpu_facts()

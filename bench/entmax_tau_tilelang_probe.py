@@ -1,6 +1,7 @@
 """Where the TileLang tau kernel's time goes, beside the Triton solve (EntmaxTau algo=tilelang).
 
     python bench/entmax_tau_tilelang_probe.py      # B 8 / 16 x 32K / 128K, 90 % skipped
+    python bench/entmax_tau_tilelang_probe.py --batch 8 --seq-len 131072 --forms cut "s3 w8"
 
 The decode selection of the entmax rule at the scale that skips 90 % of the blocks: the
 Triton pair (entmax_scores + entmax_select) at its default config, and the one-kernel
@@ -33,7 +34,7 @@ from sparsegen.codegen.entmax_tau import EntmaxTau  # noqa: E402
 
 TILELANG = [  # (block_j, stages, warps, cluster): one CTA a row, then a cluster of 2 / 4
     (64, 3, 8, 1), (64, 2, 8, 1), (128, 3, 8, 1), (256, 2, 8, 1), (128, 2, 16, 1),
-    (256, 2, 16, 1), (64, 2, 8, 2), (128, 2, 8, 2), (64, 2, 8, 4), (64, 1, 8, 4),
+    (256, 2, 16, 1), (64, 3, 8, 2), (128, 2, 8, 2), (64, 2, 8, 4), (64, 1, 8, 4),
     (128, 2, 8, 4), (128, 2, 16, 4)]
 
 
@@ -52,8 +53,11 @@ def variants():
     out += [("  cut: no Halley steps", dataclasses.replace(st, halley_iters=0), first, None,
              False),
             ("  cut: 2-block sequences (no scoring)", st, first, 2, False),
-            ("  cut: 2-block sequences, cluster 2", st, _tl_config(64, 2, 8, 2), 2, False)]
-    return out
+            ("  cut: 2-block sequences, cluster 2", st, _tl_config(64, 3, 8, 2), 2, False),
+            ("  cut: no Halley steps, cluster 2", dataclasses.replace(st, halley_iters=0),
+             _tl_config(64, 3, 8, 2), None, False)]
+    return [v for v in out if FORMS is None or v[0] == "triton default"
+            or any(f in v[0] for f in FORMS)]
 
 
 def probe(batch, seq_len, gen, rows):
@@ -105,9 +109,22 @@ def write_markdown(rows, facts, path):
     path.write_text("\n".join(lines) + "\n")
 
 
+FORMS = None   # --forms: only the variants whose names hold one of these (and the Triton one)
+
+
+def _forms_option(ap):
+    ap.add_argument("--forms", nargs="+", default=None,
+                    help="only the variants whose names hold one of these (and the Triton one)")
+
+    def use(args):
+        global FORMS
+        FORMS = args.forms
+    return use
+
+
 def main():
     probe_main(__doc__, probe, write_markdown, "entmax-tau-tilelang-probe",
-               "bench/entmax_tau_tilelang_probe.py")
+               "bench/entmax_tau_tilelang_probe.py", _forms_option)
 
 
 if __name__ == "__main__":
