@@ -32,30 +32,41 @@ from bench.entmax_tau_probe import COPIES, probe_main, solve_us  # noqa: E402
 from bench.timing import note, results_header  # noqa: E402
 from sparsegen.codegen.entmax_tau import EntmaxTau  # noqa: E402
 
-TILELANG = [  # (block_j, stages, warps, cluster): one CTA a row, then a cluster of 2 / 4
-    (64, 3, 8, 1), (64, 2, 8, 1), (128, 3, 8, 1), (256, 2, 8, 1), (128, 2, 16, 1),
-    (256, 2, 16, 1), (64, 3, 8, 2), (128, 2, 8, 2), (64, 2, 8, 4), (64, 1, 8, 4),
-    (128, 2, 8, 4), (128, 2, 16, 4)]
+TILELANG = [  # (block_j, stages, warps, cluster, head_split): one CTA a row and one warp a
+    # head, then the heads split over the warps, then a cluster of 2 / 4
+    (64, 3, 8, 1, 0), (64, 2, 8, 1, 0), (128, 3, 8, 1, 0), (256, 2, 8, 1, 0), (128, 2, 16, 1, 0),
+    (256, 2, 16, 1, 0), (64, 3, 8, 1, 1), (128, 2, 16, 1, 1), (64, 3, 8, 2, 0),
+    (64, 3, 8, 2, 1), (128, 2, 8, 2, 0), (64, 2, 8, 4, 0), (64, 1, 8, 4, 0), (128, 2, 8, 4, 0),
+    (128, 2, 16, 4, 0)]
 
 
-def _tl_config(block_j, stages, warps, cluster):
+def _tl_config(block_j, stages, warps, cluster, head_split=0):
     return dict(EntmaxTau.default_config(em.ENTMAX_STATIC), algo="tilelang",
-                block_j=block_j, stages=stages, num_warps=warps, cluster=cluster)
+                block_j=block_j, stages=stages, num_warps=warps, cluster=cluster,
+                head_split=head_split)
+
+
+def _tl_name(block_j, stages, warps, cluster, head_split):
+    return (f"tilelang bj{block_j} s{stages} w{warps}" + (f" cluster {cluster}" if cluster > 1
+                                                          else "")
+            + (" split" if head_split else ""))
 
 
 def variants():
     """(name, statics, config, sequence blocks or None, checked)."""
     st = em.ENTMAX_STATIC
     out = [("triton default", st, None, None, True)]
-    out += [(f"tilelang bj{b} s{s} w{w}" + (f" cluster {c}" if c > 1 else ""), st,
-             _tl_config(b, s, w, c), None, True) for b, s, w, c in TILELANG]
+    out += [(_tl_name(*t), st, _tl_config(*t), None, True) for t in TILELANG]
     first = _tl_config(*TILELANG[0])
     out += [("  cut: no Halley steps", dataclasses.replace(st, halley_iters=0), first, None,
              False),
             ("  cut: 2-block sequences (no scoring)", st, first, 2, False),
             ("  cut: 2-block sequences, cluster 2", st, _tl_config(64, 3, 8, 2), 2, False),
             ("  cut: no Halley steps, cluster 2", dataclasses.replace(st, halley_iters=0),
-             _tl_config(64, 3, 8, 2), None, False)]
+             _tl_config(64, 3, 8, 2), None, False),
+            ("  cut: no Halley steps, split", dataclasses.replace(st, halley_iters=0),
+             _tl_config(64, 3, 8, 1, 1), None, False),
+            ("  cut: 2-block sequences, split", st, _tl_config(64, 3, 8, 1, 1), 2, False)]
     return [v for v in out if FORMS is None or v[0] == "triton default"
             or any(f in v[0] for f in FORMS)]
 

@@ -384,14 +384,16 @@ def test_tilelang_tau_configs():
     unused Triton keys) and the Triton bounds are named when rejected."""
     st = EntmaxStatic(64, 128, 4, "bf16")
     seeds = EntmaxTau.seed_configs(st)
-    assert len(seeds) == 3 and all(EntmaxTau.check_config(st, c) is None for c in seeds)
-    assert sorted(c["cluster"] for c in seeds) == [1, 1, 2]
+    assert len(seeds) == 5 and all(EntmaxTau.check_config(st, c) is None for c in seeds)
+    assert sorted(c["cluster"] for c in seeds) == [1, 1, 1, 1, 2]
+    assert sorted(c["head_split"] for c in seeds) == [0, 0, 0, 1, 1]
     space = EntmaxTau.tunable_space(st)
     assert all(c[k] in space[k] for c in seeds for k in c)
     assert EntmaxTau.seed_configs(EntmaxStatic(64, 128, 4, "fp32")) == []
     tl = seeds[0]
     for bad, words in [({"num_warps": 4}, "(256, 512) threads"), ({"block_j": 32}, "block_j"),
                        ({"cluster": 3}, "cluster=3"), ({"cluster": None}, "cluster"),
+                       ({"head_split": 2}, "head_split=2"),
                        ({"num_warps": 16, "block_j": 64}, ">= 128"),
                        ({"block_j": 256, "stages": 3}, "exceed 128 KB"),
                        ({"chunk": 256}, "chunk is unused"), ({"algo": "cuda"}, "algo")]:
@@ -401,6 +403,11 @@ def test_tilelang_tau_configs():
         st, {**EntmaxTau.default_config(st), "num_warps": 16})
     assert "no cluster" in EntmaxTau.check_config(st, {**EntmaxTau.default_config(st),
                                                        "cluster": 2})
+    assert "no head_split" in EntmaxTau.check_config(st, {**EntmaxTau.default_config(st),
+                                                          "head_split": 1})
+    g7 = EntmaxStatic(64, 128, 7, "bf16")   # 7 query heads do not split 8 or 16 warps
+    assert [c["head_split"] for c in EntmaxTau.seed_configs(g7)] == [0, 0, 0]
+    assert "does not split 8 warps" in EntmaxTau.check_config(g7, {**tl, "head_split": 1})
     with pytest.raises(ValueError):
         EntmaxTau(EntmaxStatic(64, 128, 4, "fp32"), tl)
 
@@ -421,6 +428,7 @@ def test_tuner_draws_entmax_tau_keys_per_algo():
     assert all(tl[k] == [default[k]] for k in ("tiles", "chunk", "select_warps"))
     assert tl["num_warps"] == [8, 16] and tl["block_j"] == [64, 128, 256]
     assert tl["cluster"] == [1, 2, 4] and tr["cluster"] == [1]
+    assert tl["head_split"] == [0, 1] and tr["head_split"] == [0]
     assert max(tr["num_warps"]) == 8 and max(tr["block_j"]) == 128
 
 
