@@ -53,8 +53,9 @@ class EntmaxTau(EntmaxTauTriton):
         """The TileLang kernel at 256 and 512 threads, each also with the heads' solve split
         over all the warps where the group divides them, and a row over a cluster of 2 CTAs,
         measured early in every study (one algo of two; a few sampled trials could miss its
-        few feasible points). Clusters of 4 lost everywhere at batch >= 8 (H100: 40 vs 28 us
-        at B8 / 128K, bench/results/H100-tune-dash-entmax-tau-cluster.log)."""
+        few feasible points). Clusters won only at batch 1 (H100, session 15: at B8 / 128K
+        29.6 us on 2 CTAs, 39.8 on 4, 28.0 on one; bench/results/H100-tune-dash-entmax-tau-
+        cluster.log)."""
         if unsupported(static):
             return []
         base = dict(cls.default_config(static), algo="tilelang")

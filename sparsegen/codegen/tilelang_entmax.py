@@ -9,8 +9,8 @@ tau by passes over that row reduced with warp shuffles (no block barrier inside 
 the decode step loses one dependent launch and the solve's reductions get cheaper; with
 `head_split` the group's heads share all the CTA's warps (a pass of one warp over 2048
 candidates takes ~1.35 us on an H100), their partial sums combined by a named barrier. With
-`cluster` > 1 a thread-block cluster of CTAs scores a row (few rows, e.g. batch 8 at 128K,
-leave one CTA a row short of the memory bandwidth) and rank 0 solves. The row length is a
+`cluster` > 1 a thread-block cluster of CTAs scores a row and rank 0 solves (measured on the
+H100 in session 15: it pays only where rows are few, batch 1; bench/NOTES.md). The row length is a
 compile-time bound picked per call from the summaries' capacity (a power of two), so one config
 serves every capacity up to the shared-memory bound; compiled kernels are cached per process.
 """
