@@ -13,6 +13,7 @@ Writes bench/results/<GPU>-entmax-tau-probe.{md,json}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -42,7 +43,19 @@ def solve_us(tau, qs, summs, seq, lengths) -> float:
     return 1000 * time_graph([run]) / COPIES
 
 
-def probe(batch, seq_len, gen, rows):
+@contextlib.contextmanager
+def recorded(rows: list, row: dict):
+    """One probe row, kept and printed however its block ends: a failure inside is noted in
+    the row (a config that fails is a result) and the probe goes on."""
+    try:
+        yield row
+    except Exception as e:  # noqa: BLE001
+        note(row, "note", e)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def probe(batch, seq_len, gen, rows, args):
     k, v, seq, summ, qs, c = em.entmax_decode_state(batch, seq_len, 0.9, gen)
     del k, v
     summs = [summ] + [summ.clone() for _ in range(COPIES - 1)]
@@ -51,8 +64,8 @@ def probe(batch, seq_len, gen, rows):
     want = None
     for values in itertools.product(*SWEEP.values()):
         config = {**base, **dict(zip(SWEEP, values))}
-        row = {"batch": batch, "seq_len": seq_len, **{k: config[k] for k in SWEEP}}
-        try:
+        with recorded(rows, {"batch": batch, "seq_len": seq_len,
+                             **{k: config[k] for k in SWEEP}}) as row:
             tau = EntmaxTauTriton(em.ENTMAX_STATIC, config, scale=c)
             sel = tau(qs[0], summ, seq, lengths)
             got = (sel.indices.clone(), sel.counts.clone(), sel.bias.clone())
@@ -63,10 +76,6 @@ def probe(batch, seq_len, gen, rows):
                 raise RuntimeError("selects differently from the first config")
             row["tau_us"] = solve_us(tau, qs, summs, seq, lengths)
             row["default"] = config == base
-        except Exception as e:  # noqa: BLE001 - a config that fails is a result
-            note(row, "note", e)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
     torch.cuda.empty_cache()
 
 
@@ -101,16 +110,15 @@ def write_markdown(rows, facts, path):
 def probe_main(doc: str, probe_fn, write_fn, results_name: str, script: str,
                add_args=None):
     """The command line of the tau probes: every (batch, seq_len) through probe_fn(batch,
-    seq_len, gen, rows), then bench/results/<GPU>-<results_name>.{md,json} (or --out).
-    add_args(parser) adds a probe's own options and returns what takes the parsed args."""
+    seq_len, gen, rows, args), then bench/results/<GPU>-<results_name>.{md,json} (or --out).
+    add_args(parser) adds a probe's own options."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--batch", nargs="+", type=int, default=[8, 16])
     ap.add_argument("--seq-len", nargs="+", type=int, default=[32768, 131072])
     ap.add_argument("--out", default=None, help="results stem")
-    use_args = add_args(ap) if add_args else None
+    if add_args:
+        add_args(ap)
     args = ap.parse_args()
-    if use_args:
-        use_args(args)
     if not torch.cuda.is_available():
         sys.exit(f"{script} needs a CUDA GPU")
     facts = gpu_facts()
@@ -118,7 +126,7 @@ def probe_main(doc: str, probe_fn, write_fn, results_name: str, script: str,
     rows = []
     for batch in args.batch:
         for seq_len in args.seq_len:
-            probe_fn(batch, seq_len, gen, rows)
+            probe_fn(batch, seq_len, gen, rows, args)
     stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         f"{facts['gpu_slug']}-{results_name}")
     save_results(stem, facts, rows, lambda path: write_fn(rows, facts, path))

@@ -18,7 +18,6 @@ Writes bench/results/<GPU>-entmax-tau-tilelang-probe.{md,json}.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -28,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import methods_entmax_milestone as em  # noqa: E402
-from bench.entmax_tau_probe import COPIES, probe_main, solve_us  # noqa: E402
-from bench.timing import note, results_header  # noqa: E402
+from bench.entmax_tau_probe import COPIES, probe_main, recorded, solve_us  # noqa: E402
+from bench.timing import results_header  # noqa: E402
 from sparsegen.codegen.entmax_tau import EntmaxTau  # noqa: E402
 
 TILELANG = [  # (block_j, stages, warps, cluster, head_split): one CTA a row and one warp a
@@ -52,8 +51,9 @@ def _tl_name(block_j, stages, warps, cluster, head_split):
             + (" split" if head_split else ""))
 
 
-def variants():
-    """(name, statics, config, sequence blocks or None, checked)."""
+def variants(forms=None):
+    """(name, statics, config, sequence blocks or None, checked); with `forms`, only those
+    whose names hold one of them (and the Triton reference)."""
     st = em.ENTMAX_STATIC
     out = [("triton default", st, None, None, True)]
     out += [(_tl_name(*t), st, _tl_config(*t), None, True) for t in TILELANG]
@@ -67,18 +67,18 @@ def variants():
             ("  cut: no Halley steps, split", dataclasses.replace(st, halley_iters=0),
              _tl_config(64, 3, 8, 1, 1), None, False),
             ("  cut: 2-block sequences, split", st, _tl_config(64, 3, 8, 1, 1), 2, False)]
-    return [v for v in out if FORMS is None or v[0] == "triton default"
-            or any(f in v[0] for f in FORMS)]
+    return [v for v in out if forms is None or v[0] == "triton default"
+            or any(f in v[0] for f in forms)]
 
 
-def probe(batch, seq_len, gen, rows):
+def probe(batch, seq_len, gen, rows, args):
     k, v, seq, summ, qs, c = em.entmax_decode_state(batch, seq_len, 0.9, gen)
     del k, v
     summs = [summ] + [summ.clone() for _ in range(COPIES - 1)]
     want = None
-    for name, st, config, blocks, checked in variants():
-        row = {"batch": batch, "seq_len": seq_len, "form": name, "config": config}
-        try:
+    for name, st, config, blocks, checked in variants(args.forms):
+        with recorded(rows, {"batch": batch, "seq_len": seq_len, "form": name,
+                             "config": config}) as row:
             tau = EntmaxTau(st, config, scale=c)
             s = seq if blocks is None else torch.full_like(seq, blocks * st.block_size)
             lengths = [int(x) for x in s.tolist()]
@@ -93,10 +93,6 @@ def probe(batch, seq_len, gen, rows):
                 if not row["same_selection"]:
                     raise RuntimeError("selects differently from the Triton pair")
             row["tau_us"] = solve_us(tau, qs, summs, s, lengths)
-        except Exception as e:  # noqa: BLE001 - a config that fails is a result
-            note(row, "note", e)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
     torch.cuda.empty_cache()
 
 
@@ -120,17 +116,9 @@ def write_markdown(rows, facts, path):
     path.write_text("\n".join(lines) + "\n")
 
 
-FORMS = None   # --forms: only the variants whose names hold one of these (and the Triton one)
-
-
 def _forms_option(ap):
     ap.add_argument("--forms", nargs="+", default=None,
                     help="only the variants whose names hold one of these (and the Triton one)")
-
-    def use(args):
-        global FORMS
-        FORMS = args.forms
-    return use
 
 
 def main():

@@ -118,15 +118,18 @@ def entmax_decode_step(tau, att, k, v, seq, summ, lengths):
 
 def tau_variants(tau: EntmaxTau) -> dict:
     """The tau solve as the row runs it and its other forms, each at its seed config: the
-    two Triton launches at the default config, the TileLang kernel at 256 and 512 threads."""
+    two Triton launches at the default config, the TileLang kernel at 256 and 512 threads,
+    with the heads' solve split over the warps, and over a cluster (one name per seed)."""
     st, c = tau.static, tau.config
     out = {f"as run ({c['algo']})": tau}
     if c["algo"] == "tilelang":
         out["triton default"] = EntmaxTau(st, None, scale=tau.scale)
     for cfg in EntmaxTau.seed_configs(st):
         if cfg != c:
-            out[f"tilelang {32 * cfg['num_warps']} threads"] = EntmaxTau(st, cfg,
-                                                                               scale=tau.scale)
+            cluster = f", cluster {cfg['cluster']}" if cfg["cluster"] > 1 else ""
+            split = ", heads split" if cfg.get("head_split") else ""
+            out[f"tilelang {32 * cfg['num_warps']} threads{cluster}{split}"] = EntmaxTau(
+                st, cfg, scale=tau.scale)
     return out
 
 

@@ -145,7 +145,8 @@ def test_backend_label_names_the_algorithm_a_config_picks():
     assert backend_label("triton", {"algo": "tilelang", "num_warps": 8}) == "triton (tilelang)"
     assert backend_label("triton", {"algo": "radix8"}) == "triton (radix8)"
     assert backend_label("triton", {"algo": "triton"}) == "triton"
-    assert backend_label("triton", {"algo": "tilelang", "cluster": 2}) == "triton (tilelang, cluster 2)"
+    assert (backend_label("triton", {"algo": "tilelang", "cluster": 2})
+            == "triton (tilelang, cluster 2)")
     assert backend_label("triton", {"algo": "tilelang", "cluster": 1}) == "triton (tilelang)"
     assert backend_label("tilelang", {"block_n": 64}) == "tilelang"
 

@@ -4,8 +4,9 @@ compiled for a device (compiling takes seconds, so threads racing to the first c
 one build).
 
 Used by the TileLang selection (tilelang_select.py) and the entmax tau kernel
-(tilelang_entmax.py); tilelang_decode.py still carries its own copy of these steps, to be moved here at its next re-tune (its source is part of its tuned
-entries' key: see bench/NOTES.md).
+(tilelang_entmax.py); tilelang_decode.py still carries its own copy of these steps, to be
+moved here at its next re-tune (its source is part of its tuned entries' key: see
+bench/NOTES.md).
 """
 from __future__ import annotations
 

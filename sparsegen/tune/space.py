@@ -105,8 +105,9 @@ class SearchSpace:
                 for form in space[BRANCH_KEY]:
                     mine = [c for c in feasible if c[BRANCH_KEY] == form]
                     if mine:
-                        out[form] = {k: [v for v in values if any(c[k] == v for c in mine)]
-                                     for k, values in space.items() if k != BRANCH_KEY}
+                        taken = {k: {c[k] for c in mine} for k in space if k != BRANCH_KEY}
+                        out[form] = {k: [v for v in space[k] if v in seen]
+                                     for k, seen in taken.items()}
             self._branches[backend] = out
         return self._branches[backend]
 
