@@ -2,6 +2,7 @@
 
     python bench/entmax_tau_tilelang_probe.py      # B 8 / 16 x 32K / 128K, 90 % skipped
     python bench/entmax_tau_tilelang_probe.py --batch 8 --seq-len 131072 --forms cut "s3 w8"
+    python bench/entmax_tau_tilelang_probe.py --forms "bj64 s3 w8" cut '!cluster'
 
 The decode selection of the entmax rule at the scale that skips 90 % of the blocks: the
 Triton pair (entmax_scores + entmax_select) at its default config, and the one-kernel
@@ -53,7 +54,7 @@ def _tl_name(block_j, stages, warps, cluster, head_split):
 
 def variants(forms=None):
     """(name, statics, config, sequence blocks or None, checked); with `forms`, only those
-    whose names hold one of them (and the Triton reference)."""
+    whose names hold one of them and none given as "!SUBSTR" (and the Triton reference)."""
     st = em.ENTMAX_STATIC
     out = [("triton default", st, None, None, True)]
     out += [(_tl_name(*t), st, _tl_config(*t), None, True) for t in TILELANG]
@@ -67,8 +68,12 @@ def variants(forms=None):
             ("  cut: no Halley steps, split", dataclasses.replace(st, halley_iters=0),
              _tl_config(64, 3, 8, 1, 1), None, False),
             ("  cut: 2-block sequences, split", st, _tl_config(64, 3, 8, 1, 1), 2, False)]
-    return [v for v in out if forms is None or v[0] == "triton default"
-            or any(f in v[0] for f in forms)]
+    if forms is None:
+        return out
+    keep = [f for f in forms if not f.startswith("!")]
+    drop = [f[1:] for f in forms if f.startswith("!")]
+    return [v for v in out if v[0] == "triton default"
+            or (any(f in v[0] for f in keep) and not any(f in v[0] for f in drop))]
 
 
 def probe(batch, seq_len, gen, rows, args):
@@ -118,7 +123,8 @@ def write_markdown(rows, facts, path):
 
 def _forms_option(ap):
     ap.add_argument("--forms", nargs="+", default=None,
-                    help="only the variants whose names hold one of these (and the Triton one)")
+                    help="only the variants whose names hold one of these and none given as "
+                         "'!SUBSTR' (and the Triton one)")
 
 
 def main():
