@@ -1,6 +1,7 @@
-"""scripts/tune-examples.sh on a machine without a GPU: each spec's tune fails fast with a named
-error, the loop goes on, and SAVE_DB packs tuning_db/ into one file after each spec (how a lent
-device's tuned files come back whole); a malformed budget is refused."""
+"""The scripts on a machine without a GPU. scripts/tune-examples.sh: each spec's tune fails
+fast with a named error, the loop goes on, and SAVE_DB packs tuning_db/ into one file after
+each spec (how a lent device's tuned files come back whole); a malformed budget is refused.
+Every script parses, and the device-session ones ask for their OUTDIR."""
 import os
 import subprocess
 import sys
@@ -36,3 +37,18 @@ def test_save_db_packs_the_whole_database(tmp_path):
 def test_a_malformed_budget_is_refused(tmp_path):
     proc = _run(tmp_path, "ten", str(tmp_path / "logs"))
     assert proc.returncode == 2 and "SECONDS must be a whole number" in proc.stderr
+
+
+def test_every_script_parses_and_device_scripts_need_their_outdir(tmp_path):
+    """The device-session scripts run on a lent GPU, where a syntax slip costs a call: each
+    script parses, and one that takes an OUTDIR stops with its usage when given none."""
+    scripts = sorted((ROOT / "scripts").glob("*.sh"))
+    assert scripts
+    for script in scripts:
+        check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert check.returncode == 0, (script.name, check.stderr)
+        if script.name in ("main-job.sh", "tune-examples.sh"):  # optional / numeric first arg
+            continue
+        proc = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode != 0 and "usage" in proc.stderr, (script.name, proc.stderr)
