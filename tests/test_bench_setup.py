@@ -76,3 +76,30 @@ def test_step_bench_select_ab_swaps_only_block_select(row):
         assert dec._kernel_configs["gate_score"] == others["gate_score"]
     assert gt.block_select_in_use(dec, cache) == before
     assert dec._kernel_configs == others
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_SCRIPTS = {"select_compile_probe.py", "tuned_vs_default.py"}   # run with no GPU
+SCRIPT_ARGS = {"select_ab.py": ["--rev", "HEAD"]}                  # its one required option
+
+
+def test_gpu_benches_without_a_gpu_stop_with_one_line():
+    """Every runnable GPU bench, started where there is no CUDA device, exits 1 with a line
+    naming itself, not a traceback (and so it also imports cleanly on the CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    scripts = sorted(p for p in (ROOT / "bench").glob("*.py")
+                     if 'if __name__ == "__main__"' in p.read_text() and p.name not in CPU_SCRIPTS)
+    assert len(scripts) >= 10
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OUT": ""}
+    procs = {p.name: subprocess.Popen([sys.executable, str(p), *SCRIPT_ARGS.get(p.name, [])],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+             for p in scripts}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, (name, out[-500:], err[-2000:])
+        assert "Traceback" not in err, (name, err[-2000:])
+        assert err.strip().splitlines()[-1].startswith(f"bench/{name} needs a CUDA GPU"), err
