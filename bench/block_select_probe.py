@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import gpu_facts, results_header, save_results, time_graph
+from bench.timing import gpu_facts, require_cuda, results_header, save_results, time_graph
 from sparsegen.codegen.select_kernels import ALGOS, SelectStatic, TritonBlockSelect
 from sparsegen.codegen.triton_kernel import next_pow2
 from sparsegen.methods import selection as sel
@@ -164,6 +164,5 @@ def main():
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        sys.exit("bench/block_select_probe.py needs a CUDA GPU")
+    require_cuda("bench/block_select_probe.py")
     main()

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from bench.block_select_probe import (check_selection, input_cases, inputs,  # noqa: E402
                                        triton_only)
 from bench.emitted import tuned_rule_configs  # noqa: E402
-from bench.timing import (gpu_facts, results_header, save_results,  # noqa: E402
+from bench.timing import (gpu_facts, require_cuda, results_header, save_results,  # noqa: E402
                           time_graph_per_call)
 from sparsegen.codegen.select_kernels import SelectStatic, TritonBlockSelect  # noqa: E402
 from sparsegen.codegen.tilelang_select import TileLangTopk  # noqa: E402
@@ -111,6 +111,7 @@ def main():
                     help="only the Quest rows (the whole per-head select, random scores and "
                          "Quest bounds)")
     args = ap.parse_args()
+    require_cuda("bench/block_select_tilelang_probe.py")
     shapes = [(8, 32768), (16, 131072)] if args.quick else SHAPES
     thread_counts = (256,) if args.quick else (256, 512, 1024)
     facts = gpu_facts()

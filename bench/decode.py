@@ -30,8 +30,8 @@ from sparsegen.codegen.backend import decode_backend  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
 from bench.baselines import cudnn_decode_variants  # noqa: E402
-from bench.timing import (copy_bandwidth, gpu_facts, results_header, save_results,  # noqa: E402
-                          time_graph, time_plain)
+from bench.timing import (copy_bandwidth, gpu_facts, require_cuda, results_header,  # noqa: E402
+                          save_results, time_graph, time_plain)
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 64
 PAGE = 64
@@ -307,8 +307,7 @@ def main():
         return
     if args.quick:
         args.batch, args.seq_len, args.sparsity = [1, 16], [131072], [0.9]
-    if not torch.cuda.is_available():
-        sys.exit("bench/decode.py needs a CUDA GPU")
+    require_cuda("bench/decode.py")
     facts = gpu_facts()
     facts["copy_TBps"] = copy_bandwidth()
     print(json.dumps(facts), flush=True)

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import methods_entmax_milestone as em  # noqa: E402
-from bench.timing import gpu_facts, rel_err, results_header, save_results, time_graph  # noqa: E402
+from bench.timing import (gpu_facts, rel_err, require_cuda, results_header,  # noqa: E402
+                          save_results, time_graph)
 from sparsegen.codegen.entmax_kernels import (EntmaxDecodeTriton, EntmaxStatic,  # noqa: E402
                                               EntmaxTauTriton)
 from sparsegen.codegen.triton_decode import TritonSparseDecode  # noqa: E402
@@ -95,6 +96,5 @@ def main():
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        sys.exit("bench/entmax_decode_probe.py needs a CUDA GPU")
+    require_cuda("bench/entmax_decode_probe.py")
     main()

@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench import methods_entmax_milestone as em
 from bench.baselines import dense_prefill_fwd_bwd
-from bench.timing import fmt, gpu_facts, note, rel_err, results_header, save_results, time_plain
+from bench.timing import (fmt, gpu_facts, note, rel_err, require_cuda, results_header,
+                          save_results, time_plain)
 from sparsegen.codegen.entmax_kernels import EntmaxStatic
 from sparsegen.codegen.entmax_prefill import EntmaxPrefillTriton
 from sparsegen.codegen.entmax_pool import EntmaxPoolTriton
@@ -349,6 +350,5 @@ def main():
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        sys.exit("bench/entmax_prefill_probe.py needs a CUDA GPU")
+    require_cuda("bench/entmax_prefill_probe.py")
     main()

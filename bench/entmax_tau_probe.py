@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import methods_entmax_milestone as em  # noqa: E402
-from bench.timing import (gpu_facts, note, results_header, save_results,  # noqa: E402
+from bench.timing import (gpu_facts, note, require_cuda, results_header, save_results,  # noqa: E402
                           time_graph)
 from sparsegen.codegen.entmax_kernels import EntmaxTauTriton  # noqa: E402
 
@@ -119,8 +119,7 @@ def probe_main(doc: str, probe_fn, write_fn, results_name: str, script: str,
     if add_args:
         add_args(ap)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit(f"{script} needs a CUDA GPU")
+    require_cuda(script)
     facts = gpu_facts()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.emitted import tuned_rule_configs
-from bench.timing import fmt, gpu_facts, note, results_header, save_results, time_graph, time_plain
+from bench.timing import (fmt, gpu_facts, note, require_cuda, results_header, save_results,
+                          time_graph, time_plain)
 from sparsegen.codegen.distill_kernels import (
     DistillStatic,
     TritonDistillTarget,
@@ -293,8 +294,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.target_len, args.memory_len = [8192], [4096, 8192, 16384]
-    if not torch.cuda.is_available():
-        sys.exit("bench/gate_distill.py needs a CUDA GPU")
+    require_cuda("bench/gate_distill.py")
     facts = gpu_facts()
     print(json.dumps(facts), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.baselines import dense_prefill_fwd_bwd, fastest_cudnn_decode  # noqa: E402
 from bench.emitted import emitted_attention, tuned_rule_configs  # noqa: E402
-from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa: E402
+from bench.timing import (fmt, gpu_facts, note, rel_err, require_cuda, results_header,  # noqa: E402
                           save_results, time_graph, time_graph_per_call, time_plain,
                           GRAPH_CALLS)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
@@ -523,8 +523,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=None, metavar="BxN",
                     help="decode shapes, e.g. 8x32768 16x131072 (default: the four targets)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/methods_entmax_milestone.py needs a CUDA GPU")
+    require_cuda("bench/methods_entmax_milestone.py")
     facts = gpu_facts()
     print(json.dumps(facts), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)

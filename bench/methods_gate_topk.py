@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from bench.baselines import fastest_cudnn_decode  # noqa: E402
 from bench.block_select_probe import triton_only  # noqa: E402
 from bench.emitted import emitted_attention, tuned_rule_configs  # noqa: E402
-from bench.timing import (fmt, gpu_facts, note, rel_err, results_header,  # noqa: E402
+from bench.timing import (fmt, gpu_facts, note, rel_err, require_cuda, results_header,  # noqa: E402
                           save_results, time_graph, time_graph_per_call, time_plain,
                           GRAPH_CALLS)
 from sparsegen.codegen.backend import decode_backend  # noqa: E402
@@ -396,8 +396,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.batch, args.seq_len = [16], [131072]
-    if not torch.cuda.is_available():
-        sys.exit("bench/methods_gate_topk.py needs a CUDA GPU")
+    require_cuda("bench/methods_gate_topk.py")
     facts = gpu_facts()
     print(json.dumps(facts), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -24,7 +24,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import gpu_facts, results_header, save_results, time_graph_per_call  # noqa: E402
+from bench.timing import (gpu_facts, require_cuda, results_header, save_results,  # noqa: E402
+                          time_graph_per_call)
 
 CHUNK = tl.constexpr(2048)
 
@@ -87,6 +88,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="results stem (writes STEM.md and STEM.json)")
     args = ap.parse_args()
+    require_cuda("bench/pdl_probe.py")
     facts = gpu_facts()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []

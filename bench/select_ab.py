@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench import methods_entmax_milestone as em  # noqa: E402
 from bench.block_select_probe import triton_only  # noqa: E402
-from bench.timing import (fmt, gpu_facts, note, results_header, save_results,  # noqa: E402
-                          time_graph_per_call)
+from bench.timing import (fmt, gpu_facts, note, require_cuda, results_header,  # noqa: E402
+                          save_results, time_graph_per_call)
 from sparsegen.codegen.entmax_kernels import EntmaxTauTriton  # noqa: E402
 from sparsegen.codegen.render import render_to_file  # noqa: E402
 from sparsegen.codegen.select_kernels import SelectStatic, TritonBlockSelect  # noqa: E402
@@ -126,6 +126,7 @@ def main():
     ap.add_argument("--old-templates", default=None,
                     help="folder holding templates/ as it was at --rev (where git is not)")
     args = ap.parse_args()
+    require_cuda("bench/select_ab.py")
     global OLD_TEMPLATES
     OLD_TEMPLATES = args.old_templates
     facts = gpu_facts()

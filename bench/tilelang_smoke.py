@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.timing import require_cuda  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.codegen.tilelang_decode import TileLangSparseDecode  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
@@ -398,6 +399,7 @@ def main():
                          "3: overhead and timing of the default config")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "/tmp"), "tilelang_smoke.json"))
     args = ap.parse_args()
+    require_cuda("bench/tilelang_smoke.py")
     log("device:", torch.cuda.get_device_name(0), "SMs", torch.cuda.get_device_properties(0).multi_processor_count)
     t0 = time.time()
     if args.phase in (2, 3):

@@ -96,6 +96,13 @@ def copy_bandwidth(nbytes=4 << 30) -> float:
     return 2 * (nbytes // 2) / ms / 1e9
 
 
+def require_cuda(script: str, hint: str = "") -> None:
+    """A GPU bench run where there is no CUDA device stops with one line naming the script
+    (and what runs without one, if anything), not with a traceback from its first CUDA call."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA GPU" + (f"; {hint}" if hint else ""))
+
+
 def gpu_slug(name: str) -> str:
     m = re.search(r"(H100|H200|H20|A100|L40S?|B200|GH200)", name)
     return m.group(1) if m else re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")

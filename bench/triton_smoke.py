@@ -23,6 +23,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.timing import require_cuda  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.codegen.triton_decode import TritonSparseDecode as T  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
@@ -33,6 +34,7 @@ QUICK = "--quick" in sys.argv
 DEV = "cuda"
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 OUT_DIR = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+require_cuda("bench/triton_smoke.py")  # before RES asks the device its name
 RES: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
              "triton": triton.__version__, "sms": torch.cuda.get_device_properties(0).multi_processor_count,
              "correctness": [], "timing": [], "dense": [], "notes": []}

@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 import optuna  # noqa: E402
 
+from bench.timing import require_cuda  # noqa: E402
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.plan import KernelPlan, ShapeBucket  # noqa: E402
 from sparsegen.tune.space import Candidate, SearchSpace  # noqa: E402
@@ -428,6 +429,8 @@ def main() -> int:
                    help="CPU compile workers of the sweep")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
+    if not args.replay:
+        require_cuda("bench/tune_efficiency.py", "--replay TABLE runs without one")
     args.out.mkdir(parents=True, exist_ok=True)
     table = args.replay or sweep(args.out, args.workers)
     _publish(table)  # before the replay: the GPU's part is safe even if the replay fails

@@ -42,6 +42,9 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--skip-direct", action="store_true")
     args = p.parse_args()
+    from bench.timing import require_cuda
+
+    require_cuda("bench/tune_smoke.py")
     out = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {"args": vars(args)}

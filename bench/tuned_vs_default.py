@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparsegen.tune.db import TuningDB  # noqa: E402
+from sparsegen.tune.db import TuningDB, backend_label  # noqa: E402
 
 
 def main():
@@ -32,7 +32,8 @@ def main():
             lines.append(
                 f"| {path.parent.name} | {path.stem} | b{e['shape']['batch']} "
                 f"s{e['shape']['seq_len']} | {e['selected_blocks']} | {default['median_ms']:.4f} "
-                f"({default['backend']}) | {best['median_ms']:.4f} ({best['backend']}) | "
+                f"({backend_label(default['backend'], default['config'])}) | "
+                f"{best['median_ms']:.4f} ({backend_label(best['backend'], best['config'])}) | "
                 f"{default['median_ms'] / best['median_ms']:.2f}x | "
                 f"{tr['measured']}/{tr['failed']}/{tr['infeasible']} |")
     text = "\n".join(lines) + "\n"

@@ -90,3 +90,30 @@ def test_tau_probe_forms_keep_and_drop_by_name():
     assert not any("cluster" in n or "bj128" in n for n in names)
     assert len(variants(None)) > len(names)
     assert [v[0] for v in variants(["no such form"])] == ["triton default"]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_SCRIPTS = {"select_compile_probe.py", "tuned_vs_default.py"}   # run with no GPU
+SCRIPT_ARGS = {"select_ab.py": ["--rev", "HEAD"]}                  # its one required option
+
+
+def test_gpu_benches_without_a_gpu_stop_with_one_line():
+    """Every runnable GPU bench, started where there is no CUDA device, exits 1 with a line
+    naming itself, not a traceback (and so it also imports cleanly on the CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    scripts = sorted(p for p in (ROOT / "bench").glob("*.py")
+                     if 'if __name__ == "__main__"' in p.read_text() and p.name not in CPU_SCRIPTS)
+    assert len(scripts) >= 10
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OUT": ""}
+    procs = {p.name: subprocess.Popen([sys.executable, str(p), *SCRIPT_ARGS.get(p.name, [])],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+             for p in scripts}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, (name, out[-500:], err[-2000:])
+        assert "Traceback" not in err, (name, err[-2000:])
+        assert err.strip().splitlines()[-1].startswith(f"bench/{name} needs a CUDA GPU"), err

@@ -33,6 +33,7 @@ from sparsegen.methods.kv_cache import KVCache  # noqa: E402
 from sparsegen.spec import load_spec  # noqa: E402
 from tests.interp import (needs_interp, only_if_not_interpreted,  # noqa: E402
                           rerun_in_interpreter)
+from tests.test_entmax_prefill import SMALL_PREFILL_CONFIG  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -237,9 +238,7 @@ def test_prefill_kernels_match_torch_path():
     B, Hkv, G, D, bs, T = 2, 2, 2, 32, 16, 90
     rule = EntmaxRule(block_size=bs, sink_blocks=1, local_blocks=1, scale=6.0)
     st = EntmaxStatic(block_size=bs, head_dim=D, group_size=G, dtype="fp32")
-    kern = EntmaxPrefillTriton(st, {"block_m": 16, "block_n": 16, "dq_m": 16, "dq_n": 16,
-                                    "kv_m": 16, "kv_n": 16, "num_warps": 4, "num_stages": 1,
-                                    "bwd_warps": 4, "bwd_stages": 1})
+    kern = EntmaxPrefillTriton(st, SMALL_PREFILL_CONFIG)
     results = []
     for attention in (None, kern.attention):
         q, k, v, w = _prefill_inputs(B, T, Hkv, G, D, torch.float32, seed=1)

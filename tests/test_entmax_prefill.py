@@ -35,6 +35,10 @@ from tests.interp import needs_interp, only_if_not_interpreted, rerun_in_interpr
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
 DT = {"fp32": torch.float32, "fp16": torch.float16}
+# 16-row tiles, one stage: the prefill kernels' smallest config, quick in the interpreter
+SMALL_PREFILL_CONFIG = {"block_m": 16, "block_n": 16, "dq_m": 16, "dq_n": 16, "kv_m": 16,
+                        "kv_n": 16, "num_warps": 4, "num_stages": 1, "bwd_warps": 4,
+                        "bwd_stages": 1}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -192,9 +196,7 @@ def test_prefill_all_triton_matches_torch_path():
     B, Hkv, G, D, bs, T = 1, 2, 2, 32, 16, 100
     rule = EntmaxRule(block_size=bs, sink_blocks=1, local_blocks=1, scale=6.0)
     st = EntmaxStatic(block_size=bs, head_dim=D, group_size=G, dtype="fp32")
-    att = EntmaxPrefillTriton(st, {"block_m": 16, "block_n": 16, "dq_m": 16, "dq_n": 16,
-                                   "kv_m": 16, "kv_n": 16, "num_warps": 4, "num_stages": 1,
-                                   "bwd_warps": 4, "bwd_stages": 1})
+    att = EntmaxPrefillTriton(st, SMALL_PREFILL_CONFIG)
     kern = _pool(bs, D, G)
     q, k, v, w = _inputs(B, T, Hkv, G, D, torch.float32, seed=9)
     do = torch.randn(q.shape, generator=_gen(4))

@@ -1,7 +1,7 @@
 """Building rendered TileLang kernels: the no-GPU lower + nvcc compile for sm_90a (CI's check
 of every generated kernel), the device's arch string, and the per-process cache of kernels
 compiled for a device (compiling takes seconds, so threads racing to the first call share
-one build).
+one build), and a parallel prewarm of TileLang's disk cache for callers that need many kernels.
 
 Used by the TileLang selection (tilelang_select.py) and the entmax tau kernel
 (tilelang_entmax.py); tilelang_decode.py still carries its own copy of these steps, to be
@@ -65,15 +65,64 @@ def compiled_for(key: tuple, device, load_module, what: str,
         with _LOCK:
             kernel = _KERNELS.get(full)
             if kernel is None:
-                import tilelang
-
                 mod = load_module()
                 try:
-                    kernel = tilelang.compile(mod.build(),
-                                              target={"kind": "cuda", "arch": arch},
-                                              execution_backend=execution_backend,
-                                              pass_configs=mod.PASS_CONFIGS)
+                    kernel = compile_for_arch(mod, arch, execution_backend)
                 except Exception as e:
                     raise CompileError(f"{what}: {type(e).__name__}: {str(e)[:500]}") from e
                 _KERNELS[full] = kernel
     return kernel
+
+
+def compile_for_arch(mod, arch: str, execution_backend: str = "tvm_ffi"):
+    """tilelang.compile of a rendered module for `arch` (no GPU needed): the one call that
+    compiled_for and prewarm both make, so that a kernel prewarm built is the same entry of
+    TileLang's disk cache (~/.tilelang/cache, $TILELANG_CACHE_DIR) that compiled_for asks."""
+    import tilelang
+
+    return tilelang.compile(mod.build(), target={"kind": "cuda", "arch": arch},
+                            execution_backend=execution_backend, pass_configs=mod.PASS_CONFIGS)
+
+
+def prewarm(jobs, arch: str, workers: int | None = None,
+            execution_backend: str = "tvm_ffi") -> list[str]:
+    """Compile rendered kernels side by side in child processes into TileLang's disk cache,
+    so that their first compiled_for in this process loads them (~0.1 s) instead of compiling
+    them one at a time behind the lock (~10 s each): for a probe or a test run that uses a
+    dozen kernels. jobs: (template, params, build_dir) as render_and_import takes them (params
+    JSON-able). Returns a line for each job that failed (compiled_for raises the same error
+    where the kernel is used)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    unique = sorted({json.dumps([t, p, str(b) if b else None], sort_keys=True)
+                     for t, p, b in jobs})
+    if not unique:
+        return []
+    root = str(Path(__file__).resolve().parents[2])   # the folder that holds sparsegen/
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+    def build(job: str) -> str | None:
+        proc = subprocess.run([sys.executable, "-m", __name__, arch, execution_backend, job],
+                              capture_output=True, text=True, env=env)
+        last = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
+        return None if proc.returncode == 0 else f"{job[:300]}: {last[0][:300]}"
+
+    with ThreadPoolExecutor(workers or min(len(unique), os.cpu_count() or 1)) as pool:
+        return [r for r in pool.map(build, unique) if r]
+
+
+if __name__ == "__main__":   # one prewarm job: python -m ... ARCH EXECUTION_BACKEND JOB_JSON
+    import json
+    import sys
+
+    from .render import render_and_import
+
+    _arch, _backend, _job = sys.argv[1:4]
+    _template, _params, _build_dir = json.loads(_job)
+    compile_for_arch(render_and_import(_template, _params, _build_dir), _arch, _backend)
