@@ -89,6 +89,11 @@ class TileLangEntmaxTau:
                 "block_j": self.block_j, "stages": self.stages, "cluster": self.cluster,
                 "wph": self.wph, "nmax": nmax}
 
+    def render_job(self, capacity: int) -> tuple:
+        """(template, params, build_dir) of the kernel compiled for rows of `capacity` blocks,
+        as render_and_import and tilelang_build.prewarm take them."""
+        return self.template, self._params(self.nmax(capacity)), self.build_dir
+
     def _module(self, nmax: int):
         from .render import render_and_import
 
