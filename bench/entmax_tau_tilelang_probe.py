@@ -31,7 +31,6 @@ from bench import methods_entmax_milestone as em  # noqa: E402
 from bench.entmax_tau_probe import COPIES, probe_main, recorded, solve_us  # noqa: E402
 from bench.timing import results_header  # noqa: E402
 from sparsegen.codegen.entmax_tau import EntmaxTau  # noqa: E402
-from sparsegen.codegen.tilelang_build import device_arch, prewarm  # noqa: E402
 
 TILELANG = [  # (block_j, stages, warps, cluster, head_split): one CTA a row and one warp a
     # head, then the heads split over the warps, then a cluster of 2 / 4
@@ -77,21 +76,12 @@ def variants(forms=None):
             or (any(f in v[0] for f in keep) and not any(f in v[0] for f in drop))]
 
 
-def prewarm_tilelang(forms, summ) -> None:
-    """Build the forms' TileLang kernels side by side before timing them (each ~10 s to
-    compile; one at a time they took most of a device call's probe stage)."""
-    tls = [EntmaxTau(st, config).tilelang for _, st, config, _, _ in forms if config]
-    jobs = [tl.render_job(summ.shape[2]) for tl in tls if tl is not None]
-    for line in prewarm(jobs, device_arch(summ.device)):
-        print(f"prewarm failed (the form's row will say why): {line}", flush=True)
-
-
 def probe(batch, seq_len, gen, rows, args):
     k, v, seq, summ, qs, c = em.entmax_decode_state(batch, seq_len, 0.9, gen)
     del k, v
     summs = [summ] + [summ.clone() for _ in range(COPIES - 1)]
     forms = variants(args.forms)
-    prewarm_tilelang(forms, summ)
+    em.prewarm_taus([EntmaxTau(st, config) for _, st, config, _, _ in forms if config], summ)
     want = None
     for name, st, config, blocks, checked in forms:
         with recorded(rows, {"batch": batch, "seq_len": seq_len, "form": name,
