@@ -443,6 +443,47 @@ def test_tilelang_tau_compiles_for_sm90(st):
         assert facts["tilelang_entmax_tau"]["cubin_bytes"] > 0
 
 
+WORKER_PREWARM = r'''
+import json, sys
+from pathlib import Path
+from sparsegen.codegen.entmax_kernels import EntmaxStatic
+from sparsegen.codegen.entmax_tau import EntmaxTau
+from sparsegen.codegen.tilelang_build import compile_for_arch
+from sparsegen.tune.worker import compile_candidate
+
+cache, build = Path(sys.argv[1]), sys.argv[2]
+st = EntmaxStatic(64, 128, 4, "bf16")
+cfg = EntmaxTau.seed_configs(st)[0]
+task = {"adapter": "sparsegen.codegen.entmax_tau:EntmaxTau", "static": st.as_dict(),
+        "static_cls": "sparsegen.codegen.entmax_kernels:EntmaxStatic", "config": cfg,
+        "build_dir": build, "workload": {"kind": "rule", "batch": 2, "seq_len": 64 * 300}}
+facts = compile_candidate(task)
+kernels = sorted(cache.rglob("executable.so"))
+stamps = [p.stat().st_mtime_ns for p in kernels]
+tl = EntmaxTau(st, cfg, Path(build)).tilelang
+compile_for_arch(tl._module(tl.nmax(300)), "sm_90a")   # what the GPU child's first call builds
+after = sorted(cache.rglob("executable.so"))
+print(json.dumps({"prewarm": facts.get("tilelang_prewarm"), "kernels": len(kernels),
+                  "after": len(after), "rewritten": [p.stat().st_mtime_ns for p in after] != stamps}))
+'''
+
+
+def test_tuner_worker_builds_the_tau_kernel_its_gpu_child_will_load(tmp_path):
+    """The tuner's CPU worker compiles a TileLang tau candidate, for the workload's row
+    length, into TileLang's disk cache: the GPU child's first call then finds that entry
+    (nothing new built or written) instead of compiling while it holds the GPU."""
+    import os
+
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", WORKER_PREWARM, str(cache), str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TILELANG_CACHE_DIR": str(cache),
+                               "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"prewarm": 1, "kernels": 1, "after": 1, "rewritten": False}, got
+
+
 def test_from_spec():
     spec = load_spec(ROOT / "examples/specs/dash-entmax.yaml")
     rule = EntmaxRule.from_spec(spec)

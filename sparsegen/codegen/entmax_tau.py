@@ -127,6 +127,15 @@ class EntmaxTau(EntmaxTauTriton):
         """The Triton pair at its default config: algo=tilelang where TileLang cannot run."""
         return EntmaxTauTriton(self.static, None, self.build_dir, self.scale)
 
+    def tilelang_jobs(self, batch: int, seq_len: int) -> list:
+        """The TileLang kernels a tuning call at (batch, seq_len) builds (its summaries hold
+        a row of ceil(seq_len / block) blocks, as bench_inputs makes them), in the form
+        tilelang_build.prewarm takes: the tuner's CPU worker builds them into TileLang's disk
+        cache, so the GPU child loads them instead of compiling while it holds the GPU."""
+        tl = self.tilelang
+        capacity = -(-seq_len // self.static.block_size)
+        return [tl.render_job(capacity)] if tl is not None and tl.fits(capacity) else []
+
     def compile_sm90(self, keep_asm: bool = False) -> dict:
         if self.tilelang is not None:
             return self.tilelang.compile_sm90()
