@@ -164,5 +164,5 @@ def main():
 
 
 if __name__ == "__main__":
-    require_cuda("bench/block_select_probe.py")
+    require_cuda()
     main()

@@ -111,7 +111,7 @@ def main():
                     help="only the Quest rows (the whole per-head select, random scores and "
                          "Quest bounds)")
     args = ap.parse_args()
-    require_cuda("bench/block_select_tilelang_probe.py")
+    require_cuda()
     shapes = [(8, 32768), (16, 131072)] if args.quick else SHAPES
     thread_counts = (256,) if args.quick else (256, 512, 1024)
     facts = gpu_facts()

@@ -307,7 +307,7 @@ def main():
         return
     if args.quick:
         args.batch, args.seq_len, args.sparsity = [1, 16], [131072], [0.9]
-    require_cuda("bench/decode.py")
+    require_cuda()
     facts = gpu_facts()
     facts["copy_TBps"] = copy_bandwidth()
     print(json.dumps(facts), flush=True)

@@ -96,5 +96,5 @@ def main():
 
 
 if __name__ == "__main__":
-    require_cuda("bench/entmax_decode_probe.py")
+    require_cuda()
     main()

@@ -350,5 +350,5 @@ def main():
 
 
 if __name__ == "__main__":
-    require_cuda("bench/entmax_prefill_probe.py")
+    require_cuda()
     main()

@@ -107,8 +107,7 @@ def write_markdown(rows, facts, path):
     path.write_text("\n".join(lines) + "\n")
 
 
-def probe_main(doc: str, probe_fn, write_fn, results_name: str, script: str,
-               add_args=None):
+def probe_main(doc: str, probe_fn, write_fn, results_name: str, add_args=None):
     """The command line of the tau probes: every (batch, seq_len) through probe_fn(batch,
     seq_len, gen, rows, args), then bench/results/<GPU>-<results_name>.{md,json} (or --out).
     add_args(parser) adds a probe's own options."""
@@ -119,7 +118,7 @@ def probe_main(doc: str, probe_fn, write_fn, results_name: str, script: str,
     if add_args:
         add_args(ap)
     args = ap.parse_args()
-    require_cuda(script)
+    require_cuda()
     facts = gpu_facts()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -132,7 +131,7 @@ def probe_main(doc: str, probe_fn, write_fn, results_name: str, script: str,
 
 
 def main():
-    probe_main(__doc__, probe, write_markdown, "entmax-tau-probe", "bench/entmax_tau_probe.py")
+    probe_main(__doc__, probe, write_markdown, "entmax-tau-probe")
 
 
 if __name__ == "__main__":

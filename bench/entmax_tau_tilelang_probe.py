@@ -130,8 +130,7 @@ def _forms_option(ap):
 
 
 def main():
-    probe_main(__doc__, probe, write_markdown, "entmax-tau-tilelang-probe",
-               "bench/entmax_tau_tilelang_probe.py", _forms_option)
+    probe_main(__doc__, probe, write_markdown, "entmax-tau-tilelang-probe", _forms_option)
 
 
 if __name__ == "__main__":

@@ -294,7 +294,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.target_len, args.memory_len = [8192], [4096, 8192, 16384]
-    require_cuda("bench/gate_distill.py")
+    require_cuda()
     facts = gpu_facts()
     print(json.dumps(facts), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)

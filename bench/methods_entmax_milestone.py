@@ -535,7 +535,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=None, metavar="BxN",
                     help="decode shapes, e.g. 8x32768 16x131072 (default: the four targets)")
     args = ap.parse_args()
-    require_cuda("bench/methods_entmax_milestone.py")
+    require_cuda()
     facts = gpu_facts()
     print(json.dumps(facts), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -396,7 +396,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.batch, args.seq_len = [16], [131072]
-    require_cuda("bench/methods_gate_topk.py")
+    require_cuda()
     facts = gpu_facts()
     print(json.dumps(facts), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -88,7 +88,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="results stem (writes STEM.md and STEM.json)")
     args = ap.parse_args()
-    require_cuda("bench/pdl_probe.py")
+    require_cuda()
     facts = gpu_facts()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []

@@ -111,7 +111,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16, help="gate / quest / nsa parts")
     ap.add_argument("--seq-len", type=int, default=131072, help="gate / quest / nsa parts")
     args = ap.parse_args()
-    require_cuda("bench/profile_methods.py")
+    require_cuda()
     gen = torch.Generator(device="cuda").manual_seed(0)
     names = {"gate": "gate", "quest": "quest-ub-per-head-b64", "quest-b16": "quest-ub-per-head-b16",
              "nsa": "nsa-mean-shared-b64"}

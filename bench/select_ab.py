@@ -126,7 +126,7 @@ def main():
     ap.add_argument("--old-templates", default=None,
                     help="folder holding templates/ as it was at --rev (where git is not)")
     args = ap.parse_args()
-    require_cuda("bench/select_ab.py")
+    require_cuda()
     global OLD_TEMPLATES
     OLD_TEMPLATES = args.old_templates
     facts = gpu_facts()

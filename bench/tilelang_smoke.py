@@ -399,7 +399,7 @@ def main():
                          "3: overhead and timing of the default config")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "/tmp"), "tilelang_smoke.json"))
     args = ap.parse_args()
-    require_cuda("bench/tilelang_smoke.py")
+    require_cuda()
     log("device:", torch.cuda.get_device_name(0), "SMs", torch.cuda.get_device_properties(0).multi_processor_count)
     t0 = time.time()
     if args.phase in (2, 3):

@@ -8,6 +8,7 @@ import platform
 import re
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -96,11 +97,15 @@ def copy_bandwidth(nbytes=4 << 30) -> float:
     return 2 * (nbytes // 2) / ms / 1e9
 
 
-def require_cuda(script: str, hint: str = "") -> None:
+def require_cuda(hint: str = "") -> None:
     """A GPU bench run where there is no CUDA device stops with one line naming the script
-    (and what runs without one, if anything), not with a traceback from its first CUDA call."""
+    that was run (its path in the repo) and what runs without one, if anything, not with a
+    traceback from its first CUDA call."""
     if not torch.cuda.is_available():
-        sys.exit(f"{script} needs a CUDA GPU" + (f"; {hint}" if hint else ""))
+        script = Path(sys.argv[0]).resolve()
+        root = Path(__file__).resolve().parents[1]
+        name = script.relative_to(root).as_posix() if script.is_relative_to(root) else script.name
+        sys.exit(f"{name} needs a CUDA GPU" + (f"; {hint}" if hint else ""))
 
 
 def gpu_slug(name: str) -> str:
@@ -141,7 +146,6 @@ def save_results(stem, facts: dict, rows: list, write_markdown) -> None:
     copy both to $OUT when set (the device tool brings $OUT back)."""
     import json
     import os
-    from pathlib import Path
 
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)

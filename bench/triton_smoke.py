@@ -34,7 +34,7 @@ QUICK = "--quick" in sys.argv
 DEV = "cuda"
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 OUT_DIR = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
-require_cuda("bench/triton_smoke.py")  # before RES asks the device its name
+require_cuda()  # before RES asks the device its name
 RES: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
              "triton": triton.__version__, "sms": torch.cuda.get_device_properties(0).multi_processor_count,
              "correctness": [], "timing": [], "dense": [], "notes": []}

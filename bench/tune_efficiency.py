@@ -430,7 +430,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args()
     if not args.replay:
-        require_cuda("bench/tune_efficiency.py", "--replay TABLE runs without one")
+        require_cuda("--replay TABLE runs without one")
     args.out.mkdir(parents=True, exist_ok=True)
     table = args.replay or sweep(args.out, args.workers)
     _publish(table)  # before the replay: the GPU's part is safe even if the replay fails

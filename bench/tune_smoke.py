@@ -44,7 +44,7 @@ def main() -> int:
     args = p.parse_args()
     from bench.timing import require_cuda
 
-    require_cuda("bench/tune_smoke.py")
+    require_cuda()
     out = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
     res: dict = {"args": vars(args)}

@@ -3,6 +3,9 @@ of the example specs whose tuned configs they take (bench/emitted.py), or they w
 fall back to default configs. CPU only (no kernel runs)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,10 +103,6 @@ SCRIPT_ARGS = {"select_ab.py": ["--rev", "HEAD"]}                  # its one req
 def test_gpu_benches_without_a_gpu_stop_with_one_line():
     """Every runnable GPU bench, started where there is no CUDA device, exits 1 with a line
     naming itself, not a traceback (and so it also imports cleanly on the CPU)."""
-    import os
-    import subprocess
-    import sys
-
     scripts = sorted(p for p in (ROOT / "bench").glob("*.py")
                      if 'if __name__ == "__main__"' in p.read_text() and p.name not in CPU_SCRIPTS)
     assert len(scripts) >= 10
