@@ -2,6 +2,7 @@
 
     python bench/entmax_tau_tilelang_probe.py      # B 8 / 16 x 32K / 128K, 90 % skipped
     python bench/entmax_tau_tilelang_probe.py --batch 8 --seq-len 131072 --forms cut "s3 w8"
+    python bench/entmax_tau_tilelang_probe.py --forms "bj64 s3 w8" cut '!cluster'
 
 The decode selection of the entmax rule at the scale that skips 90 % of the blocks: the
 Triton pair (entmax_scores + entmax_select) at its default config, and the one-kernel
@@ -31,41 +32,58 @@ from bench.entmax_tau_probe import COPIES, probe_main, recorded, solve_us  # noq
 from bench.timing import results_header  # noqa: E402
 from sparsegen.codegen.entmax_tau import EntmaxTau  # noqa: E402
 
-TILELANG = [  # (block_j, stages, warps, cluster): one CTA a row, then a cluster of 2 / 4
-    (64, 3, 8, 1), (64, 2, 8, 1), (128, 3, 8, 1), (256, 2, 8, 1), (128, 2, 16, 1),
-    (256, 2, 16, 1), (64, 3, 8, 2), (128, 2, 8, 2), (64, 2, 8, 4), (64, 1, 8, 4),
-    (128, 2, 8, 4), (128, 2, 16, 4)]
+TILELANG = [  # (block_j, stages, warps, cluster, head_split): one CTA a row and one warp a
+    # head, then the heads split over the warps, then a cluster of 2 / 4
+    (64, 3, 8, 1, 0), (64, 2, 8, 1, 0), (128, 3, 8, 1, 0), (256, 2, 8, 1, 0), (128, 2, 16, 1, 0),
+    (256, 2, 16, 1, 0), (64, 3, 8, 1, 1), (128, 2, 16, 1, 1), (64, 3, 8, 2, 0),
+    (64, 3, 8, 2, 1), (128, 2, 8, 2, 0), (64, 2, 8, 4, 0), (64, 1, 8, 4, 0), (128, 2, 8, 4, 0),
+    (128, 2, 16, 4, 0)]
 
 
-def _tl_config(block_j, stages, warps, cluster):
+def _tl_config(block_j, stages, warps, cluster, head_split=0):
     return dict(EntmaxTau.default_config(em.ENTMAX_STATIC), algo="tilelang",
-                block_j=block_j, stages=stages, num_warps=warps, cluster=cluster)
+                block_j=block_j, stages=stages, num_warps=warps, cluster=cluster,
+                head_split=head_split)
+
+
+def _tl_name(block_j, stages, warps, cluster, head_split):
+    return (f"tilelang bj{block_j} s{stages} w{warps}" + (f" cluster {cluster}" if cluster > 1
+                                                          else "")
+            + (" split" if head_split else ""))
 
 
 def variants(forms=None):
     """(name, statics, config, sequence blocks or None, checked); with `forms`, only those
-    whose names hold one of them (and the Triton reference)."""
+    whose names hold one of them and none given as "!SUBSTR" (and the Triton reference)."""
     st = em.ENTMAX_STATIC
     out = [("triton default", st, None, None, True)]
-    out += [(f"tilelang bj{b} s{s} w{w}" + (f" cluster {c}" if c > 1 else ""), st,
-             _tl_config(b, s, w, c), None, True) for b, s, w, c in TILELANG]
+    out += [(_tl_name(*t), st, _tl_config(*t), None, True) for t in TILELANG]
     first = _tl_config(*TILELANG[0])
     out += [("  cut: no Halley steps", dataclasses.replace(st, halley_iters=0), first, None,
              False),
             ("  cut: 2-block sequences (no scoring)", st, first, 2, False),
             ("  cut: 2-block sequences, cluster 2", st, _tl_config(64, 3, 8, 2), 2, False),
             ("  cut: no Halley steps, cluster 2", dataclasses.replace(st, halley_iters=0),
-             _tl_config(64, 3, 8, 2), None, False)]
-    return [v for v in out if forms is None or v[0] == "triton default"
-            or any(f in v[0] for f in forms)]
+             _tl_config(64, 3, 8, 2), None, False),
+            ("  cut: no Halley steps, split", dataclasses.replace(st, halley_iters=0),
+             _tl_config(64, 3, 8, 1, 1), None, False),
+            ("  cut: 2-block sequences, split", st, _tl_config(64, 3, 8, 1, 1), 2, False)]
+    if forms is None:
+        return out
+    keep = [f for f in forms if not f.startswith("!")]
+    drop = [f[1:] for f in forms if f.startswith("!")]
+    return [v for v in out if v[0] == "triton default"
+            or (any(f in v[0] for f in keep) and not any(f in v[0] for f in drop))]
 
 
 def probe(batch, seq_len, gen, rows, args):
     k, v, seq, summ, qs, c = em.entmax_decode_state(batch, seq_len, 0.9, gen)
     del k, v
     summs = [summ] + [summ.clone() for _ in range(COPIES - 1)]
+    forms = variants(args.forms)
+    em.prewarm_taus([EntmaxTau(st, config) for _, st, config, _, _ in forms if config], summ)
     want = None
-    for name, st, config, blocks, checked in variants(args.forms):
+    for name, st, config, blocks, checked in forms:
         with recorded(rows, {"batch": batch, "seq_len": seq_len, "form": name,
                              "config": config}) as row:
             tau = EntmaxTau(st, config, scale=c)
@@ -107,7 +125,8 @@ def write_markdown(rows, facts, path):
 
 def _forms_option(ap):
     ap.add_argument("--forms", nargs="+", default=None,
-                    help="only the variants whose names hold one of these (and the Triton one)")
+                    help="only the variants whose names hold one of these and none given as "
+                         "'!SUBSTR' (and the Triton one)")
 
 
 def main():

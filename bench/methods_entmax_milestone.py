@@ -43,6 +43,7 @@ from sparsegen.codegen.entmax_kernels import EntmaxDecodeTriton, EntmaxStatic  #
 from sparsegen.codegen.entmax_tau import EntmaxTau  # noqa: E402
 from sparsegen.codegen.entmax_prefill import EntmaxPrefillTriton  # noqa: E402
 from sparsegen.codegen.milestone_kernels import MilestoneScoreTriton, MilestoneStatic  # noqa: E402
+from sparsegen.codegen.tilelang_build import device_arch, prewarm  # noqa: E402
 from sparsegen.methods.entmax import (EntmaxRule, block_summaries,  # noqa: E402
                                       entmax_prefill,
                                       prefill_selection, select_blocks)
@@ -118,8 +119,8 @@ def entmax_decode_step(tau, att, k, v, seq, summ, lengths):
 
 def tau_variants(tau: EntmaxTau) -> dict:
     """The tau solve as the row runs it and its other forms, each at its seed config: the
-    two Triton launches at the default config, the TileLang kernel at 256 and 512 threads
-    and over a cluster (one name per seed)."""
+    two Triton launches at the default config, the TileLang kernel at 256 and 512 threads,
+    with the heads' solve split over the warps, and over a cluster (one name per seed)."""
     st, c = tau.static, tau.config
     out = {f"as run ({c['algo']})": tau}
     if c["algo"] == "tilelang":
@@ -127,9 +128,19 @@ def tau_variants(tau: EntmaxTau) -> dict:
     for cfg in EntmaxTau.seed_configs(st):
         if cfg != c:
             cluster = f", cluster {cfg['cluster']}" if cfg["cluster"] > 1 else ""
-            out[f"tilelang {32 * cfg['num_warps']} threads{cluster}"] = EntmaxTau(
+            split = ", heads split" if cfg.get("head_split") else ""
+            out[f"tilelang {32 * cfg['num_warps']} threads{cluster}{split}"] = EntmaxTau(
                 st, cfg, scale=tau.scale)
     return out
+
+
+def prewarm_taus(taus, summ) -> None:
+    """Build the TileLang kernels of these tau solvers (for summ's capacity) side by side
+    before they are timed: ~10 s each to compile, which one at a time took most of a device
+    call's bench stage."""
+    jobs = [t.tilelang.render_job(summ.shape[2]) for t in taus if t.tilelang is not None]
+    for line in prewarm(jobs, device_arch(summ.device)):
+        print(f"prewarm failed (the form's row says why): {line}", flush=True)
 
 
 def tau_ab(variants, att, k, v, seq, summ, qs, lengths, want, dense_mean):
@@ -209,8 +220,10 @@ def bench_entmax_decode(batch, seq_len, target, rows, gen, ab=False):
         row["of_ideal_mean"] = row["speedup_mean"] / row["ideal_speedup"]
         row["tau_share_mean"] = 1 - row["attn_mean_graph_ms"] / row["step_mean_graph_ms"]
         if ab:
-            row["tau_ab"] = tau_ab(tau_variants(tau), att, k, v, seq, summ, qs, lengths,
-                                   want, row["dense_mean_graph_ms"])
+            variants = tau_variants(tau)
+            prewarm_taus(variants.values(), summ)
+            row["tau_ab"] = tau_ab(variants, att, k, v, seq, summ, qs, lengths, want,
+                                   row["dense_mean_graph_ms"])
     except Exception as e:  # a failure is a result, not the end of the run
         note(row, "note", e)
     finally:

@@ -81,6 +81,20 @@ def test_step_bench_select_ab_swaps_only_block_select(row):
     assert dec._kernel_configs == others
 
 
+def test_tau_probe_forms_keep_and_drop_by_name():
+    """The TileLang tau probe's --forms: a variant is kept when its name holds a form and no
+    '!form', and the Triton reference always (what a short device call times)."""
+    from bench.entmax_tau_tilelang_probe import variants
+
+    names = [v[0] for v in variants(["bj64 s3 w8", "cut", "!cluster"])]
+    assert names[0] == "triton default"
+    assert "tilelang bj64 s3 w8" in names and "tilelang bj64 s3 w8 split" in names
+    assert "  cut: no Halley steps" in names
+    assert not any("cluster" in n or "bj128" in n for n in names)
+    assert len(variants(None)) > len(names)
+    assert [v[0] for v in variants(["no such form"])] == ["triton default"]
+
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SCRIPTS = {"select_compile_probe.py", "tuned_vs_default.py"}   # run with no GPU
 SCRIPT_ARGS = {"select_ab.py": ["--rev", "HEAD"]}                  # its one required option

@@ -383,14 +383,16 @@ def test_tilelang_tau_configs():
     unused Triton keys) and the Triton bounds are named when rejected."""
     st = EntmaxStatic(64, 128, 4, "bf16")
     seeds = EntmaxTau.seed_configs(st)
-    assert len(seeds) == 3 and all(EntmaxTau.check_config(st, c) is None for c in seeds)
-    assert sorted(c["cluster"] for c in seeds) == [1, 1, 2]
+    assert len(seeds) == 5 and all(EntmaxTau.check_config(st, c) is None for c in seeds)
+    assert sorted(c["cluster"] for c in seeds) == [1, 1, 1, 1, 2]
+    assert sorted(c["head_split"] for c in seeds) == [0, 0, 0, 1, 1]
     space = EntmaxTau.tunable_space(st)
     assert all(c[k] in space[k] for c in seeds for k in c)
     assert EntmaxTau.seed_configs(EntmaxStatic(64, 128, 4, "fp32")) == []
     tl = seeds[0]
     for bad, words in [({"num_warps": 4}, "(256, 512) threads"), ({"block_j": 32}, "block_j"),
                        ({"cluster": 3}, "cluster=3"), ({"cluster": None}, "cluster"),
+                       ({"head_split": 2}, "head_split=2"),
                        ({"num_warps": 16, "block_j": 64}, ">= 128"),
                        ({"block_j": 256, "stages": 3}, "exceed 128 KB"),
                        ({"chunk": 256}, "chunk is unused"), ({"algo": "cuda"}, "algo")]:
@@ -400,6 +402,11 @@ def test_tilelang_tau_configs():
         st, {**EntmaxTau.default_config(st), "num_warps": 16})
     assert "no cluster" in EntmaxTau.check_config(st, {**EntmaxTau.default_config(st),
                                                        "cluster": 2})
+    assert "no head_split" in EntmaxTau.check_config(st, {**EntmaxTau.default_config(st),
+                                                          "head_split": 1})
+    g7 = EntmaxStatic(64, 128, 7, "bf16")   # 7 query heads do not split 8 or 16 warps
+    assert [c["head_split"] for c in EntmaxTau.seed_configs(g7)] == [0, 0, 0]
+    assert "does not split 8 warps" in EntmaxTau.check_config(g7, {**tl, "head_split": 1})
     with pytest.raises(ValueError):
         EntmaxTau(EntmaxStatic(64, 128, 4, "fp32"), tl)
 
@@ -420,6 +427,7 @@ def test_tuner_draws_entmax_tau_keys_per_algo():
     assert all(tl[k] == [default[k]] for k in ("tiles", "chunk", "select_warps"))
     assert tl["num_warps"] == [8, 16] and tl["block_j"] == [64, 128, 256]
     assert tl["cluster"] == [1, 2, 4] and tr["cluster"] == [1]
+    assert tl["head_split"] == [0, 1] and tr["head_split"] == [0]
     assert max(tr["num_warps"]) == 8 and max(tr["block_j"]) == 128
 
 
@@ -433,6 +441,47 @@ def test_tilelang_tau_compiles_for_sm90(st):
     for cfg in [*seeds, dict(seeds[1], cluster=4)]:
         facts = EntmaxTau(st, cfg).compile_sm90()
         assert facts["tilelang_entmax_tau"]["cubin_bytes"] > 0
+
+
+WORKER_PREWARM = r'''
+import json, sys
+from pathlib import Path
+from sparsegen.codegen.entmax_kernels import EntmaxStatic
+from sparsegen.codegen.entmax_tau import EntmaxTau
+from sparsegen.codegen.tilelang_build import compile_for_arch
+from sparsegen.tune.worker import compile_candidate
+
+cache, build = Path(sys.argv[1]), sys.argv[2]
+st = EntmaxStatic(64, 128, 4, "bf16")
+cfg = EntmaxTau.seed_configs(st)[0]
+task = {"adapter": "sparsegen.codegen.entmax_tau:EntmaxTau", "static": st.as_dict(),
+        "static_cls": "sparsegen.codegen.entmax_kernels:EntmaxStatic", "config": cfg,
+        "build_dir": build, "workload": {"kind": "rule", "batch": 2, "seq_len": 64 * 300}}
+facts = compile_candidate(task)
+kernels = sorted(cache.rglob("executable.so"))
+stamps = [p.stat().st_mtime_ns for p in kernels]
+tl = EntmaxTau(st, cfg, Path(build)).tilelang
+compile_for_arch(tl._module(tl.nmax(300)), "sm_90a")   # what the GPU child's first call builds
+after = sorted(cache.rglob("executable.so"))
+print(json.dumps({"prewarm": facts.get("tilelang_prewarm"), "kernels": len(kernels),
+                  "after": len(after), "rewritten": [p.stat().st_mtime_ns for p in after] != stamps}))
+'''
+
+
+def test_tuner_worker_builds_the_tau_kernel_its_gpu_child_will_load(tmp_path):
+    """The tuner's CPU worker compiles a TileLang tau candidate, for the workload's row
+    length, into TileLang's disk cache: the GPU child's first call then finds that entry
+    (nothing new built or written) instead of compiling while it holds the GPU."""
+    import os
+
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", WORKER_PREWARM, str(cache), str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TILELANG_CACHE_DIR": str(cache),
+                               "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"prewarm": 1, "kernels": 1, "after": 1, "rewritten": False}, got
 
 
 def test_from_spec():

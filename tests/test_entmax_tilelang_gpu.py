@@ -9,8 +9,8 @@ GPU against the plain-torch rule (sparsegen.methods.entmax.select_blocks):
 - on random inputs, against the fp64 rule: the selections differ at most in blocks whose fp64
   p_bar is at the support's edge (< 1e-5), where fp32 rounding of tau decides;
 - the Triton fallback of a row too long for shared memory, and a CUDA-graph replay;
-- rows scored by a cluster of 2 or 4 CTAs (`cluster`), as exact as one CTA a row, the graph
-  replay included.
+- rows scored by a cluster of 2 or 4 CTAs (`cluster`) and heads solved by several warps each
+  (`head_split`), as exact as one CTA a row and one warp a head, the graph replay included.
 Skipped without a GPU (CI has none); run on an H100 with
 `python -m pytest -q tests/test_entmax_tilelang_gpu.py`."""
 from __future__ import annotations
@@ -26,9 +26,12 @@ from sparsegen.methods.entmax import select_blocks
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 F64 = torch.float64
-CONFIGS = {  # (block_j, stages, num_warps, cluster)
-    "bj64-s3-w8": (64, 3, 8, 1), "bj128-s2-w16": (128, 2, 16, 1), "bj256-s1-w8": (256, 1, 8, 1),
-    "bj64-s2-w8-c4": (64, 2, 8, 4), "bj128-s2-w16-c2": (128, 2, 16, 2)}
+CONFIGS = {  # (block_j, stages, num_warps, cluster, head_split)
+    "bj64-s3-w8": (64, 3, 8, 1, 0), "bj128-s2-w16": (128, 2, 16, 1, 0),
+    "bj256-s1-w8": (256, 1, 8, 1, 0), "bj64-s2-w8-c4": (64, 2, 8, 4, 0),
+    "bj128-s2-w16-c2": (128, 2, 16, 2, 0), "bj64-s3-w8-split": (64, 3, 8, 1, 1),
+    "bj128-s2-w16-split": (128, 2, 16, 1, 1), "bj64-s3-w8-c2-split": (64, 3, 8, 2, 1)}
+SPLIT = [c for c in CONFIGS if c.endswith("split")]
 STATICS = [  # (block_size, head_dim, group, dtype, sink, local, alpha, prior)
     (64, 128, 4, "bf16", 1, 1, 1.5, True), (64, 128, 1, "bf16", 1, 1, 1.5, True),
     (32, 64, 8, "fp16", 2, 1, 1.5, False), (16, 128, 7, "bf16", 1, 3, 2.0, True),
@@ -36,9 +39,9 @@ STATICS = [  # (block_size, head_dim, group, dtype, sink, local, alpha, prior)
 
 
 def _kernel(st: EntmaxStatic, cfg: str, scale: float = 1.0) -> EntmaxTau:
-    bj, stages, nw, cluster = CONFIGS[cfg]
+    bj, stages, nw, cluster, split = CONFIGS[cfg]
     config = dict(EntmaxTau.default_config(st), algo="tilelang", block_j=bj,
-                  stages=stages, num_warps=nw, cluster=cluster)
+                  stages=stages, num_warps=nw, cluster=cluster, head_split=split)
     assert EntmaxTau.check_config(st, config) is None
     return EntmaxTau(st, config, scale=scale)
 
@@ -66,9 +69,13 @@ def _assert_same(got, want, check_bias=True):
 
 
 # every config on the first statics, one config each on the others (each pair compiles two
-# row bounds, ~10 s a kernel)
+# row bounds, ~10 s a kernel), then the heads' solve split over the warps on the statics whose
+# group divides the warps (g1 over 16 warps, g8 over 16, g2 over 8)
+UNSPLIT = [c for c in CONFIGS if c not in SPLIT]
 PAIRS = [(STATICS[0], cfg) for cfg in CONFIGS] + [
-    (st, list(CONFIGS)[i % len(CONFIGS)]) for i, st in enumerate(STATICS[1:])]
+    (st, UNSPLIT[i % len(UNSPLIT)]) for i, st in enumerate(STATICS[1:])] + [
+    (STATICS[1], "bj128-s2-w16-split"), (STATICS[2], "bj128-s2-w16-split"),
+    (STATICS[4], "bj64-s3-w8-c2-split")]
 
 
 @pytest.mark.parametrize("stat,cfg", PAIRS,
@@ -96,10 +103,13 @@ def test_exact_support_equals_reference(stat, cfg, seq_len, cap_extra):
         _assert_same(got, want)
 
 
-@pytest.mark.parametrize("cfg", ["bj64-s3-w8", "bj128-s2-w16", "bj64-s2-w8-c4"])
+@pytest.mark.parametrize("cfg", ["bj64-s3-w8", "bj128-s2-w16", "bj64-s2-w8-c4",
+                                 "bj128-s2-w16-split"])
 @pytest.mark.parametrize("G,D", [(4, 128), (8, 64), (3, 128)])
 def test_random_inputs_match_fp64_off_the_edge(cfg, G, D):
     st = EntmaxStatic(64, D, G, "bf16")
+    if cfg in SPLIT and G == 3:
+        pytest.skip("3 query heads do not split 16 warps")
     B, Hkv, cap, scale = 4, 2, 1100, 6.0
     gen = torch.Generator(device="cuda").manual_seed(G * D)
     q = torch.randn(B, Hkv * G, D, generator=gen, device="cuda").bfloat16()
@@ -128,7 +138,7 @@ def test_row_too_long_for_shared_memory_runs_triton():
     _assert_same(got, want)
 
 
-@pytest.mark.parametrize("cfg", ["bj64-s3-w8", "bj64-s2-w8-c4"])
+@pytest.mark.parametrize("cfg", ["bj64-s3-w8", "bj64-s2-w8-c4", "bj64-s3-w8-split"])
 def test_in_a_cuda_graph(cfg):
     """Captured once, replayed on new queries and summaries written into the same buffers."""
     st = EntmaxStatic(64, 128, 4, "bf16")

@@ -19,59 +19,68 @@ import torch
 
 from ..methods.entmax import Selection
 from .entmax_kernels import EntmaxTauTriton
-from .tilelang_entmax import BLOCK_J, CLUSTERS, THREADS, TileLangEntmaxTau, unsupported
+from .tilelang_entmax import (BLOCK_J, CLUSTERS, THREADS, TileLangEntmaxTau, split_unsupported,
+                              unsupported)
 from .triton_kernel import torch_dtype
 
 ALGOS = ("triton", "tilelang")
 
 
 class EntmaxTau(EntmaxTauTriton):
-    """EntmaxTauTriton's call and tuner protocol, plus `algo` and `cluster` (see the module
-    doc). The TileLang kernel uses block_j (summaries a pipeline step), stages, num_warps (8 or
-    16: 256 or 512 threads) and cluster (CTAs scoring a row); the Triton-only keys stay at
-    their defaults under it, and cluster at 1 under algo=triton."""
+    """EntmaxTauTriton's call and tuner protocol, plus `algo`, `cluster` and `head_split` (see
+    the module doc). The TileLang kernel uses block_j (summaries a pipeline step), stages,
+    num_warps (8 or 16: 256 or 512 threads), cluster (CTAs scoring a row) and head_split (the
+    group's heads solved by all the warps, not one warp each); the Triton-only keys stay at
+    their defaults under it, and cluster at 1 and head_split at 0 under algo=triton."""
 
     depends_on = (TileLangEntmaxTau,)   # algo=tilelang renders and launches its template
-    OWN_KEYS = ("algo", "cluster")      # the keys EntmaxTauTriton does not have
+    OWN_KEYS = ("algo", "cluster", "head_split")   # the keys EntmaxTauTriton does not have
 
     @classmethod
     def tunable_space(cls, static) -> dict[str, list]:
         space = super().tunable_space(static)
         return {"algo": list(ALGOS), **space, "block_j": sorted({*space["block_j"], *BLOCK_J}),
                 "num_warps": sorted({*space["num_warps"], *(t // 32 for t in THREADS)}),
-                "cluster": list(CLUSTERS)}
+                "cluster": list(CLUSTERS), "head_split": [0, 1]}
 
     @classmethod
     def default_config(cls, static) -> dict:
-        return {"algo": "triton", **super().default_config(static), "cluster": 1}
+        return {"algo": "triton", **super().default_config(static), "cluster": 1,
+                "head_split": 0}
 
     @classmethod
     def seed_configs(cls, static) -> list[dict]:
-        """The TileLang kernel at 256 and 512 threads, and a row over a cluster of 2 CTAs,
+        """The TileLang kernel at 256 and 512 threads, each also with the heads' solve split
+        over all the warps where the group divides them, and a row over a cluster of 2 CTAs,
         measured early in every study (one algo of two; a few sampled trials could miss its
-        few feasible points). A cluster can pay where rows are fewer than half the SMs
-        (batch 8 at 128K: 64 rows); clusters of 4 ran in two waves there (H100: 40 vs 28 us,
-        bench/results/H100-tune-dash-entmax-tau-cluster.log)."""
+        few feasible points). Clusters won only at batch 1 (H100, session 15: at B8 / 128K
+        29.6 us on 2 CTAs, 39.8 on 4, 28.0 on one; bench/results/H100-tune-dash-entmax-tau-
+        cluster.log)."""
         if unsupported(static):
             return []
         base = dict(cls.default_config(static), algo="tilelang")
-        return [dict(base, block_j=64, stages=3, num_warps=8),
-                dict(base, block_j=128, stages=2, num_warps=16),
-                dict(base, block_j=64, stages=3, num_warps=8, cluster=2)]
+        one_cta = [dict(base, block_j=64, stages=3, num_warps=8),
+                   dict(base, block_j=128, stages=2, num_warps=16)]
+        split = [dict(c, head_split=1) for c in one_cta
+                 if not split_unsupported(static, 32 * c["num_warps"])]
+        return [*one_cta, *split, dict(one_cta[0], cluster=2)]
 
     @classmethod
     def check_config(cls, static, config) -> str | None:
-        algo, cluster = config.get("algo"), config.get("cluster")
+        algo, cluster, split = (config.get(k) for k in cls.OWN_KEYS)
         if algo not in ALGOS:
             return f"algo={algo!r} is not one of {ALGOS}"
         if cluster not in CLUSTERS:
             return f"cluster={cluster!r} is not one of {CLUSTERS}"
+        if split not in (0, 1):
+            return f"head_split={split!r} is not 0 or 1"
         rest = {k: v for k, v in config.items() if k not in cls.OWN_KEYS}
         if algo == "triton":
-            if rest.get("num_warps", 0) > 8 or rest.get("block_j", 0) > 128 or cluster != 1:
+            if (rest.get("num_warps", 0) > 8 or rest.get("block_j", 0) > 128 or cluster != 1
+                    or split):
                 return (f"num_warps={rest.get('num_warps')}, block_j={rest.get('block_j')}, "
-                        f"cluster={cluster}: the Triton kernels take at most 8 warps and "
-                        "128-block tiles, and no cluster (1)")
+                        f"cluster={cluster}, head_split={split}: the Triton kernels take at "
+                        "most 8 warps and 128-block tiles, no cluster (1) and no head_split")
             return super().check_config(static, rest)
         if reason := unsupported(static):
             return f"tilelang: {reason}"
@@ -85,6 +94,8 @@ class EntmaxTau(EntmaxTauTriton):
         if rest["block_j"] not in BLOCK_J or rest["block_j"] < 8 * rest["num_warps"]:
             return (f"tilelang: block_j must be in {BLOCK_J} and give each warp 8 columns of "
                     f"the score tile (>= {8 * rest['num_warps']})")
+        if split and (reason := split_unsupported(static, 32 * rest["num_warps"])):
+            return f"tilelang: head_split: {reason}"
         if not 1 <= rest["stages"] <= 3:
             return f"stages={rest['stages']} out of [1, 3]"
         staged = rest["stages"] * rest["block_j"] * static.head_dim * 2
@@ -109,12 +120,21 @@ class EntmaxTau(EntmaxTauTriton):
         if c["algo"] != "tilelang":
             return None
         return TileLangEntmaxTau(self.static, 32 * c["num_warps"], c["block_j"], c["stages"],
-                                 c["cluster"], self.build_dir)
+                                 c["cluster"], bool(c["head_split"]), self.build_dir)
 
     @cached_property
     def _triton(self) -> EntmaxTauTriton:
         """The Triton pair at its default config: algo=tilelang where TileLang cannot run."""
         return EntmaxTauTriton(self.static, None, self.build_dir, self.scale)
+
+    def tilelang_jobs(self, batch: int, seq_len: int) -> list:
+        """The TileLang kernels a tuning call at (batch, seq_len) builds (its summaries hold
+        a row of ceil(seq_len / block) blocks, as bench_inputs makes them), in the form
+        tilelang_build.prewarm takes: the tuner's CPU worker builds them into TileLang's disk
+        cache, so the GPU child loads them instead of compiling while it holds the GPU."""
+        tl = self.tilelang
+        capacity = -(-seq_len // self.static.block_size)
+        return [tl.render_job(capacity)] if tl is not None and tl.fits(capacity) else []
 
     def compile_sm90(self, keep_asm: bool = False) -> dict:
         if self.tilelang is not None:

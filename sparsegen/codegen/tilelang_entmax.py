@@ -6,9 +6,11 @@ entmax_select (one program a row runs ~iters + 3 passes, each a chain of block-w
 reductions through Triton's layouts). Here one CTA a (KV head, batch) row scores its
 summaries through shared memory into a shared row of z, and one warp solves each query head's
 tau by passes over that row reduced with warp shuffles (no block barrier inside the solve):
-the decode step loses one dependent launch and the solve's reductions get cheaper. With
-`cluster` > 1 a thread-block cluster of CTAs scores a row (few rows, e.g. batch 8 at 128K,
-leave one CTA a row short of the memory bandwidth) and rank 0 solves. The row length is a
+the decode step loses one dependent launch and the solve's reductions get cheaper; with
+`head_split` the group's heads share all the CTA's warps (a pass of one warp over 2048
+candidates takes ~1.35 us on an H100), their partial sums combined by a named barrier. With
+`cluster` > 1 a thread-block cluster of CTAs scores a row and rank 0 solves (measured on the
+H100 in session 15: it pays only where rows are few, batch 1; bench/NOTES.md). The row length is a
 compile-time bound picked per call from the summaries' capacity (a power of two), so one config
 serves every capacity up to the shared-memory bound; compiled kernels are cached per process.
 """
@@ -34,6 +36,16 @@ def unsupported(static) -> str | None:
     return None
 
 
+def split_unsupported(static, threads: int) -> str | None:
+    """Why the group's query heads cannot share the CTA's warps evenly (head_split), else
+    None: the group must divide the warps, two or more a head."""
+    warps = threads // 32
+    if warps % static.group_size or warps // static.group_size < 2:
+        return (f"group_size={static.group_size} does not split {warps} warps into two or "
+                "more a query head")
+    return None
+
+
 class TileLangEntmaxTau:
     """The rendered TileLang tau kernel for EntmaxStatic statics and (threads, block_j,
     stages, cluster)."""
@@ -41,7 +53,7 @@ class TileLangEntmaxTau:
     template = "tilelang/entmax_tau.py.j2"
 
     def __init__(self, static, threads: int, block_j: int, stages: int, cluster: int = 1,
-                 build_dir=None):
+                 head_split: bool = False, build_dir=None):
         if reason := unsupported(static):
             raise ValueError(f"TileLang entmax tau: {reason}")
         if (threads not in THREADS or block_j not in BLOCK_J or not 1 <= stages <= 4
@@ -49,8 +61,12 @@ class TileLangEntmaxTau:
             raise ValueError(f"threads={threads}, block_j={block_j}, stages={stages}, "
                              f"cluster={cluster}: threads in {THREADS}, block_j in {BLOCK_J}, "
                              f"stages in [1, 4], cluster in {CLUSTERS}")
+        if head_split and (reason := split_unsupported(static, threads)):
+            raise ValueError(f"TileLang entmax tau: head_split: {reason}")
         self.static, self.threads, self.block_j, self.stages = static, threads, block_j, stages
         self.cluster, self.build_dir = cluster, build_dir
+        # warps a query head's solve: every warp of the CTA, the group's heads side by side
+        self.wph = threads // 32 // static.group_size if head_split else 1
         self._keys: dict = {}    # nmax -> compile-cache key (built once, not per decode step)
 
     def fits(self, capacity: int) -> bool:
@@ -71,7 +87,12 @@ class TileLangEntmaxTau:
                 "local_blocks": s.local_blocks, "alpha": float(s.alpha),
                 "iters": s.halley_iters, "prior": s.prior, "threads": self.threads,
                 "block_j": self.block_j, "stages": self.stages, "cluster": self.cluster,
-                "nmax": nmax}
+                "wph": self.wph, "nmax": nmax}
+
+    def render_job(self, capacity: int) -> tuple:
+        """(template, params, build_dir) of the kernel compiled for rows of `capacity` blocks,
+        as render_and_import and tilelang_build.prewarm take them."""
+        return self.template, self._params(self.nmax(capacity)), self.build_dir
 
     def _module(self, nmax: int):
         from .render import render_and_import
@@ -80,7 +101,7 @@ class TileLangEntmaxTau:
 
     def _what(self) -> str:
         return (f"tilelang entmax_tau ({self.threads} threads, block_j {self.block_j}, "
-                f"{self.stages} stages, cluster {self.cluster})")
+                f"{self.stages} stages, cluster {self.cluster}, {self.wph} warp(s) a head)")
 
     def compile_sm90(self, capacity: int = 2048) -> dict:
         """Lower and nvcc-compile for sm_90a with no GPU; facts of the build."""
