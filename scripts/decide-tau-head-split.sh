@@ -14,7 +14,8 @@
 #     4. the decode-step bench with the tau forms side by side (--tau-ab).
 # Then, here: untar the tuning_db, `python -m sparsegen.cli db prune --stale`, and merge the
 # branch if the probe and the step moved (bench/NOTES.md, Session 15).
-# Each stage gets a share of one deadline (TOTAL seconds, default 560).
+# Each stage gets a share of one deadline (TOTAL seconds, default 560). EXTRA_TESTS (pytest
+# arguments) runs one more pytest process in check's test stage, so the probe times an idle GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 usage="usage: scripts/decide-tau-head-split.sh check|tune OUTDIR"
@@ -34,7 +35,12 @@ case "$stage" in
       tests/test_entmax_tilelang_gpu.py > "$out/gpu-tests-exact-split.txt" 2>&1 & b=$!
     timeout "$t" python -m pytest -q -p no:cacheprovider -k "not exact" \
       tests/test_entmax_tilelang_gpu.py > "$out/gpu-tests-rest.txt" 2>&1 & c=$!
-    wait "$a" "$b" "$c"   # wait on the PIDs: a pgrep on the command line matches itself
+    d=""
+    if [ -n "${EXTRA_TESTS:-}" ]; then   # another branch's GPU tests, beside these, before the probe
+      timeout "$t" python -m pytest -q -p no:cacheprovider $EXTRA_TESTS \
+        > "$out/gpu-tests-extra.txt" 2>&1 & d=$!
+    fi
+    wait "$a" "$b" "$c" $d   # wait on the PIDs: a pgrep on the command line matches itself
     tail -n 1 "$out"/gpu-tests-*.txt
     echo "== probe ($(cap 200) s)"
     timeout "$(cap 200)" python bench/entmax_tau_tilelang_probe.py --batch 8 \
