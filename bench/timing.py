@@ -143,7 +143,8 @@ def results_header(title: str, facts: dict) -> list[str]:
 
 def save_results(stem, facts: dict, rows: list, write_markdown) -> None:
     """Write <stem>.json and <stem>.md (through write_markdown(path)), print the table and
-    copy both to $OUT when set (the device tool brings $OUT back)."""
+    copy both to $OUT when set (the device tool brings $OUT back), unless the stem is
+    already under $OUT: the tool brings back 8 files a call, and a copy spends two."""
     import json
     import os
 
@@ -153,6 +154,6 @@ def save_results(stem, facts: dict, rows: list, write_markdown) -> None:
     write_markdown(stem.with_suffix(".md"))
     print(stem.with_suffix(".md").read_text())
     out = os.environ.get("OUT")
-    if out:
+    if out and not stem.resolve().is_relative_to(Path(out).resolve()):
         for suffix in (".md", ".json"):
             Path(out, stem.name + suffix).write_text(stem.with_suffix(suffix).read_text())

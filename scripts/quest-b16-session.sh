@@ -13,6 +13,7 @@
 #      (tuning_db/ packed into OUTDIR/tuning_db.tgz: bring it back with `tar xzf … -C
 #      scratch/q` and `python -m sparsegen.cli db merge scratch/q/tuning_db`).
 #   scripts/quest-b16-session.sh OUTDIR
+# The device tool brings back 8 files a call: the stages' logs share one file to stay inside.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/quest-b16-session.sh OUTDIR}
@@ -27,12 +28,12 @@ echo "rc $?" >> "$out/H100-gpu-tests-tilelang-select-7rows.txt"
 tail -n 2 "$out/H100-gpu-tests-tilelang-select-7rows.txt"
 echo "== profile quest-b16 ($(cap 100) s)"
 OUT="$out" timeout "$(cap 100)" python bench/profile_methods.py --parts quest-b16 --batch 8 \
-  > "$out/profile.log" 2>&1
-tail -n 25 "$out/profile.log"
+  > "$out/stages.log" 2>&1
+tail -n 25 "$out/stages.log"
 echo "== Quest select probe ($(cap 110) s)"
 timeout "$(cap 110)" python bench/block_select_tilelang_probe.py --quest-only \
-  --out "$out/H100-block-select-quest-only-probe" > "$out/probe.log" 2>&1
-grep "|" "$out"/H100-block-select-quest-only-probe.md 2>/dev/null || tail -n 5 "$out/probe.log"
+  --out "$out/H100-block-select-quest-only-probe" >> "$out/stages.log" 2>&1
+grep "|" "$out"/H100-block-select-quest-only-probe.md 2>/dev/null || tail -n 5 "$out/stages.log"
 echo "== tune quest-topk block_select b16_s131072 ($(cap 190) s)"
 SAVE_DB="$out/tuning_db.tgz" SPECS="quest-topk" timeout "$(cap 190)" \
   scripts/tune-examples.sh 100 "$out/logs" --trials 12 --workers 8 \

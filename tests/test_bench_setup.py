@@ -95,6 +95,23 @@ def test_tau_probe_forms_keep_and_drop_by_name():
     assert [v[0] for v in variants(["no such form"])] == ["triton default"]
 
 
+@pytest.mark.parametrize("under_out", [True, False])
+def test_results_copied_to_out_only_from_outside_it(tmp_path, monkeypatch, under_out):
+    """save_results copies a results file pair into $OUT (what the device tool brings back,
+    8 files a call) only when it was written elsewhere: a pair already under $OUT, copied
+    again to $OUT's top, spent two of the 8 (session 17 lost a tuning_db that way)."""
+    from bench.timing import save_results
+
+    out = tmp_path / "out"
+    (out / "stage").mkdir(parents=True)
+    monkeypatch.setenv("OUT", str(out))
+    stem = (out / "stage" if under_out else tmp_path) / "H100-x"
+    save_results(stem, {"gpu": "x"}, [{"a": 1}], lambda p: p.write_text("| a |\n"))
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == (["stage/H100-x.json", "stage/H100-x.md"] if under_out
+                       else ["H100-x.json", "H100-x.md"])
+
+
 ROOT = Path(__file__).resolve().parents[1]
 CPU_SCRIPTS = {"select_compile_probe.py", "tuned_vs_default.py"}   # run with no GPU
 SCRIPT_ARGS = {"select_ab.py": ["--rev", "HEAD"]}                  # its one required option
