@@ -50,10 +50,12 @@ case "$stage" in
     ;;
   tune)
     echo "== tune entmax_tau ($(cap 330) s)"
+    logs=$(mktemp -d)   # the specs' logs end up in tune.txt: 8 files come back a call
     SAVE_DB="$out/tuning_db.tgz" SPECS="dash-entmax-90 dash-entmax" timeout "$(cap 330)" \
-      scripts/tune-examples.sh 240 "$out/logs" --trials 4 --workers 8 --kernels entmax_tau \
+      scripts/tune-examples.sh 240 "$logs" --trials 4 --workers 8 --kernels entmax_tau \
       > "$out/tune.txt" 2>&1
     cat "$out/tune.txt"
+    cat "$logs"/*.log >> "$out/tune.txt" 2>/dev/null
     echo "== decode step ($(cap 120) s)"
     timeout "$(cap 120)" python bench/methods_entmax_milestone.py --parts decode --tau-ab \
       --out "$out/H100-entmax-decode-tau-head-split" > "$out/decode.log" 2>&1

@@ -13,6 +13,8 @@
 # Each stage gets a share of one deadline (TOTAL seconds, default 570), so a slow stage
 # shortens the later ones instead of losing the call.
 #   scripts/decide-tilelang-select.sh OUTDIR
+# The device tool brings back 8 files a call: OUTDIR holds 8 (the probe's and the
+# step bench's output share stages.log, the tune logs tune.txt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/decide-tilelang-select.sh OUTDIR}
@@ -26,10 +28,11 @@ timeout "$(cap 240)" python -m pytest -q -x -p no:cacheprovider tests/test_selec
   > "$out/gpu-tests.txt" 2>&1
 tests_rc=$?
 tail -3 "$out/gpu-tests.txt"
+tune_logs=$(mktemp -d)   # each spec's tune log is appended to one file, tune.txt
 echo "== probe ($(cap 110) s)"
 timeout "$(cap 110)" python bench/block_select_tilelang_probe.py --out "$out/H100-block-select-tilelang" \
-  > "$out/probe.txt" 2>&1
-echo "   rc $?"; tail -12 "$out/probe.txt"
+  > "$out/stages.log" 2>&1
+echo "   rc $?"; tail -12 "$out/stages.log"
 if (( tests_rc != 0 )); then tail -40 "$out/gpu-tests.txt"; echo "GPU tests failed (rc $tests_rc): no tune"; exit 1; fi
 for pair in seer-attention-r:70 quest-topk:65 nsa-topk:50; do
   spec=${pair%%:*}; s=$(cap "${pair##*:}")
@@ -37,11 +40,12 @@ for pair in seer-attention-r:70 quest-topk:65 nsa-topk:50; do
   # a spec's tune can run ~90 s past its budget (tune-examples.sh): the deadline is held by
   # timeout, which loses only the spec in flight (the ones before are packed already)
   SAVE_DB="$out/tuning_db.tgz" SPECS="$spec" timeout "$(left)" \
-    scripts/tune-examples.sh "$s" "$out/tune-logs" --trials 4 --workers 8 --kernels block_select
+    scripts/tune-examples.sh "$s" "$tune_logs" --trials 4 --workers 8 --kernels block_select
+  cat "$tune_logs/$spec.log" >> "$out/tune.txt" 2>/dev/null
 done
 s=$(left)
 echo "== step bench ($s s)"
 (( s > 30 )) && timeout "$s" python bench/methods_gate_topk.py \
   --rules ${RULES:-quest-ub-per-head-b16 quest-ub-per-head-b64} \
-  --out "$out/H100-step-gate-topk" > "$out/step.txt" 2>&1
-tail -25 "$out/step.txt"
+  --out "$out/H100-step-gate-topk" >> "$out/stages.log" 2>&1
+tail -25 "$out/stages.log"

@@ -13,7 +13,8 @@
 #      (tuning_db/ packed into OUTDIR/tuning_db.tgz: bring it back with `tar xzf … -C
 #      scratch/q` and `python -m sparsegen.cli db merge scratch/q/tuning_db`).
 #   scripts/quest-b16-session.sh OUTDIR
-# The device tool brings back 8 files a call: the stages' logs share one file to stay inside.
+# The device tool brings back 8 files a call: OUTDIR holds 7 (the stage logs share one file,
+# the tune log is appended to tune.txt).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/quest-b16-session.sh OUTDIR}
@@ -35,7 +36,9 @@ timeout "$(cap 110)" python bench/block_select_tilelang_probe.py --quest-only \
   --out "$out/H100-block-select-quest-only-probe" >> "$out/stages.log" 2>&1
 grep "|" "$out"/H100-block-select-quest-only-probe.md 2>/dev/null || tail -n 5 "$out/stages.log"
 echo "== tune quest-topk block_select b16_s131072 ($(cap 190) s)"
+logs=$(mktemp -d)
 SAVE_DB="$out/tuning_db.tgz" SPECS="quest-topk" timeout "$(cap 190)" \
-  scripts/tune-examples.sh 100 "$out/logs" --trials 12 --workers 8 \
+  scripts/tune-examples.sh 100 "$logs" --trials 12 --workers 8 \
   --kernels block_select --shapes b16_s131072 > "$out/tune.txt" 2>&1
 cat "$out/tune.txt"
+cat "$logs/quest-topk.log" >> "$out/tune.txt" 2>/dev/null

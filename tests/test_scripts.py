@@ -1,8 +1,10 @@
 """The scripts on a machine without a GPU. scripts/tune-examples.sh: each spec's tune fails
 fast with a named error, the loop goes on, and SAVE_DB packs tuning_db/ into one file after
 each spec (how a lent device's tuned files come back whole); a malformed budget is refused.
-Every script parses, and the device-session ones ask for their OUTDIR."""
+Every script parses, the device-session ones ask for their OUTDIR, and each writes no more
+files there than a device call brings back."""
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -52,3 +54,31 @@ def test_every_script_parses_and_device_scripts_need_their_outdir(tmp_path):
         proc = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode != 0 and "usage" in proc.stderr, (script.name, proc.stderr)
+
+
+def _outdir_files(text: str) -> set[str]:
+    """The files a device script writes under its OUTDIR, read from its text: each
+    `"$out/NAME"`, a bench's `--out "$out/STEM"` as its .md and .json, and the file
+    bench/profile_methods.py writes into $OUT."""
+    name = r'([A-Za-z0-9_.-]+)(?![*A-Za-z0-9_.-])'   # a glob like gpu-tests-*.txt writes nothing
+    names = set(re.findall(r'"\$out/' + name, text)) | set(re.findall(r'"\$out"/' + name, text))
+    stems = set(re.findall(r'--out "\$out/([A-Za-z0-9_.-]+)"', text))
+    # a bench told OUT="$out" writes its own file there
+    names |= {"profile-methods.txt" for _ in re.findall(r'OUT="\$out".*profile_methods\.py', text)}
+    return (names - stems) | {s + ext for s in stems for ext in (".md", ".json")}
+
+
+def test_device_scripts_write_what_one_call_brings_back():
+    """The device tool brings back at most 8 files from a call's $OUT (session 17 lost a
+    packed tuning_db to the ninth): a device script's OUTDIR, for each of its stages, names
+    at most 8, with no folder of logs in it."""
+    for script in sorted((ROOT / "scripts").glob("*.sh")):
+        if script.name in ("main-job.sh", "tune-examples.sh"):
+            continue
+        # a script whose stages are separate calls (`case` branches) is counted per branch
+        text = script.read_text()
+        assert _outdir_files(text), script.name   # the reading finds what the script writes
+        for stage in re.split(r"\n  [a-z-]+\)\n", text):
+            files = _outdir_files(stage)
+            assert len(files) <= 8, (script.name, sorted(files))
+            assert not any(name in ("logs", "tune-logs") for name in files), script.name
