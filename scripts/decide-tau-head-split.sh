@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # On an H100, decide the branch tau-head-split (entmax_tau's TileLang solve with a query head's
-# passes split over several warps, `head_split`) in two device calls of under 10 minutes:
+# passes split over several warps, `head_split`; merged in session 17 on what these calls
+# measured, kept to reproduce bench/results/*head-split*) in two device calls of under 10
+# minutes:
 #   scripts/decide-tau-head-split.sh check OUTDIR
 #     1. tests/test_entmax_tilelang_gpu.py in three pytest processes side by side (~61 tests,
 #        exact against the torch rule; split, cluster and plain configs);
