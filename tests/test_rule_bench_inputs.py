@@ -40,8 +40,7 @@ TOL = 1e-2  # the tuner's default tolerance
 
 GATE_SMALL = {"pairs": 4, "chunk_k": 64, "block_b": 2, "num_warps": 4}  # several tiles
 TAU_SMALL = {"algo": "triton", "block_j": 16, "tiles": 2, "stages": 2, "chunk": 16,
-             "num_warps": 4, "select_warps": 4, "cluster": 1,
-             "head_split": 0}
+             "num_warps": 4, "select_warps": 4, "cluster": 1, "head_split": 0}
 # the TileLang form's seed: off a GPU (here) the Triton pair runs it at its default config
 TAU_TILELANG = EntmaxTau.seed_configs(EntmaxStatic(16, 64, 4, "fp16"))[0]
 SEL_SMALL = {"head_chunk": 4, "block_chunk": 16, "rank_sort": 1, "num_warps": 4}

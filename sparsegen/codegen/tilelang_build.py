@@ -84,6 +84,14 @@ def compile_for_arch(mod, arch: str, execution_backend: str = "tvm_ffi"):
                             execution_backend=execution_backend, pass_configs=mod.PASS_CONFIGS)
 
 
+def build_job(job, arch: str, execution_backend: str = "tvm_ffi"):
+    """Render and compile one (template, params, build_dir) job for `arch` into TileLang's
+    disk cache: a prewarm child's work, and the tuner's CPU worker's (tune/worker.py)."""
+    from .render import render_and_import
+
+    return compile_for_arch(render_and_import(*job), arch, execution_backend)
+
+
 def prewarm(jobs, arch: str, workers: int | None = None,
             execution_backend: str = "tvm_ffi") -> list[str]:
     """Compile rendered kernels side by side in child processes into TileLang's disk cache,
@@ -121,8 +129,4 @@ if __name__ == "__main__":   # one prewarm job: python -m ... ARCH EXECUTION_BAC
     import json
     import sys
 
-    from .render import render_and_import
-
-    _arch, _backend, _job = sys.argv[1:4]
-    _template, _params, _build_dir = json.loads(_job)
-    compile_for_arch(render_and_import(_template, _params, _build_dir), _arch, _backend)
+    build_job(json.loads(sys.argv[3]), sys.argv[1], sys.argv[2])

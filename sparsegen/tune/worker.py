@@ -308,13 +308,12 @@ def _prewarm_tilelang(adapter, workload: dict) -> dict:
     jobs_of = getattr(adapter, "tilelang_jobs", None)
     if jobs_of is None or workload.get("kind") != "rule":
         return {}
-    from ..codegen.render import render_and_import
-    from ..codegen.tilelang_build import SM90_TARGET, compile_for_arch
+    from ..codegen.tilelang_build import SM90_TARGET, build_job
 
     jobs = jobs_of(workload["batch"], workload["seq_len"])
     try:
         for job in jobs:
-            compile_for_arch(render_and_import(*job), SM90_TARGET["arch"])
+            build_job(job, SM90_TARGET["arch"])
     except Exception as e:  # TileLang / TVM / nvcc fail in many types
         return {"tilelang_prewarm": f"failed: {type(e).__name__}: {str(e)[:200]}"}
     return {"tilelang_prewarm": len(jobs)}
