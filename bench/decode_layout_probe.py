@@ -16,6 +16,7 @@ with no copy. It times four cases:
   by every KV head (every row of a DRAM page is read);
 - on the sequence-major cache, a sweep of the split count;
 - dense cuDNN SDPA on both layouts, as the yardstick;
+- on a Triton kernel, its split launch alone (no merge), to price the merge;
 - a plain read of the same number of bytes from one contiguous buffer (a one-launch Triton
   sum): what any kernel of this size can reach, ramp and tail included.
 
@@ -49,31 +50,48 @@ SPLIT_SWEEP = (1, 2, 3, 4, 6, 8, 12, 16)
 READ_CHUNK = 1 << 17  # bytes one program of the read floor sums (several programs an SM)
 
 
-def read_floor_fn(nbytes: int):
+def read_floor_fn(nbytes: int, device="cuda"):
     """A one-launch read of nbytes from a contiguous buffer (each program sums a 128 KB chunk
-    with 16-byte loads into one fp32 word), as a call for time_graph_per_call."""
+    of fp32 with 16-byte loads into one word), as a call for time_graph_per_call."""
     import triton
     import triton.language as tl
 
     @triton.jit
     def _read_sum(x_ptr, out_ptr, n_words, CHUNK: tl.constexpr, TILE: tl.constexpr):
         pid = tl.program_id(0)
-        acc = tl.zeros([TILE], dtype=tl.int32)
+        acc = tl.zeros([TILE], dtype=tl.float32)
         for off in range(0, CHUNK, TILE):
             i = pid * CHUNK + off + tl.arange(0, TILE)
-            acc += tl.load(x_ptr + i, mask=i < n_words, other=0)
-        tl.store(out_ptr + pid, tl.sum(acc, axis=0).to(tl.float32))
+            acc += tl.load(x_ptr + i, mask=i < n_words, other=0.0)
+        tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
     words = READ_CHUNK // 4
-    buf = torch.randint(0, 1 << 20, (nbytes // 4,), dtype=torch.int32, device="cuda")
+    buf = torch.rand(nbytes // 4, dtype=torch.float32, device=device)
     grid = triton.cdiv(buf.numel(), words)
-    out = torch.empty(grid, dtype=torch.float32, device="cuda")
+    out = torch.empty(grid, dtype=torch.float32, device=device)
 
     def call():
         _read_sum[(grid,)](buf, out, buf.numel(), CHUNK=words, TILE=2048, num_warps=4)
     call()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize() if buf.is_cuda else None
     return call, buf
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel that is not to run: kernel[grid](...) does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def split_only(kernel):
+    """A call like kernel's that launches its split kernel and not its merge (Triton only)."""
+    import copy
+
+    kernel._prepare()
+    split_alone = copy.copy(kernel)  # __getstate__ leaves out what _prepare sets: set it here
+    split_alone._dtype, split_alone._kernels = kernel._dtype, (kernel._kernels[0], _NoLaunch())
+    return split_alone
 
 
 def probe_case(attend, batch, seq_len, fraction, gen, sweep: bool) -> dict:
@@ -113,6 +131,11 @@ def probe_case(attend, batch, seq_len, fraction, gen, sweep: bool) -> dict:
     for layout, kk, vv in (("seq", k, v), ("hm", k_hm, v_hm)):
         for pattern, sels in (("per_head", per_head), ("shared", shared)):
             timed(f"{layout}_{pattern}", kk, vv, sels)
+    if kernel.name == "triton":
+        alone = split_only(kernel)
+        calls = [lambda q=q, i=i: alone(q, k, v, i, counts, seq_lens) for q, i in zip(qs, per_head)]
+        row["split_only_ms"] = time_graph_per_call(calls)
+        row["split_only_TBps"] = sel_bytes / row["split_only_ms"] / 1e9
     if sweep:
         for n in SPLIT_SWEEP:
             timed(f"seq_per_head_splits{n}", k, v, per_head, num_splits=n)
@@ -141,12 +164,14 @@ def write_markdown(rows, facts, path):
               "- seq = cache [B, S, Hkv, D] (the module's); hm = the same values stored "
               "[B, Hkv, S, D], passed as a permuted view; per-head = a random selection per "
               "KV head (what the rules give); shared = one selection for every KV head",
+              "- split alone: a Triton kernel's split launch without its merge (seq, per-head)",
               "- read floor: one launch reading the selected byte count from one contiguous "
               "buffer (a Triton sum), what a kernel of this size can reach",
               "- kernel: what the emitted seer-attention-r module runs at the shape (its tuned "
               "bucket), at its own split count unless a sweep column says otherwise",
               "", "| B | len | sel. blocks | backend (splits) | seq per-head | seq shared | "
-              "hm per-head | hm shared | read floor | cuDNN seq | cuDNN hm |", "|" + "---|" * 11]
+              "hm per-head | hm shared | split alone | read floor | cuDNN seq | cuDNN hm |",
+              "|" + "---|" * 12]
 
     def cell(r, name):
         return (f"{fmt(r[name + '_ms'], '.4f')} ({r[name + '_TBps']:.2f})"
@@ -155,7 +180,7 @@ def write_markdown(rows, facts, path):
         lines.append(f"| {r['batch']} | {r['seq_len']} | {r['selected_blocks']} | "
                      f"{r['backend']} ({r['default_splits']}) | {cell(r, 'seq_per_head')} | "
                      f"{cell(r, 'seq_shared')} | {cell(r, 'hm_per_head')} | "
-                     f"{cell(r, 'hm_shared')} | {cell(r, 'read_floor')} | {cell(r, 'cudnn_gqa')} | {cell(r, 'cudnn_gqa-hm')} |")
+                     f"{cell(r, 'hm_shared')} | {cell(r, 'split_only')} | {cell(r, 'read_floor')} | {cell(r, 'cudnn_gqa')} | {cell(r, 'cudnn_gqa-hm')} |")
     swept = [r for r in rows if "seq_per_head_splits1_ms" in r]
     if swept:
         lines += ["", "Split count swept (per-head selections; ms (TB/s)):", "",
