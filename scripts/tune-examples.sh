@@ -10,7 +10,10 @@
 # of them has). What the budget does not reach is left for the next run (deferred).
 # SAVE_DB=FILE.tgz: after each spec, tuning_db/ is packed into that one file (on a lent
 # device, write it under $OUT: the device's tree is reset at the next call and only a
-# limited number of files come back, so a tuned file not packed is lost).
+# limited number of files come back, so a tuned file not packed is lost). Bring it back with
+# `tar xzf FILE.tgz -C scratch/x` and `sparsegen db merge --prefer newer scratch/x/tuning_db`:
+# the pack is a copy of the whole database, and with --retune a new winner can time a little
+# slower than the old one did in an earlier run, so the default `faster` would drop it.
 # The budget bounds the tuning; a spec can end up to ~90 s past it (start-up, compiles, the
 # trial in flight; 50-85 s seen on the H100 in session 13): keep that margin under a device
 # call's limit, or the call is cut off before it packs anything.

@@ -253,6 +253,15 @@ def test_merge_adds_what_is_missing_and_settles_conflicts_by_policy(tmp_path, id
     here.merge(there, prefer="this")
     assert (ms(here, GPU, 1, 8192), ms(here, GPU, 8, 32768)) == (0.05, 0.05)
 
+    # newer: a re-tune comes back inside a copy of the whole database; only its later entry
+    # wins, whatever the two runs' timings, and the copy's older entries never replace
+    here, there = fresh("newer")
+    there.record(GPU, identity, {**make_entry(8, 32768, ms=0.06), "tuned_at": "2026-02-01T00:00:00Z"})
+    here.record(GPU, identity, {**make_entry(1, 8192, ms=0.05), "tuned_at": "2026-03-01T00:00:00Z"})
+    done = here.merge(there, prefer="newer")
+    assert (ms(here, GPU, 1, 8192), ms(here, GPU, 8, 32768)) == (0.05, 0.06)
+    assert sorted(a for a, _, _ in done) == ["added", "added", "kept", "replaced"]
+
     here, there = fresh("dry")
     before = {p: p.read_bytes() for p in here.files()}
     assert len(here.merge(there, dry_run=True)) == 4

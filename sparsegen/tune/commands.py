@@ -75,9 +75,11 @@ def register(sub) -> None:
                          "one tuned on another machine) into this one")
     q.add_argument("source", metavar="SRC", help="the database directory to merge from")
     q.add_argument("--db", default=None, metavar="DIR", help="tuning database (./tuning_db)")
-    q.add_argument("--prefer", choices=("faster", "source", "db"), default="faster",
+    q.add_argument("--prefer", choices=("faster", "newer", "source", "db"), default="faster",
                    help="where both have an entry for the same GPU, kernel, shape and versions: "
-                   "keep the faster winner (default), the source's, or the database's")
+                   "keep the faster winner (default), the later tuned (to bring back a "
+                   "re-tune: timings of two runs differ by a few %%), the source's, or the "
+                   "database's")
     q.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
     q.set_defaults(func=cmd_db_merge)
 
@@ -264,7 +266,7 @@ def cmd_db_merge(args) -> int:
     if not src.is_dir():
         raise SparsegenError(f"{src}: no such database directory (the SRC of db merge is a "
                              "tuning_db folder, e.g. one copied back from a GPU machine)")
-    prefer = {"faster": "faster", "source": "other", "db": "this"}[args.prefer]
+    prefer = {"faster": "faster", "newer": "newer", "source": "other", "db": "this"}[args.prefer]
     done = _db(args).merge(TuningDB(src), prefer, dry_run=args.dry_run)
     if not done:
         print(f"no entries in {src}")

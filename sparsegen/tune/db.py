@@ -222,7 +222,7 @@ def nearest_bucket(buckets, batch: int, seq_len: int):
 # ---------------------------------------------------------------------------------------
 # The database
 # ---------------------------------------------------------------------------------------
-MERGE_PREFER = ("faster", "other", "this")  # TuningDB.merge: whose entry wins a conflict
+MERGE_PREFER = ("faster", "newer", "other", "this")  # TuningDB.merge: whose entry wins a conflict
 
 
 class TuningDB:
@@ -318,7 +318,9 @@ class TuningDB:
         """Bring other's entries (e.g. a database tuned on another machine) into this one:
         an entry this database lacks is added; one it has for the same GPU, kernel, shape
         and versions is replaced when `prefer` is "faster" and other's winner timed faster,
-        or "other"; kept for "this". Both databases are validated first, so a corrupt file
+        "newer" and other's was tuned later (a re-tune brought back in a copy of the whole
+        database: its one new entry wins, its copies of older ones never do), or "other";
+        kept for "this". Both databases are validated first, so a corrupt file
         on either side stops the merge before any write. Returns (action, destination file,
         entry) with action added / replaced / kept."""
         if prefer not in MERGE_PREFER:
@@ -339,8 +341,10 @@ class TuningDB:
                     action = "added"
                 elif have == entry:  # the same measurement (checksums included)
                     action = "kept"
-                elif prefer == "other" or (prefer == "faster" and entry["best"]["median_ms"]
-                                           < have["best"]["median_ms"]):
+                elif (prefer == "other"
+                      or (prefer == "faster"
+                          and entry["best"]["median_ms"] < have["best"]["median_ms"])
+                      or (prefer == "newer" and entry["tuned_at"] > have["tuned_at"])):
                     action = "replaced"
                 else:
                     action = "kept"
