@@ -133,3 +133,26 @@ def test_gpu_benches_without_a_gpu_stop_with_one_line():
         assert proc.returncode == 1, (name, out[-500:], err[-2000:])
         assert "Traceback" not in err, (name, err[-2000:])
         assert err.strip().splitlines()[-1].startswith(f"bench/{name} needs a CUDA GPU"), err
+
+
+def test_cluster_probe_gather_buffers_alias_nothing():
+    """bench/decode_cluster_probe.py: the shared buffers that other ranks of the cluster write
+    into (rank 0's partial gather) must not share bytes with any other buffer. TileLang reuses
+    shared memory by lifetime, so a gather buffer first written after the loop was placed over
+    Q_shared and K_shared, and an early rank's stores corrupted rank 0's loop on the H100
+    (H100-decode-cluster-probe-first-build-*.md). Lowered for sm_90a with no GPU."""
+    import re
+
+    from bench.decode_cluster_probe import D, GROUP, cluster_decode_module
+    from sparsegen.codegen.tilelang_build import lower_sm90
+
+    cluster = 2
+    _, src, _ = lower_sm90(cluster_decode_module(cluster, warp_specialize=False), "probe")
+    starts = {name: int(off) for name, off in re.findall(
+        r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)\);", src)}
+    sizes = {"o_gather": cluster * GROUP * D * 4, "lse_gather": cluster * GROUP * 4}
+    assert set(sizes) <= set(starts), starts
+    for name, size in sizes.items():
+        lo, hi = starts[name], starts[name] + size
+        inside = [other for other, off in starts.items() if other != name and lo <= off < hi]
+        assert not inside, f"{name} [{lo}, {hi}) shares bytes with {inside}: {starts}"
