@@ -16,7 +16,7 @@ The kernel here is a probe, not a template: it serves the contiguous bf16 layout
 64, head dim 128, group 4 (the example specs' attention) and the cluster sizes 2, 4 and 8.
 It is checked against the fp32 torch reference, then timed beside the attention the emitted
 seer-attention-r module runs at the shape. Each time is the median ms per call of CUDA graphs
-of 8 calls, with ROTATE input sets in turn.
+of 8 calls, with the ROTATE input sets of decode_layout_probe.decode_inputs in turn.
 """
 # no `from __future__ import annotations`: TileLang reads the prim_func's annotations as
 # objects (string annotations would be looked up among the module's globals and fail)
@@ -34,13 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 from sparsegen.codegen.decode_api import DecodeStatic  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import sparse_decode_reference  # noqa: E402
-from bench.decode import random_selection  # noqa: E402
+from bench.decode_layout_probe import decode_inputs  # noqa: E402
 from bench.emitted import emitted_attention  # noqa: E402
 from bench.timing import (fmt, gpu_facts, rel_err, require_cuda, results_header,  # noqa: E402
                           save_results, time_graph_per_call)
 
 HQ, HKV, D, BLOCK, GROUP = 32, 8, 128, 64, 4
-ROTATE = 4
 LOG2E = 1.4426950408889634
 # (cluster, warp_specialize): the variants timed
 VARIANTS = [(2, True), (4, True), (8, True), (2, False), (4, False), (8, False)]
@@ -219,16 +218,9 @@ def compile_only() -> int:
 
 
 def probe_case(attend, kernels, batch, seq_len, fraction, gen) -> dict:
-    num_blocks = seq_len // BLOCK
-    count = max(1, round(fraction * num_blocks))
-    k = torch.randn(batch, seq_len, HKV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn_like(k)
-    seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
-    counts = torch.full((batch, HKV), count, dtype=torch.int32, device="cuda")
-    qs = [torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-          for _ in range(ROTATE)]
-    sels = [random_selection(batch, num_blocks, count, "cuda", gen) for _ in range(ROTATE)]
-    sel_bytes = batch * HKV * count * BLOCK * D * 2 * 2
+    x = decode_inputs(batch, seq_len, fraction, gen)
+    k, v, seq_lens, counts, qs, sels = x.k, x.v, x.seq_lens, x.counts, x.qs, x.sels
+    count, sel_bytes = x.count, x.sel_bytes
     ref = sparse_decode_reference(qs[0], k, v, sels[0], counts, seq_lens, BLOCK, validate=False)
     base = attend.module.kernel_for(k.device, batch, seq_len)
     row = {"batch": batch, "seq_len": seq_len, "fraction": fraction, "selected_blocks": count,
@@ -258,7 +250,7 @@ def probe_case(attend, kernels, batch, seq_len, fraction, gen) -> dict:
             row[f"{name}_TBps"] = sel_bytes / ms / 1e9
         except Exception as e:  # a variant that fails is a result, not the end of the run
             row[f"{name}_note"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    del k, v, calls
+    del x, k, v, calls  # x holds the cache too
     torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)
     return row
