@@ -31,7 +31,7 @@ from sparsegen.codegen.quest_kernels import (QuestStatic, TritonQuestMeta,  # no
                                              TritonQuestScore)
 from sparsegen.plan import ShapeBucket, make_plan, rule_kernel_plans  # noqa: E402
 from sparsegen.spec import load_spec  # noqa: E402
-from sparsegen.tune.bench import _check_rule, _tensors  # noqa: E402
+from sparsegen.tune.bench import _check_rule, _tensors, rule_moved_bytes  # noqa: E402
 from sparsegen.tune.worker import CandidateError  # noqa: E402
 from tests.interp import needs_interp, only_if_not_interpreted, rerun_in_interpreter  # noqa: E402
 
@@ -159,6 +159,26 @@ def test_support_sizes_vary_and_follow_the_budget():
     again = EntmaxDecodeTriton.bench_inputs(st, 4, 1600, kv_heads=4, budget_blocks=40,
                                             device="cpu", seed=7)
     assert torch.equal(again["block_counts"], counts)  # a function of the shape only
+
+
+def test_entmax_decode_bandwidth_counts_the_selected_kv_only():
+    """The tuner's GB/s for entmax's attention: the selected blocks' K and V (a partial last
+    block counts its valid tokens), not the whole cache its input set holds."""
+    st = EntmaxStatic(16, 32, 4, "fp16")
+    seq_len = 1000  # 62 full blocks and a partial one of 8 tokens
+    inp = EntmaxDecodeTriton.bench_inputs(st, 3, seq_len, kv_heads=2, budget_blocks=10,
+                                          device="cpu")
+    set_bytes = sum(t.untyped_storage().nbytes() for t in _tensors(inp))
+    tokens = 0
+    for b in range(3):
+        for h in range(2):
+            for blk in inp["block_indices"][b, h, : int(inp["block_counts"][b, h])].tolist():
+                tokens += min(16, seq_len - 16 * blk)
+    want = tokens * 32 * 2 * 2  # head_dim 32, fp16, K and V
+    assert rule_moved_bytes(torch, st.as_dict(), inp, set_bytes) == want < set_bytes / 3
+    # a rule kernel whose inputs are not a decode's counts its whole input set
+    tau = EntmaxTau.bench_inputs(st, 3, seq_len, kv_heads=2, budget_blocks=10, device="cpu")
+    assert rule_moved_bytes(torch, st.as_dict(), tau, 12345) == 12345
 
 
 def test_bad_shapes_get_clear_errors():

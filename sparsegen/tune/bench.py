@@ -19,7 +19,8 @@ A rule's selection-side kernel (a RuleKernelPlan: block selection, gate scoring,
 workload of kind "rule": its input sets come from the adapter's own `bench_inputs`, the gate
 compares every output with the adapter's `reference` on the first and last set (integer
 outputs exactly, float outputs within the tolerance, with the same non-finite entries), and
-the timing is the same; bandwidth there is input bytes over the time.
+the timing is the same; bandwidth there is input bytes over the time (selected KV bytes where
+the inputs are a sparse decode's: a cache, block indices and counts).
 """
 from __future__ import annotations
 
@@ -162,15 +163,19 @@ def _ragged_inputs(torch, w: Workload, gen, device) -> dict:
     }
 
 
-def selected_kv_bytes(torch, w: Workload, inputs: dict) -> int:
-    """Bytes of K and V inside the selected blocks (the floor a sparse decode must read)."""
-    bs = w.static["block_size"]
+DECODE_INPUTS = ("k", "v", "block_indices", "block_counts", "seq_lens")
+
+
+def selected_kv_bytes(torch, static: dict, inputs: dict) -> int:
+    """Bytes of K and V inside the selected blocks (the floor a sparse decode must read);
+    static: the kernel's statics (block_size, head_dim, dtype)."""
+    bs = static["block_size"]
     idx = inputs["block_indices"].long()
     live = torch.arange(idx.shape[-1], device=idx.device) < inputs["block_counts"][..., None]
     lens = inputs["seq_lens"].long()[:, None, None]
     tokens = ((lens - idx * bs).clamp(0, bs) * live).sum().item()
-    elem = {"bf16": 2, "fp16": 2, "fp32": 4}[w.static["dtype"]]
-    return int(tokens) * w.static["head_dim"] * elem * 2
+    elem = {"bf16": 2, "fp16": 2, "fp32": 4}[static["dtype"]]
+    return int(tokens) * static["head_dim"] * elem * 2
 
 
 def _reference(inputs: dict, block_size: int):
@@ -199,7 +204,7 @@ def prepare(workload: dict) -> dict:
     bs = w.static["block_size"]
     ragged = _ragged_inputs(torch, w, gen, device)
     first = _uniform_inputs(torch, w, gen, device)
-    sel_bytes = selected_kv_bytes(torch, w, first)
+    sel_bytes = selected_kv_bytes(torch, w.static, first)
     set_bytes = sum(t.untyped_storage().nbytes() for t in first.values() if t is not None)
     props = torch.cuda.get_device_properties(device)
     l2 = getattr(props, "L2_cache_size", 0) or DEFAULT_L2_BYTES
@@ -351,6 +356,15 @@ def _call_rule(adapter, inputs: dict):
     return adapter(**inputs)
 
 
+def rule_moved_bytes(torch, static: dict, inputs, set_bytes: int) -> int:
+    """The bytes a rule kernel's bandwidth counts: its whole input set (set_bytes), except
+    where the inputs are a sparse decode's (entmax's attention with its prior), which reads
+    only the selected KV of the cache it is handed."""
+    if isinstance(inputs, dict) and all(inputs.get(k) is not None for k in DECODE_INPUTS):
+        return selected_kv_bytes(torch, static, inputs)
+    return set_bytes
+
+
 def _prepare_rule(torch, workload: dict) -> dict:
     from .worker import resolve
 
@@ -379,7 +393,8 @@ def _prepare_rule(torch, workload: dict) -> dict:
     ref = cls(static, cls.default_config(static), None)
     checks = [0] if len(sets) == 1 else [0, len(sets) - 1]
     refs = {i: ref.reference(**sets[i]) for i in checks}
-    summary = {"sets": len(sets), "set_bytes": set_bytes, "l2_bytes": l2,
+    moved = rule_moved_bytes(torch, workload["static"], first, set_bytes)
+    summary = {"sets": len(sets), "set_bytes": set_bytes, "moved_bytes": moved, "l2_bytes": l2,
                "rotation_bytes": set_bytes * len(sets)}
     _STATE.update(workload=workload, sets=sets, refs=refs, summary=summary)
     torch.cuda.synchronize()
@@ -434,5 +449,5 @@ def _evaluate_rule(torch, task: dict) -> dict:
         torch.cuda.synchronize()
     median = graph if graph is not None else plain
     return {"median_ms": median, "plain_ms": plain, "graph_ms": graph,
-            "bandwidth_gbs": summary["set_bytes"] / (median * 1e-3) / 1e9,
+            "bandwidth_gbs": summary["moved_bytes"] / (median * 1e-3) / 1e9,
             "max_rel_err": err, "input_sets": summary["sets"], "graph_error": graph_error}
