@@ -15,8 +15,12 @@ global memory.
 The kernel here is a probe, not a template: it serves the contiguous bf16 layout at block
 64, head dim 128, group 4 (the example specs' attention) and the cluster sizes 2, 4 and 8.
 It is checked against the fp32 torch reference, then timed beside the attention the emitted
-seer-attention-r module runs at the shape. Each time is the median ms per call of CUDA graphs
-of 8 calls, with the ROTATE input sets of decode_layout_probe.decode_inputs in turn.
+seer-attention-r module runs at the shape, and beside its two-launch twin: the production
+TileLang split kernel at the same tile and load form with C splits, then its merge launch.
+The twin tells a cluster kernel that loses to the baseline because of the merge it does
+from one that loses because TileLang's split kernel is slower than Triton's at the shape.
+Each time is the median ms per call of CUDA graphs of 8 calls, with the ROTATE input sets
+of decode_layout_probe.decode_inputs in turn.
 """
 # no `from __future__ import annotations`: TileLang reads the prim_func's annotations as
 # objects (string annotations would be looked up among the module's globals and fail)
@@ -46,8 +50,12 @@ VARIANTS = [(2, True), (4, True), (8, True), (2, False), (4, False), (8, False)]
 CASES = [(8, 32768, 0.1), (8, 32768, 0.25), (16, 32768, 0.1), (8, 131072, 0.1)]
 
 
-def cluster_decode_module(cluster: int, warp_specialize: bool, threads: int = 128,
-                          block_h: int = 16, num_stages: int = 2):
+# the tile every cluster variant (and its two-launch twin) runs
+TILE = {"block_h": 16, "threads": 128, "num_stages": 2}
+
+
+def cluster_decode_module(cluster: int, warp_specialize: bool, threads: int = TILE["threads"],
+                          block_h: int = TILE["block_h"], num_stages: int = TILE["num_stages"]):
     """The probe kernel as a module-like object (build(), PASS_CONFIGS) for tilelang_build."""
     import tilelang
     import tilelang.language as T
@@ -196,8 +204,9 @@ def cluster_decode_module(cluster: int, warp_specialize: bool, threads: int = 12
     return types.SimpleNamespace(build=build, PASS_CONFIGS=configs)
 
 
-def variant_name(cluster: int, ws: bool) -> str:
-    return f"cluster{cluster}_{'tma' if ws else 'cpasync'}"
+def variant_name(cluster: int, ws: bool, form: str = "cluster") -> str:
+    """cluster4_tma: the cluster kernel; twolaunch4_tma: its two-launch twin."""
+    return f"{form}{cluster}_{'tma' if ws else 'cpasync'}"
 
 
 def compile_only() -> int:
@@ -217,7 +226,22 @@ def compile_only() -> int:
     return 1 if failed else 0
 
 
-def probe_case(attend, kernels, batch, seq_len, fraction, gen) -> dict:
+def two_launch_twins(static, variants) -> dict:
+    """For each cluster variant, the production TileLang split kernel at the same tile (16-row
+    group tile, 64-token steps, 128 threads, 2 stages, same load form, one CTA per SM as the
+    cluster kernel asks no more) run with num_splits = C, then its merge launch: the same
+    split work, merged the usual way. name -> (adapter, C)."""
+    from sparsegen.codegen.tilelang_decode import TileLangSparseDecode
+
+    out = {}
+    for cluster, ws in variants:
+        cfg = {**TileLangSparseDecode.default_config(static), **TILE, "block_n": BLOCK,
+               "warp_specialize": ws, "min_blocks_per_sm": 1}
+        out[variant_name(cluster, ws, "twolaunch")] = (TileLangSparseDecode(static, cfg), cluster)
+    return out
+
+
+def probe_case(attend, kernels, twins, batch, seq_len, fraction, gen) -> dict:
     x = decode_inputs(batch, seq_len, fraction, gen)
     k, v, seq_lens, counts, qs, sels = x.k, x.v, x.seq_lens, x.counts, x.qs, x.sels
     count, sel_bytes = x.count, x.sel_bytes
@@ -237,6 +261,10 @@ def probe_case(attend, kernels, batch, seq_len, fraction, gen) -> dict:
                           for q, i in zip(qs, sels)]}
     for name, kern in kernels.items():
         calls[name] = [lambda q=q, i=i, kern=kern: cluster_call(kern, q, i)
+                       for q, i in zip(qs, sels)]
+    for name, (adapter, c) in twins.items():
+        calls[name] = [lambda q=q, i=i, a=adapter, c=c: a(q, k, v, i, counts, seq_lens,
+                                                          num_splits=c)
                        for q, i in zip(qs, sels)]
     for name, fns in calls.items():
         try:
@@ -263,8 +291,9 @@ def write_markdown(rows, facts, names, path):
               "torch reference first",
               "- baseline: the attention the emitted seer-attention-r module runs at the shape "
               "(split kernel + merge kernel); clusterC: the C splits of a row are one cluster, "
-              "rank 0 merges through distributed shared memory (one launch); tma = warp-"
-              "specialised TMA loads, cpasync = cp.async",
+              "rank 0 merges through distributed shared memory (one launch); twolaunchC: "
+              "the production TileLang split kernel at the same tile with C splits, then its "
+              "merge launch; tma = warp-specialised TMA loads, cpasync = cp.async",
               "", "| B | len | sel. blocks | " + " | ".join(names) + " |",
               "|" + "---|" * (3 + len(names))]
     for r in rows:
@@ -309,14 +338,16 @@ def main():
     static = DecodeStatic(block_size=BLOCK, head_dim=D, group_size=GROUP, dtype="bf16",
                           layout="contiguous", page_size=0)
     attend, _ = emitted_attention(static, ["seer-attention-r"])
+    twins = two_launch_twins(static, variants)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for batch, seq_len, fraction in CASES:
-        rows.append(probe_case(attend, kernels, batch, seq_len, fraction, gen))
+        rows.append(probe_case(attend, kernels, twins, batch, seq_len, fraction, gen))
         if os.environ.get("OUT"):  # partial results survive a time limit
             Path(os.environ["OUT"], f"partial-{Path(str(args.out or 'cluster')).name}.json").write_text(
                 json.dumps(rows))
-    names = ["baseline"] + [variant_name(c, ws) for c, ws in variants]
+    names = ["baseline"] + [variant_name(c, ws, form) for c, ws in variants
+                            for form in ("cluster", "twolaunch")]
     stem = args.out or ROOT / "bench" / "results" / f"{facts['gpu_slug']}-decode-cluster-probe"
     save_results(stem, facts, rows, lambda p: write_markdown(rows, facts, names, p))
 

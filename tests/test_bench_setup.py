@@ -156,3 +156,21 @@ def test_cluster_probe_gather_buffers_alias_nothing():
         lo, hi = starts[name], starts[name] + size
         inside = [other for other, off in starts.items() if other != name and lo <= off < hi]
         assert not inside, f"{name} [{lo}, {hi}) shares bytes with {inside}: {starts}"
+
+
+def test_cluster_probe_two_launch_twins_are_feasible_at_the_cluster_tile():
+    """Each cluster variant's two-launch twin is a feasible production TileLang config at the
+    cluster kernel's tile and load form, and runs C splits (checked on the CPU: an infeasible
+    twin would only fail on the GPU, after the device time is spent)."""
+    from bench.decode_cluster_probe import BLOCK, D, GROUP, TILE, VARIANTS, two_launch_twins
+    from sparsegen.codegen.decode_api import DecodeStatic
+
+    static = DecodeStatic(block_size=BLOCK, head_dim=D, group_size=GROUP, dtype="bf16",
+                          layout="contiguous", page_size=0)
+    twins = two_launch_twins(static, VARIANTS)
+    assert len(twins) == len(VARIANTS)
+    for (cluster, ws), (name, (adapter, splits)) in zip(VARIANTS, twins.items()):
+        assert name == f"twolaunch{cluster}_{'tma' if ws else 'cpasync'}" and splits == cluster
+        c = adapter.config
+        assert {k: c[k] for k in TILE} == TILE
+        assert (c["block_n"], c["warp_specialize"]) == (BLOCK, ws)
