@@ -44,8 +44,7 @@ def quest_bounds(B, seq_len, block, gen, sets=4):
     from bench import methods_gate_topk as gt
     from sparsegen.methods.topk import quest_scores_reference
 
-    cache, dec, _ = gt.build("topk", block, "upper_bound", "per_head", B, seq_len, 0.9,
-                             "contiguous", gen)
+    cache, dec, _ = gt.build("topk", block, gt.QUEST, B, seq_len, 0.9, "contiguous", gen)
     nb = -(-(seq_len - 1) // block)
     seq = torch.full((B,), seq_len - 1, dtype=torch.int32, device="cuda")
     out = []

@@ -27,19 +27,23 @@ def emitted(spec_stem: str):
     return _PACKAGES[spec_stem]
 
 
-def tuned_rule_configs(statics: dict, spec_stems, batch: int, seq_len: int):
+def tuned_rule_configs(statics: dict, spec_stems, batch: int, seq_len: int,
+                       adapters: dict | None = None):
     """The rule-kernel configs the emitted modules of spec_stems run at (batch, seq_len) on
     this GPU (their nearest tuned bucket), for the kernels whose statics ({name: static})
-    equal an example's (the first such example in spec_stems); the others are left out
-    (they run their defaults). Returns ({name: config}, {name: example spec stem})."""
+    equal an example's (the first such example in spec_stems) and, where `adapters`
+    ({name: adapter class}) names one, whose adapter is the example's too (a config tuned for
+    another kernel of the same statics is not this one's); the others are left out (they run
+    their defaults). Returns ({name: config}, {name: example spec stem})."""
     from sparsegen.codegen.rule_kernels import rule_kernels
     from sparsegen.tune.db import torch_gpu
 
     configs, source = {}, {}
     for stem in spec_stems:
         spec, mod = emitted(stem)
-        same = {name for name, _cls, static in rule_kernels(spec)
-                if statics.get(name) == static and name not in configs}
+        same = {name for name, cls, static in rule_kernels(spec)
+                if statics.get(name) == static and name not in configs
+                and (adapters or {}).get(name, cls) is cls}
         tuned = mod.rule_kernel_configs(torch_gpu().slug, batch, seq_len)
         for name in same & set(tuned):
             configs[name], source[name] = tuned[name], stem

@@ -59,32 +59,34 @@ ROTATE = 4
 # example specs whose tuned rule-kernel configs a bench row runs when its statics are theirs
 TUNED_EXAMPLES = ("seer-attention-r", "nsa-topk", "quest-topk")
 PAGE_SIZE = 256  # of the paged caches `build` makes
-# (name, rule, block size, topk score, topk group)
-RULES = [("gate", "gate", 64, None, None),
-         ("quest-ub-per-head-b16", "topk", 16, "upper_bound", "per_head"),
-         ("quest-ub-per-head-b64", "topk", 64, "upper_bound", "per_head"),
-         ("nsa-mean-shared-b64", "topk", 64, "mean_pooled", "shared")]
+# (name, rule, block size, the spec's topk section)
+QUEST = {"score": "upper_bound", "group": "per_head"}
+NSA = {"score": "mean_pooled", "group": "shared"}
+RULES = [("gate", "gate", 64, None),
+         ("quest-ub-per-head-b16", "topk", 16, QUEST),
+         ("quest-ub-per-head-b64", "topk", 64, QUEST),
+         ("nsa-mean-shared-b64", "topk", 64, NSA)]
 
 
-def bench_spec(rule, bs, score, group, seq_len, sparsity):
+def bench_spec(rule, bs, topk, seq_len, sparsity):
     """The spec of one bench row: Hq 32 / Hkv 8 / D 128 bf16, contiguous, a budget for
     `sparsity` of the blocks skipped. Quest per_head selects k blocks per query head and the
     KV head attends their union (up to G x k), so there k = budget / G."""
-    share = (1 - sparsity) / (G if group == "per_head" else 1)
+    share = (1 - sparsity) / (G if (topk or {}).get("group") == "per_head" else 1)
     budget = max(2, round(share * seq_len / bs)) * bs
     sel = {"rule": rule, "block_size": bs, "sink_blocks": 1, "local_blocks": 1,
            "budget_tokens": budget}
     if rule == "gate":
         sel["gate"] = {"d_gate": 128}
     else:
-        sel["topk"] = {"score": score, "group": group}
+        sel["topk"] = topk
     return parse_spec(json.dumps({
         "name": "bench", "model": {"num_q_heads": HQ, "num_kv_heads": HKV, "head_dim": D,
                                    "dtype": "bf16", "num_layers": 1},
         "cache": {"layout": "contiguous"}, "selection": sel}), "bench")
 
 
-def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="triton"):
+def build(rule, bs, topk, batch, seq_len, sparsity, layout, gen, impl="triton"):
     """A cache of seq_len - 1 random tokens per sequence, its rule state filled by prefill,
     and the decoder (at the tuned rule-kernel configs where an example spec shares them).
     Returns (cache, decoder, {kernel: example spec whose tuned config it runs})."""
@@ -92,9 +94,11 @@ def build(rule, bs, score, group, batch, seq_len, sparsity, layout, gen, impl="t
     cache = KVCache(batch, HKV, D, cap, dtype=DT, device="cuda", layout=layout,
                     page_size=PAGE_SIZE if layout == "paged" else 0)
     n = seq_len - 1
-    spec = bench_spec(rule, bs, score, group, seq_len, sparsity)
-    statics = {name: static for name, _cls, static in rule_kernels(spec)}
-    cfgs, source = tuned_rule_configs(statics, TUNED_EXAMPLES, batch, seq_len)
+    spec = bench_spec(rule, bs, topk, seq_len, sparsity)
+    kernels = rule_kernels(spec)
+    cfgs, source = tuned_rule_configs({name: static for name, _, static in kernels},
+                                      TUNED_EXAMPLES, batch, seq_len,
+                                      adapters={name: cls for name, cls, _ in kernels})
     if rule == "gate":
         gate = AttnGate.from_spec(spec).cuda()
         dec = GateDecoder.from_spec(spec, gate, batch, cap, device="cuda", impl=impl,
@@ -187,11 +191,24 @@ def select_fn(dec, cache, q, qn):
     return (lambda: dec.select(qn, cache)) if is_gate else (lambda: dec.select(q, cache))
 
 
-def check_rule(name, rule, bs, score, group, layout, gen, rows):
+def _overlap(sel_a, sel_b):
+    """(blocks both selections hold, blocks sel_b holds), summed over sequences and KV
+    heads; a selection is (indices, counts)."""
+    both = total = 0
+    for b in range(sel_a[0].shape[0]):
+        for h in range(HKV):
+            a = set(sel_a[0][b, h, : sel_a[1][b, h]].tolist())
+            w = set(sel_b[0][b, h, : sel_b[1][b, h]].tolist())
+            both += len(a & w)
+            total += len(w)
+    return both, total
+
+
+def check_rule(name, rule, bs, topk, layout, gen, rows):
     """Kernels vs references at a small shape: selection agreement over steps, outputs."""
     row = {"part": "check", "rule": name, "layout": layout}
     try:
-        cache, dec, _ = build(rule, bs, score, group, 2, 8192 + 37, 0.9, layout, gen)
+        cache, dec, _ = build(rule, bs, topk, 2, 8192 + 37, 0.9, layout, gen)
         attend, _ = attention(bs, layout)
         agree = total = 0
         worst = 0.0
@@ -206,12 +223,8 @@ def check_rule(name, rule, bs, score, group, layout, gen, rows):
                 out = dec.step(q, k, v, cache, attend)
                 want = dec.select(q, cache, impl="torch")
                 got = dec.select(q, cache, impl="triton")
-            for b in range(2):
-                for h in range(HKV):
-                    a = set(got[0][b, h, : got[1][b, h]].tolist())
-                    w = set(want[0][b, h, : want[1][b, h]].tolist())
-                    agree += len(a & w)
-                    total += len(w)
+            n_agree, n_want = _overlap(got, want)
+            agree, total = agree + n_agree, total + n_want
             ref = sparse_decode_reference(q, cache.k, cache.v, got[0], got[1], cache.seq_lens,
                                           bs, block_table=cache.block_table, validate=True)
             worst = max(worst, rel_err(out, ref))
@@ -226,12 +239,11 @@ def check_rule(name, rule, bs, score, group, layout, gen, rows):
     return row.get("ok", False)
 
 
-def bench_step(name, rule, bs, score, group, batch, seq_len, sparsity, layout, gen, rows):
+def bench_step(name, rule, bs, topk, batch, seq_len, sparsity, layout, gen, rows):
     row = {"part": "step", "rule": name, "layout": layout, "batch": batch, "seq_len": seq_len,
            "sparsity": sparsity, "block_size": bs}
     try:
-        cache, dec, source = build(rule, bs, score, group, batch, seq_len, sparsity, layout,
-                                   gen)
+        cache, dec, source = build(rule, bs, topk, batch, seq_len, sparsity, layout, gen)
         row["tuned_from"] = source
         attend, row["attention"] = attention(bs, layout)
         n = seq_len - 1
@@ -401,19 +413,23 @@ def main():
     print(json.dumps(facts), flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for name, rule, bs, score, group in RULES:
-        if name not in args.rules:
-            continue
-        for layout in args.layouts:
-            if not check_rule(name, rule, bs, score, group, layout, gen, rows):
-                continue  # never time a kernel that failed its check
-            for batch in args.batch:
-                for seq_len in args.seq_len:
-                    bench_step(name, rule, bs, score, group, batch, seq_len, args.sparsity,
-                               layout, gen, rows)
     stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         f"{facts['gpu_slug']}-step-gate-topk")
-    save_results(stem, facts, rows, lambda path: write_markdown(rows, facts, path))
+
+    def save():  # after every row too: a run cut off by its time limit keeps what it timed
+        save_results(stem, facts, rows, lambda path: write_markdown(rows, facts, path))
+
+    # never time a kernel that failed its check; then shape by shape, so that the rules are
+    # timed side by side at each shape even in a run cut off early
+    passed = [(r, layout) for r in RULES if r[0] in args.rules for layout in args.layouts
+              if check_rule(*r, layout, gen, rows)]
+    save()
+    for batch in args.batch:
+        for seq_len in args.seq_len:
+            for (name, rule, bs, topk), layout in passed:
+                bench_step(name, rule, bs, topk, batch, seq_len, args.sparsity, layout, gen,
+                           rows)
+                save()
 
 if __name__ == "__main__":
     main()

@@ -60,8 +60,8 @@ def kernel_table(fn, steps=STEPS, title=""):
 
 
 def part_rule(name, gen, batch=16, seq_len=131072):
-    _, rule, bs, score, group = {r[0]: r for r in gt.RULES}[name]
-    cache, dec, _ = gt.build(rule, bs, score, group, batch, seq_len, 0.9, "contiguous", gen)
+    _, rule, bs, topk = {r[0]: r for r in gt.RULES}[name]
+    cache, dec, _ = gt.build(rule, bs, topk, batch, seq_len, 0.9, "contiguous", gen)
     attend, _ = gt.attention(bs, "contiguous")
     q, k, v, qn, kn = gt.step_inputs(batch, gen)
     step = gt.step_fn(dec, cache, attend, q, k, v, qn, kn, seq_len - 1)

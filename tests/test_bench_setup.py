@@ -30,9 +30,9 @@ def _statics(spec) -> dict:
 def test_step_bench_rows_share_the_examples_statics(row, example, kernels):
     from bench import methods_gate_topk as gt
 
-    _, rule, bs, score, group = {r[0]: r for r in gt.RULES}[row]
+    _, rule, bs, topk = {r[0]: r for r in gt.RULES}[row]
     assert example in gt.TUNED_EXAMPLES
-    ours = _statics(gt.bench_spec(rule, bs, score, group, 131072, 0.9))
+    ours = _statics(gt.bench_spec(rule, bs, topk, 131072, 0.9))
     theirs = _statics(load_spec(SPECS / f"{example}.yaml"))
     for name in kernels:
         assert ours[name] == theirs[name], name
@@ -63,8 +63,8 @@ def test_step_bench_select_ab_swaps_only_block_select(row):
     from sparsegen.methods.gate import AttnGate
     from sparsegen.methods.kv_cache import KVCache
 
-    _, rule, bs, score, group = {r[0]: r for r in gt.RULES}[row]
-    spec = gt.bench_spec(rule, bs, score, group, 1024, 0.9)
+    _, rule, bs, topk = {r[0]: r for r in gt.RULES}[row]
+    spec = gt.bench_spec(rule, bs, topk, 1024, 0.9)
     cache = KVCache(1, gt.HKV, gt.D, 1024, dtype=torch.float32, device="cpu")
     others = {"gate_score": {"block_j": 8, "tiles": 4, "num_stages": 2, "num_warps": 2}}
     if rule == "gate":
@@ -174,3 +174,25 @@ def test_cluster_probe_two_launch_twins_are_feasible_at_the_cluster_tile():
         c = adapter.config
         assert {k: c[k] for k in TILE} == TILE
         assert (c["block_n"], c["warp_specialize"]) == (BLOCK, ws)
+
+
+def test_tuned_rule_configs_need_the_examples_adapter_too(monkeypatch):
+    """A bench row runs an example's tuned rule-kernel config only where its statics and,
+    when it names them, its adapter classes are the example's: a config tuned for one kernel
+    is not another's of the same statics."""
+    from bench.emitted import tuned_rule_configs
+    from sparsegen.tune import db
+
+    monkeypatch.setattr(db, "torch_gpu",   # the committed database's GPU, on this CPU
+                        lambda device="cuda:0": db.GpuId("NVIDIA H100 80GB HBM3", "9.0"))
+    kernels = rule_kernels(load_spec(SPECS / "nsa-topk.yaml"))
+    statics = {name: static for name, _, static in kernels}
+    adapters = {name: cls for name, cls, _ in kernels}
+    cfgs, source = tuned_rule_configs(statics, ["nsa-topk"], 8, 131072, adapters=adapters)
+    assert set(cfgs) == set(statics) and set(source.values()) == {"nsa-topk"}
+
+    class OtherScore(adapters["quest_score"]):
+        pass
+    cfgs, _ = tuned_rule_configs(statics, ["nsa-topk"], 8, 131072,
+                                 adapters={**adapters, "quest_score": OtherScore})
+    assert set(cfgs) == set(statics) - {"quest_score"}
