@@ -416,8 +416,8 @@ def main():
     stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         f"{facts['gpu_slug']}-step-gate-topk")
 
-    def save():  # after every row too: a run cut off by its time limit keeps what it timed
-        save_results(stem, facts, rows, lambda path: write_markdown(rows, facts, path))
+    def save(echo=False):  # after every row: a run cut off by its time limit keeps what it timed
+        save_results(stem, facts, rows, lambda path: write_markdown(rows, facts, path), echo)
 
     # never time a kernel that failed its check; then shape by shape, so that the rules are
     # timed side by side at each shape even in a run cut off early
@@ -430,6 +430,7 @@ def main():
                 bench_step(name, rule, bs, topk, batch, seq_len, args.sparsity, layout, gen,
                            rows)
                 save()
+    save(echo=True)
 
 if __name__ == "__main__":
     main()

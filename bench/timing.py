@@ -141,10 +141,11 @@ def results_header(title: str, facts: dict) -> list[str]:
             f"- versions: {facts['versions']}", f"- command: `{facts['command']}`"]
 
 
-def save_results(stem, facts: dict, rows: list, write_markdown) -> None:
-    """Write <stem>.json and <stem>.md (through write_markdown(path)), print the table and
-    copy both to $OUT when set (the device tool brings $OUT back), unless the stem is
-    already under $OUT: the tool brings back 8 files a call, and a copy spends two."""
+def save_results(stem, facts: dict, rows: list, write_markdown, echo: bool = True) -> None:
+    """Write <stem>.json and <stem>.md (through write_markdown(path)), print the table (unless
+    echo is False: a bench saving after every row prints it once, at the end) and copy both
+    to $OUT when set (the device tool brings $OUT back), unless the stem is already under
+    $OUT: the tool brings back 8 files a call, and a copy spends two."""
     import json
     import os
 
@@ -152,7 +153,8 @@ def save_results(stem, facts: dict, rows: list, write_markdown) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"facts": facts, "rows": rows}, indent=1))
     write_markdown(stem.with_suffix(".md"))
-    print(stem.with_suffix(".md").read_text())
+    if echo:
+        print(stem.with_suffix(".md").read_text())
     out = os.environ.get("OUT")
     if out and not stem.resolve().is_relative_to(Path(out).resolve()):
         for suffix in (".md", ".json"):
