@@ -23,9 +23,7 @@ cd "$(dirname "$0")/.."
 usage="usage: scripts/decide-tau-head-split.sh check|tune OUTDIR"
 stage=${1:?$usage}; out=${2:?$usage}
 mkdir -p "$out"
-deadline=$(( $(date +%s) + ${TOTAL:-560} ))
-left() { echo $(( deadline - $(date +%s) )); }
-cap() { local l; l=$(left); echo $(( $1 < l ? $1 : l )); }   # a stage's seconds
+source scripts/lib/deadline.sh 560
 
 case "$stage" in
   check)

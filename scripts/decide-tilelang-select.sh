@@ -19,9 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/decide-tilelang-select.sh OUTDIR}
 mkdir -p "$out"
-deadline=$(( $(date +%s) + ${TOTAL:-570} ))
-left() { echo $(( deadline - $(date +%s) )); }
-cap() { local l; l=$(left); echo $(( $1 < l ? $1 : l )); }   # a stage's seconds
+source scripts/lib/deadline.sh 570
 
 echo "== GPU tests ($(cap 240) s)"
 timeout "$(cap 240)" python -m pytest -q -x -p no:cacheprovider tests/test_select_tilelang_gpu.py \

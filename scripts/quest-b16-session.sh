@@ -19,8 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: scripts/quest-b16-session.sh OUTDIR}
 mkdir -p "$out"
-deadline=$(( $(date +%s) + ${TOTAL:-560} ))
-cap() { local l=$(( deadline - $(date +%s) )); echo $(( $1 < l ? $1 : l )); }
+source scripts/lib/deadline.sh 560
 
 echo "== select GPU tests ($(cap 150) s)"
 timeout "$(cap 150)" python -m pytest -q -p no:cacheprovider --durations=3 \
