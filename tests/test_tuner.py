@@ -450,6 +450,37 @@ def test_a_changed_kernel_is_seeded_with_its_previous_versions_winner(tmp_path, 
         "not in today's space" in opts.stream.getvalue()
 
 
+def test_every_enqueued_candidate_is_measured_past_a_small_budget(tmp_path, fake_log):
+    """Defaults, the previous version's winner and the adapter's seeds are measured even when
+    they outnumber --trials, the winner before the seeds: an H100 re-tune at --trials 4 had
+    three seeds and a default fill the budget, dropped the old winner and recorded a slower
+    config (bench/NOTES.md, Session 21)."""
+    from sparsegen.plan import rule_kernel_plans
+
+    kernel = fake_kernel(shapes=((1, 1024),))
+    plan = FakePlan(kernel, rule_kernels=(("fake_seeded", tune_fakes.FakeRuleSeeded,
+                                           FakeRuleStatic(64)),))
+    (rule,) = rule_kernel_plans(plan)
+    identity = kernel_identity(rule)
+    old = {**identity, "templates": {"triton": {"path": "x.j2", "hash": "0ld"}}}
+    winner = {"block": 64, "num_warps": 4}
+    TuningDB(tmp_path / "db").record(GPU, old, {
+        "shape": {"batch": 1, "seq_len": 1024}, "selected_blocks": 1,
+        "versions": library_versions(), "trials": {"measured": 8, "failed": 0, "infeasible": 0},
+        "best": {"backend": "triton", "config": winner, "median_ms": 1.0, "plain_ms": None,
+                 "graph_ms": None, "bandwidth_gbs": None},
+        "default": {"backend": "triton", "config": {"block": 32, "num_warps": 2},
+                    "median_ms": 2.0},
+        "study": "old", "tuned_at": "2026-01-01T00:00:00Z"})
+    opts = options(tmp_path, trials=1, workers=2, kernels=("fake_seeded",))
+    assert [r.status for r in tune_plan(plan, opts)] == ["tuned"]
+    trials = load_study(tmp_path, rule, kernel.shapes[0]).get_trials()
+    measured = [(t.params["triton.block"], t.params["triton.num_warps"]) for t in trials
+                if t.user_attrs.get("outcome") == "measured"]
+    assert measured[:4] == [(32, 2), (64, 4), (128, 1), (16, 4)]  # default, winner, seeds
+    assert len(measured) == 4 and "4 evaluated" in opts.stream.getvalue().replace("/", " ")
+
+
 def test_predecessor_matches_statics_holding_tuples(tmp_path):
     """A static with a tuple (the gate's pooling) is stored as a JSON list: its previous
     version's file must still match it (it did not, so gate_step re-tunes were unseeded)."""

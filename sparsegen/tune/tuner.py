@@ -10,10 +10,12 @@ Per study:
     `retune`: then that winner is enqueued beside the defaults and the study searches on, so
     the new winner is never worse than the old one measured in the same run;
   * the heuristic default config of each backend is enqueued first, so the winner is never
-    worse than the default, then the seeds its adapter names (`seed_configs`, if any);
+    worse than the default;
   * with no winner for today's kernel, the winner an earlier version of it recorded (the
     templates or adapter changed since: a stale entry) is enqueued next, completed with
     each choice of any config key added since, so a small budget re-tunes after an edit;
+  * then the seeds its adapter names (`seed_configs`, if any); every enqueued candidate is
+    measured, even where they outnumber the budget;
   * each trial: sample a candidate, reject it on the CPU if statically infeasible
     (`trial.set_constraint`, pruned), reuse the result of an identical finished candidate,
     compile it in a CPU child process (threads run several trials at once, so compiles
@@ -314,14 +316,23 @@ class _ShapeStudy:
     def run(self) -> ShapeResult:
         study = self.study
         reap_dead_owner_trials(study)
-        if not study.get_trials(deepcopy=False):
+        fresh = not study.get_trials(deepcopy=False)
+        if fresh:
             for cand in self.space.defaults():
                 study.enqueue_trial(self.space.params(cand), user_attrs={"default": True},
                                     skip_if_exists=True)
+        self._enqueue_prior(study)   # a known winner before the adapter's guesses
+        if fresh:
             for cand in self.space.seeds():
                 study.enqueue_trial(self.space.params(cand), user_attrs={"seed": True},
                                     skip_if_exists=True)
-        self._enqueue_prior(study)
+        # every enqueued candidate is measured, past the budget if need be: a budget the
+        # defaults and seeds fill would drop the previous winner, and the re-tune could
+        # record a slower one (an H100 re-tune at --trials 4 did; bench/NOTES.md, Session 21)
+        queued = [t for t in study.get_trials(deepcopy=False)
+                  if t.user_attrs.keys() & {"default", "seed", "prior"}]
+        self.budget = self.progress.budget = max(self.opts.trials, len(queued))
+        self.cap = max(self.cap, self.budget * 5 + 50)
         if self._done():
             self.progress.message("study already complete (resumed)")
         else:
