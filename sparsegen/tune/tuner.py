@@ -296,8 +296,7 @@ class _ShapeStudy:
         self.kernel, self.identity, self.shape, self.space = kernel, identity, shape, space
         self.name = name
         self.workload = workload_of(kernel, shape, seed=self.opts.seed)
-        self.budget = self.opts.trials
-        self.cap = self.budget * 5 + 50    # repeats and infeasible draws included
+        self.budget = self.opts.trials   # raised in run() to cover every enqueued candidate
         self.abort: str | None = None
         shared = self.opts.storage is not None
         seed = self.opts.seed + (os.getpid() if shared else 0)  # workers explore differently
@@ -332,7 +331,6 @@ class _ShapeStudy:
         queued = [t for t in study.get_trials(deepcopy=False)
                   if t.user_attrs.keys() & {"default", "seed", "prior"}]
         self.budget = self.progress.budget = max(self.opts.trials, len(queued))
-        self.cap = max(self.cap, self.budget * 5 + 50)
         if self._done():
             self.progress.message("study already complete (resumed)")
         else:
@@ -529,6 +527,11 @@ class _ShapeStudy:
                     SearchSpace.from_params(t.params).key == cand.key:
                 return t
         return None
+
+    @property
+    def cap(self) -> int:
+        """The most trials a study may hold: repeats and infeasible draws included."""
+        return self.budget * 5 + 50
 
     def _done(self) -> bool:
         trials = self._trials()
