@@ -67,7 +67,7 @@ class GateDecoder(_Decoder):
     def __init__(self, gate: AttnGate, selection, batch: int, capacity: int, device="cpu",
                  impl: str = "torch", dense: bool = False, kc_dtype=torch.float32,
                  kernel_configs: dict | None = None, build_dir=None,
-                 overlap_append: bool = False):
+                 overlap_append: bool = True):
         if gate.block_size != selection.block_size:
             raise ValueError(f"gate block_size {gate.block_size} != selection block_size "
                              f"{selection.block_size}")
@@ -80,9 +80,10 @@ class GateDecoder(_Decoder):
         self._kernel_configs = kernel_configs or {}
         self._build_dir = build_dir
         self.logits = None  # scratch [B, Hkv, max_blocks] of the kernel path
-        # step(): the state update on a side stream (overlap_append) or serial. Serial is the
-        # default: on the H100 it is ~1 % faster per step at 128K (where the 7x target is
-        # tight), the side stream up to 2 % faster at 32K (H100-step-gate-topk.md, one run)
+        # step(): the state update on a side stream (overlap_append, the default) or serial.
+        # On the H100 the side stream is faster at 32K in both runs that compared them (up to
+        # 2 %, then 1.4 / 3.5 % at B 8 / 16) and in every block-filling step; at 128K the two
+        # are within 1-2 % either way (H100-step-gate-topk.md's side / serial table)
         self.overlap_append = overlap_append
         self._side, self._stepped = None, False
 
