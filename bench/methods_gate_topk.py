@@ -359,7 +359,7 @@ def write_markdown(rows, facts, path):
         serial = [r for r in steps if "serial_step_graph_ms" in r and "sdpa_mean_graph_ms" in r]
         if serial:
             lines += ["### gate: compression-cache update on a side stream vs serial "
-                      "(same steps, same run; the decoder's default is serial)", "",
+                      "(same steps, same run; the decoder's default is the side stream)", "",
                       "| B | len | fill step ms side / serial | block mean ms side / serial | "
                       "speedup mean side / serial |", "|---|---|---|---|---|"]
             for r in serial:
