@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .quest_kernels import _bench_cache, _bench_meta, _meta_args, _reference_meta, _run_sum
+from .quest_kernels import (bench_block_table, bench_meta, meta_args, reference_meta,
+                            run_sum_of)
 from .triton_kernel import TRITON_PTR, TritonKernel, check_int_config, next_pow2, torch_dtype
 
 METAS = ("none", "upper_bound", "mean_pooled")
@@ -123,8 +124,8 @@ class TritonKVAppend(TritonKernel):
                    bt.stride(0)]
         outs = (seq_out,)
         if self.static.meta != "none":
-            a, b_ = _meta_args(meta)  # min, max / mean, mean (unused)
-            run = _run_sum(meta, seq_lens)  # unused by upper_bound
+            a, b_ = meta_args(meta)  # min, max / mean, mean (unused)
+            run = run_sum_of(meta, seq_lens)  # unused by upper_bound
             if a.dtype != k.dtype or a.stride(-1) != 1:
                 raise TypeError(f"the metadata must be {k.dtype} with a contiguous last dim")
             args += [a, b_, run]
@@ -160,7 +161,7 @@ class TritonKVAppend(TritonKernel):
             pos[0] = last
         else:
             pos = torch.full((batch,), last, device=device)
-        inputs = _bench_cache(s, batch, seq_len, gen, device)  # {"block_table"} when paged
+        inputs = bench_block_table(s, batch, seq_len, gen, device)  # {"block_table"} when paged
         rows, slots = ((inputs["block_table"].numel(), s.page_size) if s.paged
                        else (batch, seq_len))
         kv = [torch.zeros(rows, 1, H, D, dtype=torch_dtype(s.dtype), device=device)
@@ -171,7 +172,7 @@ class TritonKVAppend(TritonKernel):
                       seq_lens=pos.to(torch.int32),
                       seq_out=torch.zeros(batch, dtype=torch.int32, device=device))
         if s.meta != "none":
-            inputs["meta"] = _bench_meta(s, s.meta, batch, seq_len, H, gen, device)
+            inputs["meta"] = bench_meta(s, s.meta, batch, seq_len, H, gen, device)
         return inputs
 
     def reference(self, k_new, v_new, k, v, seq_lens, block_table=None, meta=None,
@@ -184,7 +185,7 @@ class TritonKVAppend(TritonKernel):
         out = seq_lens + 1
         if self.static.meta == "none":
             return (out,)
-        ref, view = _reference_meta(self.static, self.static.meta, meta,
+        ref, view = reference_meta(self.static, self.static.meta, meta,
                                     {"seq_lens": out, "block_table": block_table})
         ref.append(view, k_new)
         return (out, *(ref.tensors() if ref.score == "upper_bound" else (ref.kmean, ref.run_sum)))

@@ -54,12 +54,12 @@ def _meta_tensors(meta) -> tuple:
     return meta.tensors()
 
 
-def _meta_args(meta):
+def meta_args(meta):
     a = _meta_tensors(meta)
     return (a[0], a[1] if len(a) > 1 else a[0])
 
 
-def _run_sum(meta, fallback):
+def run_sum_of(meta, fallback):
     run = meta.get("run_sum") if isinstance(meta, dict) else getattr(meta, "run_sum", None)
     return fallback if run is None else run
 
@@ -136,7 +136,7 @@ class TritonQuestScore(TritonKernel):
         shared); entries past a sequence's blocks are left untouched."""
         import torch
 
-        a, b_ = _meta_args(meta)
+        a, b_ = meta_args(meta)
         B, Hq, D = q.shape
         H = a.shape[2]  # metadata [.., .., Hkv, D] in both layouts
         s = self.static
@@ -166,11 +166,11 @@ class TritonQuestScore(TritonKernel):
 
         s = static
         gen = torch.Generator(device=device).manual_seed(seed)
-        cache = _bench_cache(s, batch, seq_len, gen, device)
+        cache = bench_block_table(s, batch, seq_len, gen, device)
         cache["seq_lens"] = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
         return {"q": torch.randn(batch, kv_heads * s.group_size, s.head_dim, generator=gen,
                                  device=device).to(torch_dtype(s.dtype)),
-                "meta": _bench_meta(s, s.score, batch, seq_len, kv_heads, gen, device),
+                "meta": bench_meta(s, s.score, batch, seq_len, kv_heads, gen, device),
                 "cache": cache,
                 "width": -(-seq_len // s.block_size)}
 
@@ -178,14 +178,14 @@ class TritonQuestScore(TritonKernel):
         from ..methods.topk import quest_scores_reference
 
         if isinstance(meta, dict):
-            meta, cache = _reference_meta(self.static, self.static.score, meta, cache)
+            meta, cache = reference_meta(self.static, self.static.score, meta, cache)
         return quest_scores_reference(q, meta, cache, self.static.group, width)
 
 
 # --- the tuner's inputs: plain tensors (the tuner sizes its input sets by their bytes) -----
 # `s` below is a QuestStatic or an AppendStatic with metadata (both have block_size,
 # head_dim, dtype, layout, paged, page_size); `score` is the metadata's kind.
-def _bench_cache(s, batch: int, seq_len: int, gen, device) -> dict:
+def bench_block_table(s, batch: int, seq_len: int, gen, device) -> dict:
     """{"block_table"} of sequences of seq_len tokens: pages scattered over the pool when
     paged (as bench's decode inputs), absent when contiguous."""
     import torch
@@ -204,7 +204,7 @@ def _meta_shape(s, batch: int, seq_len: int, kv_heads: int) -> tuple:
     return (batch, -(-seq_len // s.block_size), kv_heads, s.head_dim)
 
 
-def _bench_meta(s, score: str, batch: int, seq_len: int, kv_heads: int, gen,
+def bench_meta(s, score: str, batch: int, seq_len: int, kv_heads: int, gen,
                 device) -> dict:
     import torch
 
@@ -218,7 +218,7 @@ def _bench_meta(s, score: str, batch: int, seq_len: int, kv_heads: int, gen,
                                                device=device)}
 
 
-def _reference_meta(s, score: str, meta: dict, cache: dict):
+def reference_meta(s, score: str, meta: dict, cache: dict):
     """A QuestMeta holding copies of the plain metadata tensors, and the cache view its
     plain-torch methods read (no K/V: they only read lengths, the block table and shapes)."""
     from types import SimpleNamespace
