@@ -99,8 +99,10 @@ def test_one_launch_append_equals_torch_path(bs, page, score, dtype, new_dtype):
 @pytest.mark.parametrize("bs,page,score,dtype,new_dtype",
                          [CASES[0], CASES[1], CASES[-1]])
 def test_one_launch_append_in_a_cuda_graph(bs, page, score, dtype, new_dtype):
-    """2 blocks' worth of appends captured in one graph (pages are taken while capturing),
-    replayed twice from a snapshot: the state equals the torch path's eager run."""
+    """2 blocks' worth of appends captured in one graph, replayed twice from a snapshot: the
+    state equals the torch path's eager run. A paged cache's pages are taken on the host, so
+    those the graph's tokens need are mapped before capture (as a model maps them before it
+    replays a decode graph), in both caches alike."""
     gen = torch.Generator(device="cuda").manual_seed(7)
     (fused, torch_path) = _pair(bs, page, score, dtype, gen)
     kern = _kernel(fused[0], bs, score, new_dtype)
@@ -108,6 +110,9 @@ def test_one_launch_append_in_a_cuda_graph(bs, page, score, dtype, new_dtype):
     fused[0].append(kn, vn, meta=fused[1], kernel=kern)
     torch_path[0].append(kn, vn, impl="torch", meta=torch_path[1])
     steps = [_new(new_dtype, gen) for _ in range(2 * bs)]
+    for cache, _ in (fused, torch_path):
+        for b, n in enumerate(cache.lengths):
+            cache._ensure_pages(b, n, n + len(steps))
     torch.cuda.synchronize()
     snap = [t.clone() for t in _state(*fused)]
     graph = torch.cuda.CUDAGraph()
