@@ -267,8 +267,11 @@ def _fast_vs_general(rule, pre, steps, *, Hkv=2, G=3, D=16, seed=0):
         evictions += len(fast.last_evictions)
         assert torch.equal(fast.slot_logical, gen.slot_logical), t
         assert torch.equal(fast.slot_ts, gen.slot_ts), t
-        # the fast path's min/max kernel (Quest's metadata append, block = page) vs torch
+        # the fast path's append (K / V and the page min/max in one launch, block = page)
+        # vs the cache's append and the torch fold
         assert torch.equal(fast.kmin, gen.kmin) and torch.equal(fast.kmax, gen.kmax), t
+        for name in ("k", "v", "seq_lens"):
+            assert torch.equal(getattr(caches[0], name), getattr(caches[1], name)), (name, t)
         (fi, fc), (gi, gc) = fast.last_selection, gen.last_selection
         assert torch.equal(fc, gc), t
         for b in range(B):

@@ -27,8 +27,8 @@ from sparsegen.codegen.gate_kernels import GateStepStatic, TritonGateStep  # noq
 from sparsegen.codegen.milestone_kernels import (MilestoneScoreTriton,  # noqa: E402
                                                  MilestoneSelectStatic, MilestoneSelectTriton,
                                                  MilestoneStatic)
-from sparsegen.codegen.quest_kernels import (QuestStatic, TritonQuestMeta,  # noqa: E402
-                                             TritonQuestScore)
+from sparsegen.codegen.kv_append import AppendStatic, TritonKVAppend  # noqa: E402
+from sparsegen.codegen.quest_kernels import QuestStatic, TritonQuestScore  # noqa: E402
 from sparsegen.plan import ShapeBucket, make_plan, rule_kernel_plans  # noqa: E402
 from sparsegen.spec import load_spec  # noqa: E402
 from sparsegen.tune.bench import _check_rule, _tensors, rule_moved_bytes  # noqa: E402
@@ -59,11 +59,16 @@ CASES = [
      GateStepStatic(8, 32, 4, 32, pooling=("max", "mean"), rmsnorm=True,
                     query_reduction="mean", dtype="bf16", kc_dtype="bf16"),
      None, 4, 61, {"heads": 2}),
-    ("quest_meta", TritonQuestMeta, QuestStatic(16, 32, 2, "fp16"), None, 4, 100,
-     {"kv_heads": 2}),
-    ("quest_meta-paged-mean", TritonQuestMeta,
-     QuestStatic(16, 32, 2, "fp16", "mean_pooled", "shared", "paged", 32), None, 3, 90,
-     {"kv_heads": 2}),
+    ("quest_meta", TritonKVAppend, AppendStatic.of_quest(QuestStatic(16, 32, 2, "fp16"), 2),
+     None, 4, 100, {}),
+    ("quest_meta-paged-mean", TritonKVAppend,
+     AppendStatic.of_quest(QuestStatic(16, 32, 2, "fp16", "mean_pooled", "shared", "paged", 32),
+                           2), None, 3, 90, {}),
+    # 3 KV heads and a head dim of 40 pad the tiles; fp32 keys are cast to the fp16 cache
+    ("quest_meta-paged-pad-cast", TritonKVAppend,
+     AppendStatic(40, 3, "fp16", "fp32", "paged", 32, "upper_bound", 16), {"num_warps": 1}, 3,
+     70, {}),
+    ("kv_append-plain", TritonKVAppend, AppendStatic(32, 2, "fp16", "fp16"), None, 2, 50, {}),
     ("quest_score", TritonQuestScore, QuestStatic(16, 32, 2, "fp16"),
      {"block_j": 16, "tiles": 2, "num_stages": 1, "num_warps": 4}, 2, 300, {"kv_heads": 2}),
     ("quest_score-paged-mean-shared", TritonQuestScore,
@@ -121,6 +126,29 @@ def test_call_on_bench_inputs_matches_reference(name, cls, static, config, batch
         _check(again, ref, f"{name}: set {i}, repeated call")
         for a, b in zip(first, again):
             assert torch.equal(a, b), f"{name}: a repeated call changed an output"
+
+
+@needs_interp
+@pytest.mark.parametrize("case", [c for c in CASES if c[0].startswith("quest_meta")],
+                         ids=lambda c: c[0])
+def test_quest_meta_inputs_replay_one_slot_and_stay_small(case):
+    """The topk append's tuner inputs: the lengths are read, not bumped (seq_out gets them
+    plus one), so every replay writes the same slot; K and V hold one slot per sequence or
+    page (stride 0 over tokens), which the call fills with the new token; the input set is
+    no bigger than the metadata's twice over."""
+    _, cls, st, config, batch, seq_len, _ = case
+    inp = cls.bench_inputs(st, batch, seq_len, device="cpu", seed=2)
+    k, pos = inp["k"], inp["seq_lens"].clone()
+    assert k.stride(1) == 0 and k.shape[1] == (st.page_size if st.paged else seq_len)
+    meta_bytes = sum(t.untyped_storage().nbytes() for t in _tensors(inp["meta"]))
+    kv_bytes = sum(inp[n].untyped_storage().nbytes() for n in ("k", "v"))
+    assert kv_bytes <= 2 * meta_bytes
+    _adapter(cls, st, config)(**inp)
+    assert torch.equal(inp["seq_lens"], pos) and torch.equal(inp["seq_out"], pos + 1)
+    rows = (inp["block_table"][torch.arange(batch), pos // st.page_size].long() if st.paged
+            else torch.arange(batch))
+    assert torch.equal(k[rows, 0], inp["k_new"].to(k.dtype))
+    assert torch.equal(inp["v"][rows, 0], inp["v_new"].to(k.dtype))
 
 
 @needs_interp

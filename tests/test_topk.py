@@ -1,7 +1,8 @@
 """The topk rule (Quest / NSA): block metadata kept right on every append (contiguous and
-paged), scores against independent formulations, and the generated metadata + scoring +
-selection kernels reproducing the reference decode exactly over many steps (block sizes
-16-128, GQA groups 1-8, upper-bound and mean-pooled, per-head and shared)."""
+paged), scores against independent formulations, and the generated kernels (the KV append
+that folds each key into the metadata in the same launch, scoring, selection) reproducing
+the reference decode exactly over many steps (block sizes 16-128, GQA groups 1-8,
+upper-bound and mean-pooled, per-head and shared)."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -9,8 +10,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from sparsegen.codegen.quest_kernels import (QuestStatic, TritonQuestMeta,  # noqa: E402
-                                             TritonQuestScore)
+from sparsegen.codegen.kv_append import AppendStatic, TritonKVAppend  # noqa: E402
+from sparsegen.codegen.quest_kernels import QuestStatic, TritonQuestScore  # noqa: E402
 from sparsegen.methods.decode_step import TopkDecoder, reference_attend  # noqa: E402
 from sparsegen.methods.kv_cache import KVCache  # noqa: E402
 from sparsegen.methods.sparse_decode_ref import dense_decode_reference  # noqa: E402
@@ -45,6 +46,19 @@ def _meta_rows(meta, cache, b, n_blocks, t):
     return t[idx]
 
 
+def _state(dec, cache):
+    """What an append writes: K, V, the lengths and the metadata (with the running sum)."""
+    meta = dec.meta
+    return [cache.k, cache.v, cache.seq_lens, *meta.tensors(),
+            *([meta.run_sum] if meta.score == "mean_pooled" else [])]
+
+
+def _assert_same_state(dec_a, dec_b, cache_a, cache_b):
+    assert cache_a.lengths == cache_b.lengths
+    for i, (a, b) in enumerate(zip(_state(dec_a, cache_a), _state(dec_b, cache_b))):
+        assert torch.equal(a, b), f"state tensor {i} differs"
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "paged"])
 @pytest.mark.parametrize("score", ["upper_bound", "mean_pooled"])
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=needs_interp)])
@@ -57,8 +71,7 @@ def test_metadata_tracks_the_cache(layout, score, impl):
     dec.prefill(cache, k, k, lengths=[60, 17, 32])
     for _ in range(40):  # appends interleave the sequences' pages
         kn = torch.randn(B, H, D, generator=gen)
-        cache.append(kn, kn)
-        dec.update(cache, kn)
+        dec.append(cache, kn, kn)
     for b in range(B):
         n_blocks = -(-cache.lengths[b] // bs)
         mn, mx, mean = _truth(cache, b, bs)
@@ -144,11 +157,9 @@ def test_kernels_equal_reference_over_decode(bs, G, layout, score, group, quanti
         kn, vn = _rand((B, H, D), gen, quantised), _rand((B, H, D), gen, False)
         outs = []
         for dec, cache in zip(decs, caches):
-            cache.append(kn, vn)
-            dec.update(cache, kn)
+            dec.append(cache, kn, vn)
             outs.append(dec.select(q, cache))
-        for a, b_ in zip(decs[0].meta.tensors(), decs[1].meta.tensors()):
-            torch.testing.assert_close(a, b_, rtol=0, atol=0)
+        _assert_same_state(*decs, *caches)
         (want_i, want_c), (got_i, got_c) = outs
         assert torch.equal(got_c, want_c) and torch.equal(got_i, want_i), (got_i, want_i)
         o = [attend(q, block_indices=i, block_counts=c, **cache.attention_args())
@@ -156,6 +167,60 @@ def test_kernels_equal_reference_over_decode(bs, G, layout, score, group, quanti
         assert torch.equal(o[0], o[1])
     nb = (caches[0].seq_lens + bs - 1) // bs
     assert (want_c < nb[:, None]).any()  # the selection was sparse
+
+
+# (block, KV heads, GQA group, layout, score, cache dtype)
+APPENDS = [(16, 2, 1, "contiguous", "upper_bound", torch.float32),
+           (16, 3, 4, "paged", "mean_pooled", torch.float16),
+           (32, 1, 8, "paged", "upper_bound", torch.float16),
+           (64, 2, 2, "contiguous", "mean_pooled", torch.float32),
+           (128, 2, 4, "paged", "mean_pooled", torch.float32),
+           (128, 3, 3, "contiguous", "upper_bound", torch.float16)]
+
+
+@needs_interp
+@pytest.mark.parametrize("bs,H,G,layout,score,dtype", APPENDS)
+def test_one_launch_append_equals_torch_path_over_long_decode(bs, H, G, layout, score, dtype):
+    """The decoders' append on the kernel path (K / V written and the key folded into the
+    metadata in one launch, never QuestMeta.append) against the torch path (the cache's
+    scatters, then QuestMeta.append): K, V, lengths and metadata equal after every step,
+    over more than a block of steps from prefill lengths that are not multiples of the
+    block (one empty), so every sequence opens a block mid-decode. Head dim 48 and 3 KV
+    heads pad the kernel's tiles; fp32 keys go into an fp16 cache."""
+    B, D = 3, 48
+    gen = torch.Generator().manual_seed(bs + H * 7 + G)
+    caches = [KVCache(B, H, D, 4 * bs, dtype=dtype, layout=layout, page_size=2 * bs)
+              for _ in range(2)]
+    decs = [TopkDecoder(_sel(bs, 2, score), H * G, c, impl=impl)
+            for c, impl in zip(caches, ("torch", "triton"))]
+
+    def no_torch_fold(*_):
+        raise AssertionError("the kernel path ran the torch fold")
+    decs[1].meta.append = no_torch_fold
+    k = torch.randn(B, 2 * bs, H, D, generator=gen)
+    for dec, cache in zip(decs, caches):
+        dec.prefill(cache, k, k.flip(1), lengths=[bs + 5, 0, 2 * bs - 1])
+    for _ in range(bs + 7):
+        kn, vn = torch.randn(B, H, D, generator=gen), torch.randn(B, H, D, generator=gen)
+        for dec, cache in zip(decs, caches):
+            dec.append(cache, kn, vn)
+        _assert_same_state(*decs, *caches)
+    assert caches[1].lengths == [2 * bs + 12, bs + 7, 3 * bs + 6]
+
+
+def test_append_static_of_quest_and_its_checks():
+    st = QuestStatic(32, 128, 4, "fp16", "mean_pooled", "shared", "paged", 64)
+    a = AppendStatic.of_quest(st, 8)
+    assert a == AppendStatic(128, 8, "fp16", "fp16", "paged", 64, "mean_pooled", 32)
+    for bad, what in (({"meta": "max"}, "meta"), ({"meta": "upper_bound"}, "block_size"),
+                      ({"meta": "upper_bound", "block_size": 48, "layout": "paged",
+                        "page_size": 64}, "multiple")):
+        with pytest.raises(ValueError, match=what):
+            AppendStatic(128, 8, **bad)
+    cache = KVCache(2, 8, 128, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="meta"):  # a metadata kernel without its metadata
+        cache.append(torch.randn(2, 8, 128), torch.randn(2, 8, 128), kernel=TritonKVAppend(a))
+    assert cache.lengths == [0, 0]
 
 
 def test_first_layers_dense_and_full_budget_is_dense():
@@ -191,8 +256,12 @@ def test_kernel_configs_and_compile():
     st = QuestStatic(16, 128, 4, "bf16", "upper_bound", "per_head", "paged", 64)
     cfg = TritonQuestScore.default_config(st)
     assert "spills" in TritonQuestScore.check_config(st, {**cfg, "block_j": 128, "num_warps": 4})
-    for kern in (TritonQuestScore(st), TritonQuestMeta(st),
-                 TritonQuestScore(QuestStatic(64, 128, 8, "fp16", "mean_pooled", "shared"))):
+    mean = QuestStatic(64, 128, 8, "fp16", "mean_pooled", "shared")
+    for kern in (TritonQuestScore(st), TritonQuestScore(mean),
+                 TritonKVAppend(AppendStatic.of_quest(st, 8)),                  # paged min/max
+                 TritonKVAppend(AppendStatic.of_quest(mean, 8), {"num_warps": 4}),
+                 TritonKVAppend(AppendStatic(96, 3, "bf16", "fp32", "paged", 128, "mean_pooled",
+                                             64), {"num_warps": 1})):
         for f in kern.compile_sm90().values():
             assert f["cubin_bytes"] > 0 and f.get("local", 0) == 0
 

@@ -1,7 +1,8 @@
-"""Triton kernels of the topk rule (Quest / NSA): metadata update on append
-(templates/triton/quest_meta.py.j2) and block scoring from the metadata
+"""Triton kernels of the topk rule (Quest / NSA): block scoring from the metadata
 (templates/triton/quest_score.py.j2). `QuestSelect` chains scoring with the shared
-`TritonBlockSelect` (per_head: one score row per query head, unioned per KV head)."""
+`TritonBlockSelect` (per_head: one score row per query head, unioned per KV head). The
+metadata update is folded into the KV append (sparsegen/codegen/kv_append.py, a
+`TritonKVAppend` of `AppendStatic.of_quest`), which shares the metadata helpers below."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -53,12 +54,12 @@ def _meta_tensors(meta) -> tuple:
     return meta.tensors()
 
 
-def _meta_args(meta):
+def meta_args(meta):
     a = _meta_tensors(meta)
     return (a[0], a[1] if len(a) > 1 else a[0])
 
 
-def _run_sum(meta, fallback):
+def run_sum_of(meta, fallback):
     run = meta.get("run_sum") if isinstance(meta, dict) else getattr(meta, "run_sum", None)
     return fallback if run is None else run
 
@@ -72,89 +73,6 @@ def _field(cache, name):
 def _bt(cache, fallback):
     bt = _field(cache, "block_table")
     return bt if bt is not None else fallback
-
-
-class TritonQuestMeta(TritonKernel):
-    name = "quest_meta"
-    template = "triton/quest_meta.py.j2"
-
-    @classmethod
-    def tunable_space(cls, static: QuestStatic) -> dict[str, list]:
-        return {"num_warps": [1, 2, 4]}
-
-    @classmethod
-    def default_config(cls, static: QuestStatic) -> dict:
-        return {"num_warps": 1}
-
-    @classmethod
-    def check_config(cls, static: QuestStatic, config: dict) -> str | None:
-        return check_int_config(config, ("num_warps",))
-
-    def template_params(self) -> dict:
-        s = self.static
-        return {"block_size": s.block_size, "head_dim": s.head_dim, "score": s.score,
-                "paged": s.paged, "page_size": s.page_size,
-                "num_warps": self.config["num_warps"]}
-
-    def signatures(self):
-        dt = TRITON_PTR[self.static.dtype]
-        sig = {"KNEW": dt, "SEQ": "*i32", "BT": "*i32", "META_A": dt, "META_B": dt,
-               "RUN_SUM": "*fp32"}
-        for a in ("stride_kb", "stride_kh", "stride_mb", "stride_mj", "stride_mh", "stride_btb",
-                  "stride_sb", "stride_sh"):
-            sig[a] = "i32"
-        return [("quest_meta_append", sig, ("KNEW", "SEQ", "META_A", "META_B", "RUN_SUM"),
-                 {"num_warps": self.config["num_warps"], "num_stages": 1})]
-
-    def __call__(self, meta, cache, k_new):
-        """Fold k_new [B, Hkv, D] (already appended to `cache`) into `meta` (QuestMeta, or
-        the plain dict of bench_inputs); returns the updated metadata tensors (kmin, kmax)
-        or (kmean, run_sum)."""
-        a, b_ = _meta_args(meta)
-        seq = _field(cache, "seq_lens")
-        run = _run_sum(meta, seq)  # unused by upper_bound
-        if k_new.dtype != a.dtype or k_new.stride(2) != 1:
-            raise TypeError(f"k_new must be {a.dtype} with a contiguous last dimension")
-        bt = _bt(cache, seq[:, None])
-        B, H = k_new.shape[:2]
-        rs = (run.stride(0), run.stride(1)) if run.dim() == 3 else (0, 0)
-        self.module.quest_meta_append[(H, B)](
-            k_new, seq, bt, a, b_, run, k_new.stride(0), k_new.stride(1),
-            a.stride(0), a.stride(1), a.stride(2), bt.stride(0), *rs,
-            num_warps=self.config["num_warps"], num_stages=1)
-        return (a, b_) if self.static.score == "upper_bound" else (a, run)
-
-    # --- tuner protocol --------------------------------------------------------------------
-    @classmethod
-    def bench_inputs(cls, static: QuestStatic, batch: int, seq_len: int, kv_heads: int = 8,
-                     device="cuda", seed: int = 0) -> dict:
-        """One append at ~seq_len tokens into metadata covering every earlier block.
-        upper_bound: lengths in (seq_len - block_size, seq_len], one sequence at a block's
-        first token (repeating the step is idempotent: min / max). mean_pooled: every
-        sequence at a block's first token, the one position where the running-sum update is
-        idempotent (the kernel does the same loads and stores at every position)."""
-        import torch
-
-        s, bs = static, static.block_size
-        gen = torch.Generator(device=device).manual_seed(seed)
-        if s.score == "upper_bound":
-            lens = torch.randint(max(1, seq_len - bs + 1), seq_len + 1, (batch,),
-                                 generator=gen, device=device)
-            lens[0] = (seq_len - 1) // bs * bs + 1
-        else:
-            lens = torch.full((batch,), (seq_len - 1) // bs * bs + 1, device=device)
-        cache = _bench_cache(s, batch, seq_len, gen, device)
-        cache["seq_lens"] = lens.to(torch.int32)
-        meta = _bench_meta(s, batch, seq_len, kv_heads, gen, device)
-        return {"meta": meta, "cache": cache,
-                "k_new": torch.randn(batch, kv_heads, s.head_dim, generator=gen,
-                                     device=device).to(torch_dtype(s.dtype))}
-
-    def reference(self, meta, cache, k_new):
-        """QuestMeta.append (plain torch) on a copy of the metadata."""
-        ref, view = _reference_meta(self.static, meta, cache)
-        ref.append(view, k_new)
-        return ref.tensors() if self.static.score == "upper_bound" else (ref.kmean, ref.run_sum)
 
 
 class TritonQuestScore(TritonKernel):
@@ -218,7 +136,7 @@ class TritonQuestScore(TritonKernel):
         shared); entries past a sequence's blocks are left untouched."""
         import torch
 
-        a, b_ = _meta_args(meta)
+        a, b_ = meta_args(meta)
         B, Hq, D = q.shape
         H = a.shape[2]  # metadata [.., .., Hkv, D] in both layouts
         s = self.static
@@ -248,23 +166,26 @@ class TritonQuestScore(TritonKernel):
 
         s = static
         gen = torch.Generator(device=device).manual_seed(seed)
-        cache = _bench_cache(s, batch, seq_len, gen, device)
+        cache = bench_block_table(s, batch, seq_len, gen, device)
         cache["seq_lens"] = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
         return {"q": torch.randn(batch, kv_heads * s.group_size, s.head_dim, generator=gen,
                                  device=device).to(torch_dtype(s.dtype)),
-                "meta": _bench_meta(s, batch, seq_len, kv_heads, gen, device), "cache": cache,
+                "meta": bench_meta(s, s.score, batch, seq_len, kv_heads, gen, device),
+                "cache": cache,
                 "width": -(-seq_len // s.block_size)}
 
     def reference(self, q, meta, cache, width: int):
         from ..methods.topk import quest_scores_reference
 
         if isinstance(meta, dict):
-            meta, cache = _reference_meta(self.static, meta, cache)
+            meta, cache = reference_meta(self.static, self.static.score, meta, cache)
         return quest_scores_reference(q, meta, cache, self.static.group, width)
 
 
 # --- the tuner's inputs: plain tensors (the tuner sizes its input sets by their bytes) -----
-def _bench_cache(s: QuestStatic, batch: int, seq_len: int, gen, device) -> dict:
+# `s` below is a QuestStatic or an AppendStatic with metadata (both have block_size,
+# head_dim, dtype, layout, paged, page_size); `score` is the metadata's kind.
+def bench_block_table(s, batch: int, seq_len: int, gen, device) -> dict:
     """{"block_table"} of sequences of seq_len tokens: pages scattered over the pool when
     paged (as bench's decode inputs), absent when contiguous."""
     import torch
@@ -276,27 +197,28 @@ def _bench_cache(s: QuestStatic, batch: int, seq_len: int, gen, device) -> dict:
     return {"block_table": table.to(torch.int32)}
 
 
-def _meta_shape(s: QuestStatic, batch: int, seq_len: int, kv_heads: int) -> tuple:
+def _meta_shape(s, batch: int, seq_len: int, kv_heads: int) -> tuple:
     if s.paged:
         return (batch * -(-seq_len // s.page_size), s.page_size // s.block_size, kv_heads,
                 s.head_dim)
     return (batch, -(-seq_len // s.block_size), kv_heads, s.head_dim)
 
 
-def _bench_meta(s: QuestStatic, batch: int, seq_len: int, kv_heads: int, gen, device) -> dict:
+def bench_meta(s, score: str, batch: int, seq_len: int, kv_heads: int, gen,
+                device) -> dict:
     import torch
 
     dt = torch_dtype(s.dtype)
     shape = _meta_shape(s, batch, seq_len, kv_heads)
     x = torch.randn(shape, generator=gen, device=device).to(dt)
-    if s.score == "upper_bound":
+    if score == "upper_bound":
         y = torch.randn(shape, generator=gen, device=device).to(dt)
         return {"kmin": torch.minimum(x, y), "kmax": torch.maximum(x, y)}
     return {"kmean": x, "run_sum": torch.randn(batch, kv_heads, s.head_dim, generator=gen,
                                                device=device)}
 
 
-def _reference_meta(s: QuestStatic, meta: dict, cache: dict):
+def reference_meta(s, score: str, meta: dict, cache: dict):
     """A QuestMeta holding copies of the plain metadata tensors, and the cache view its
     plain-torch methods read (no K/V: they only read lengths, the block table and shapes)."""
     from types import SimpleNamespace
@@ -311,7 +233,7 @@ def _reference_meta(s: QuestStatic, meta: dict, cache: dict):
         page_size=s.page_size, seq_lens=seq, block_table=cache.get("block_table"),
         capacity=a.shape[1] * s.block_size if not s.paged else 0,
         k=a.new_empty((a.shape[0], 0)))  # dtype, and the page count of a paged pool
-    ref = QuestMeta(view, s.block_size, s.score)
+    ref = QuestMeta(view, s.block_size, score)
     for name, t in meta.items():
         setattr(ref, name, t.clone())
     return ref, view

@@ -11,7 +11,8 @@ from .entmax_prefill import EntmaxPrefillTriton
 from .gate_kernels import GateScoreStatic, GateStepStatic, TritonGateScore, TritonGateStep
 from .milestone_kernels import (MilestoneScoreTriton, MilestoneSelectStatic,
                                 MilestoneSelectTriton, MilestoneStatic)
-from .quest_kernels import QuestStatic, TritonQuestMeta, TritonQuestScore
+from .kv_append import AppendStatic, TritonKVAppend
+from .quest_kernels import QuestStatic, TritonQuestScore
 from .select_kernels import SelectStatic, TritonBlockSelect
 
 
@@ -35,7 +36,8 @@ def rule_kernels(spec) -> list[tuple[str, type, object]]:
         static = QuestStatic(bs, m.head_dim, m.group_size, m.dtype, t.score, t.group, c.layout,
                              c.page_size or 0)
         rows = m.group_size if t.group == "per_head" else 1
-        return [("quest_meta", TritonQuestMeta, static),
+        # quest_meta: the KV append that folds each new key into the metadata (one launch)
+        return [("quest_meta", TritonKVAppend, AppendStatic.of_quest(static, m.num_kv_heads)),
                 ("quest_score", TritonQuestScore, static),
                 ("block_select", TritonBlockSelect, SelectStatic(bs, "topk", rows))]
     if s.rule == "entmax":

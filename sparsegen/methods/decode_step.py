@@ -3,7 +3,8 @@
     out = decoder.step(q, k_new, v_new, cache, attend, ...)
 
 appends the new K/V to the cache, updates the rule's metadata (gate: K-compression cache;
-topk: block min/max or mean), scores the blocks, selects them and attends:
+topk: block min/max or mean, in the append's launch on the kernel path), scores the blocks,
+selects them and attends:
 `attend(q, block_indices=..., block_counts=..., **cache.attention_args())` (keywords, so a
 decode backend adapter, `__call__(q, k, v, block_indices, block_counts, seq_lens,
 block_table)`, is an `attend` as it is) is the torch reference on the CPU
@@ -253,23 +254,27 @@ class TopkDecoder(_Decoder):
                            cache.page_size if cache.layout == "paged" else 0)
 
     def kernels(self, cache: KVCache):
+        """(the append that folds the new key into the metadata, QuestSelect): the rule's
+        tuned `quest_meta` and `quest_score` / `block_select` kernels."""
         if self._kernels is None:
-            from ..codegen.quest_kernels import QuestSelect, TritonQuestMeta
+            from ..codegen.kv_append import AppendStatic, TritonKVAppend
+            from ..codegen.quest_kernels import QuestSelect
             st = self._static(cache)
             cfg = self._kernel_configs
-            self._kernels = (TritonQuestMeta(st, cfg.get("quest_meta"), self._build_dir),
+            self._kernels = (TritonKVAppend(AppendStatic.of_quest(st, cache.kv_heads),
+                                            cfg.get("quest_meta"), self._build_dir),
                              QuestSelect(st, cfg.get("quest_score"), cfg.get("block_select"),
                                          self._build_dir))
         return self._kernels
 
-    def update(self, cache: KVCache, k_new, impl: str | None = None) -> None:
-        """Fold the just-appended keys into the metadata."""
-        if self.dense:
-            return
-        if (impl or self.impl) == "triton":
-            self.kernels(cache)[0](self.meta, cache, k_new.to(cache.k.dtype).contiguous())
-        else:
-            self.meta.append(cache, k_new)
+    def append(self, cache: KVCache, k_new, v_new, impl: str | None = None) -> None:
+        """Append the token's K / V [B, Hkv, D] and fold its key into the metadata: one
+        launch on the kernel path; on the torch path the cache's own append, then
+        QuestMeta.append."""
+        kernel = None
+        if not self.dense and (impl or self.impl) == "triton":
+            kernel = self.kernels(cache)[0]
+        cache.append(k_new, v_new, meta=self.meta, kernel=kernel)
 
     def select(self, q, cache: KVCache, impl: str | None = None):
         if self.dense:
@@ -287,8 +292,7 @@ class TopkDecoder(_Decoder):
         return sel.select_topk(scores, nb, rows=self.rows, **kw)
 
     def step(self, q, k_new, v_new, cache: KVCache, attend):
-        cache.append(k_new, v_new)
-        self.update(cache, k_new)
+        self.append(cache, k_new, v_new)
         idx, cnt = self.select(q, cache)
         return attend(q, block_indices=idx, block_counts=cnt, **cache.attention_args())
 

@@ -6,8 +6,9 @@ one. Pages come from a free list kept on the host (lengths are known on the host
 allocation never syncs with the GPU), and can be released and reused: a rule that evicts
 (RaaS milestone) frees a page and the next append takes it.
 
-Selection rules keep their own metadata beside this cache; they see appends through the
-`on_block_full` hook the rule registers (block = `block_size` tokens).
+Selection rules keep their own metadata beside this cache; a decode step hands it to
+`append` (`meta`, and the rule's append kernel that folds the new key into it in the same
+launch, `kernel`).
 """
 from __future__ import annotations
 
@@ -153,34 +154,51 @@ class KVCache:
         self.seq_lens[b] = stop
         return start, stop
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, impl: str = "auto") -> None:
-        """Append one token to every sequence: k, v [B, Hkv, D]. impl "triton" is the fused
-        kernel (sparsegen.codegen.kv_append), "torch" two scatters; "auto" = triton on CUDA."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, impl: str = "auto", meta=None,
+               kernel=None) -> None:
+        """Append one token to every sequence: k, v [B, Hkv, D]; the cache's one append
+        entry point. `kernel` (a rule's TritonKVAppend with a meta static, e.g. the topk
+        rule's) appends and folds k into `meta` in one launch. Otherwise impl "triton" is
+        the fused append kernel (sparsegen.codegen.kv_append), "torch" two scatters; "auto"
+        = triton on CUDA; then `meta.append(self, k)` (the torch fold) when meta is given."""
         if k.shape != (self.batch, self.kv_heads, self.head_dim) or v.shape != k.shape:
             raise ValueError(f"append expects k and v of shape "
                              f"{(self.batch, self.kv_heads, self.head_dim)}, got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
         if impl not in ("auto", "torch", "triton"):
             raise ValueError(f"impl must be auto, torch or triton, not {impl!r}")
+        if kernel is not None and (meta is None or kernel.static.meta == "none"):
+            raise ValueError("an append kernel is for a rule's metadata: pass its meta, and a "
+                             "kernel built with one (AppendStatic.meta)")
         # pages are allocated on the host only where a sequence crosses into a new page;
         # the write itself is addressed by seq_lens on the device, so a decode step costs
         # no per-sequence launches and no sync
         for b, n in enumerate(self.lengths):
             self._ensure_pages(b, n, n + 1)
         self.lengths = [n + 1 for n in self.lengths]
+        if kernel is not None:
+            from ..codegen.triton_kernel import torch_dtype
+
+            new = torch_dtype(kernel.static.new_dtype)  # the cast is a no-op in a decode step
+            kernel(k.to(new).contiguous(), v.to(new).contiguous(), self.k, self.v,
+                   self.seq_lens, self.block_table, meta)
+            return
         if impl == "triton" or (impl == "auto" and self.k.is_cuda):
             self._append_kernel(k.dtype)(k.contiguous(), v.contiguous(), self.k, self.v,
                                          self.seq_lens, self.block_table)
-            return
-        pos = self.seq_lens.long()
-        rows = torch.arange(self.batch, device=self.device)
-        if self.block_table is None:
-            idx = (rows, pos)
         else:
-            idx = (self.block_table[rows, pos // self.page_size].long(), pos % self.page_size)
-        self.k[idx] = k.to(self.k.dtype)
-        self.v[idx] = v.to(self.v.dtype)
-        self.seq_lens += 1
+            pos = self.seq_lens.long()
+            rows = torch.arange(self.batch, device=self.device)
+            if self.block_table is None:
+                idx = (rows, pos)
+            else:
+                idx = (self.block_table[rows, pos // self.page_size].long(),
+                       pos % self.page_size)
+            self.k[idx] = k.to(self.k.dtype)
+            self.v[idx] = v.to(self.v.dtype)
+            self.seq_lens += 1
+        if meta is not None:
+            meta.append(self, k)
 
     def _append_kernel(self, new_dtype):
         """The fused append kernel for new k/v of new_dtype: one per static, shared by every

@@ -161,7 +161,7 @@ class MilestoneDecoder:
                                              selector_config,
                                              build_dir=getattr(self.scorer, "build_dir", None))
         self.selector = selector
-        self._minmax = None  # the fast path's page min/max update kernel (built on first use)
+        self._minmax = None  # the fast path's append + page min/max kernel (built on first use)
         self._pending = None  # (indices, counts) the fast _refresh already wrote
         self.t = 0
         self.last_evictions: list[tuple[int, int]] = []
@@ -276,7 +276,8 @@ class MilestoneDecoder:
         return out
 
     def _after_append(self, cache, k_new) -> torch.Tensor:
-        """Record opened pages in their slots; update the min/max of each token's page.
+        """Record opened pages in their slots; update the min/max of each token's page (the
+        general path: the fast path's append did).
         Returns the physical page of every sequence's current token [B]."""
         r, P, B = self.rule, self.rule.page_size, cache.batch
         cur = [cache.physical_page(b, (n - 1) // P) for b, n in enumerate(cache.lengths)]
@@ -316,30 +317,37 @@ class MilestoneDecoder:
             if self.fast and not r.hybrid:
                 W = self._block_width
                 self._blocks[bi] = buf[o: o + n * W].view(n, W).to(torch.int32)
-        kn = k_new.to(self.kmin.dtype)
-        if self.fast:  # one launch; it finds the page and whether it is fresh on the device
-            # kmin / kmax [pages, Hkv, D] as Quest metadata with one block per page
-            bounds = {"kmin": self.kmin.unsqueeze(1), "kmax": self.kmax.unsqueeze(1)}
-            self._minmax_kernel(cache)(bounds, cache, kn.contiguous())
+        if self.fast:  # the append's launch folded the key into its page's min/max
             return pages
+        kn = k_new.to(self.kmin.dtype)
         fresh = (fresh != 0)[:, None, None]
         self.kmin[pages] = torch.where(fresh, kn, torch.minimum(self.kmin[pages], kn))
         self.kmax[pages] = torch.where(fresh, kn, torch.maximum(self.kmax[pages], kn))
         return pages
 
+    def _append(self, cache, k_new, v_new) -> None:
+        """Append the token's k/v; the fast path folds the key into its page's min/max in
+        the same launch (the KV append kernel with Quest metadata of one block per page:
+        kmin / kmax [pages, Hkv, D] seen as [pages, 1, Hkv, D]; it finds the page, and
+        whether the token opens it, on the device)."""
+        if not self.fast:
+            cache.append(k_new, v_new)
+            return
+        bounds = {"kmin": self.kmin.unsqueeze(1), "kmax": self.kmax.unsqueeze(1)}
+        cache.append(k_new, v_new, meta=bounds, kernel=self._minmax_kernel(cache))
+
     def _minmax_kernel(self, cache):
-        """Quest's metadata-append kernel with block = page: a token's key folds into its
-        page's min/max, reset where the token opens the page (pos % page_size == 0)."""
+        """The KV append that also folds each key into its page's min/max (block = page),
+        reset where the token opens the page (pos % page_size == 0)."""
         if self._minmax is None:
-            from ..codegen.quest_kernels import QuestStatic, TritonQuestMeta
+            from ..codegen.kv_append import AppendStatic, TritonKVAppend
             from ..codegen.triton_kernel import dtype_name
 
-            P = self.rule.page_size
-            static = QuestStatic(P, self.head_dim, self.num_q_heads // self.num_kv_heads,
-                                 dtype_name(self.kmin.dtype), "upper_bound", "per_head",
-                                 "paged", P)
-            self._minmax = TritonQuestMeta(static, build_dir=getattr(self.scorer, "build_dir",
-                                                                     None))
+            P, dt = self.rule.page_size, dtype_name(cache.k.dtype)
+            static = AppendStatic(self.head_dim, self.num_kv_heads, dt, dt, "paged", P,
+                                  "upper_bound", P)
+            self._minmax = TritonKVAppend(static, build_dir=getattr(self.scorer, "build_dir",
+                                                                    None))
         return self._minmax
 
     def _refresh(self, q, cache) -> None:
@@ -433,7 +441,7 @@ class MilestoneDecoder:
         """Evict if needed, append the token's k/v [B, Hkv, D], refresh, attend."""
         self.t += 1
         self._open_pages(cache)
-        cache.append(k_new, v_new)
+        self._append(cache, k_new, v_new)
         self._after_append(cache, k_new)
         self._refresh(q, cache)
         idx, counts = self.select(q, cache)

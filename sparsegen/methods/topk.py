@@ -81,8 +81,9 @@ class QuestMeta:
 
     @torch.no_grad()
     def append(self, cache: KVCache, k_new: torch.Tensor) -> None:
-        """Decode reference of templates/triton/quest_meta.py.j2: fold the key each sequence
-        just appended (k_new [B, Hkv, D]) into its block's metadata; no host sync."""
+        """Decode reference of the metadata fold in templates/triton/kv_append.py.j2: fold
+        the key each sequence just appended (k_new [B, Hkv, D]) into its block's metadata;
+        no host sync."""
         bs = self.block_size
         pos = cache.seq_lens.long() - 1
         rows = torch.arange(cache.batch, device=k_new.device)
