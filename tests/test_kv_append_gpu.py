@@ -111,8 +111,7 @@ def test_one_launch_append_in_a_cuda_graph(bs, page, score, dtype, new_dtype):
     torch_path[0].append(kn, vn, impl="torch", meta=torch_path[1])
     steps = [_new(new_dtype, gen) for _ in range(2 * bs)]
     for cache, _ in (fused, torch_path):
-        for b, n in enumerate(cache.lengths):
-            cache._ensure_pages(b, n, n + len(steps))
+        cache.reserve(len(steps))
     torch.cuda.synchronize()
     snap = [t.clone() for t in _state(*fused)]
     graph = torch.cuda.CUDAGraph()

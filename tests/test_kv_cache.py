@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from sparsegen.codegen.kv_append import AppendStatic, TritonKVAppend  # noqa: E402
+from sparsegen.methods import kv_cache  # noqa: E402
 from sparsegen.methods.kv_cache import CacheFullError, KVCache  # noqa: E402
 from tests.interp import needs_interp, only_if_not_interpreted, rerun_in_interpreter  # noqa: E402
 
@@ -169,6 +170,45 @@ def test_a_paged_prefill_that_would_run_out_of_pages_writes_nothing():
     with pytest.raises(CacheFullError, match="would hold 65 tokens"):
         cache.prefill_lengths(torch.randn(2, 65, 1, 4), torch.randn(2, 65, 1, 4), [65, 0])
     assert cache.pages_in_use() == 0 and cache.lengths == [0, 0]
+
+
+def test_reserve_maps_the_pages_of_the_next_appends_all_or_nothing(monkeypatch):
+    """reserve(n) maps every page the next n appends write (so a CUDA graph holding those
+    steps takes none), and the appends then write what they write without it; a reserve
+    the free pages cannot cover maps nothing; an append that would open a page while a
+    graph is captured says to reserve (capture simulated: CI has no GPU)."""
+    gen = torch.Generator().manual_seed(3)
+    caches = [KVCache(3, 2, 8, capacity=64, dtype=torch.float32, layout="paged",
+                      page_size=8, num_pages=16) for _ in range(2)]
+    k, v = torch.randn(2, 3, 13, 2, 8, generator=gen)
+    for c in caches:
+        for b, n in enumerate([13, 0, 8]):
+            c.extend(b, k[b, :n], v[b, :n])
+    free = len(caches[0].free_pages)  # 13
+    with pytest.raises(CacheFullError, match="needs 15 new pages and 13 are free"):
+        caches[0].reserve(40)
+    assert len(caches[0].free_pages) == free and caches[0].lengths == [13, 0, 8]
+    caches[0].reserve(11)  # tokens 13-23, 0-10, 8-18: 1 + 2 + 2 new pages
+    assert len(caches[0].free_pages) == free - 5
+    monkeypatch.setattr(kv_cache, "_capturing", lambda t: True)
+    for _ in range(11):  # "captured": no page is taken, so none may be needed
+        k, v = torch.randn(3, 2, 8, generator=gen), torch.randn(3, 2, 8, generator=gen)
+        caches[0].append(k, v, impl="torch")
+        monkeypatch.setattr(kv_cache, "_capturing", lambda t: False)
+        caches[1].append(k, v, impl="torch")
+        monkeypatch.setattr(kv_cache, "_capturing", lambda t: True)
+    assert len(caches[0].free_pages) == free - 5
+    for b in range(3):
+        assert torch.equal(caches[0].tokens(b)[0], caches[1].tokens(b)[0])
+    with pytest.raises(RuntimeError, match=r"sequence 0's next token opens a page.*reserve"):
+        caches[0].append(k, v, impl="torch")  # sequence 0 is at 24: page 3 is not mapped
+    assert caches[0].lengths == [24, 11, 19]
+    contiguous = KVCache(1, 1, 4, capacity=16, dtype=torch.float32)
+    contiguous.reserve(16)
+    with pytest.raises(CacheFullError, match="made for 16"):
+        contiguous.reserve(17)
+    with pytest.raises(ValueError, match="token count"):
+        contiguous.reserve(-1)
 
 
 def test_a_cache_of_integers_is_refused():

@@ -21,6 +21,11 @@ class CacheFullError(RuntimeError):
     """The cache has no room for the tokens being appended."""
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether t's work is being captured into a CUDA graph now."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class KVCache:
     def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int,
                  dtype=torch.bfloat16, device="cpu", layout: str = "contiguous",
@@ -85,6 +90,23 @@ class KVCache:
             page = self.free_pages.pop()
             self._table_host[b][p] = page
             self.block_table[b, p] = page
+
+    def reserve(self, tokens: int) -> None:
+        """Map now the pages each sequence's next `tokens` appends will write (paged; a
+        contiguous cache only checks its capacity). Pages are handed out on the host, which a
+        CUDA graph being captured cannot do: reserve the decode steps a graph holds before
+        capturing it. All or nothing: CacheFullError, nothing mapped, when the free pages do
+        not cover it."""
+        if not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"reserve takes a token count >= 0, not {tokens!r}")
+        need = sum(len(self._unmapped_pages(b, n, n + tokens))
+                   for b, n in enumerate(self.lengths))
+        if need and need > len(self.free_pages):  # paged only (need is 0 when contiguous)
+            raise CacheFullError(f"reserving {tokens} tokens a sequence needs {need} new pages "
+                                 f"and {len(self.free_pages)} are free: raise num_pages, "
+                                 f"reserve fewer steps or evict")
+        for b, n in enumerate(self.lengths):
+            self._ensure_pages(b, n, n + tokens)
 
     def release_page(self, b: int, logical_page: int) -> int:
         """Free sequence b's logical page (its tokens are gone for good); returns the
@@ -173,7 +195,13 @@ class KVCache:
         # pages are allocated on the host only where a sequence crosses into a new page;
         # the write itself is addressed by seq_lens on the device, so a decode step costs
         # no per-sequence launches and no sync
+        capturing = _capturing(self.k)
         for b, n in enumerate(self.lengths):
+            if capturing and self._unmapped_pages(b, n, n + 1):
+                raise RuntimeError(f"sequence {b}'s next token opens a page, which cannot be "
+                                   f"taken while a CUDA graph is captured: call "
+                                   f"cache.reserve(steps) before capturing that many decode "
+                                   f"steps")
             self._ensure_pages(b, n, n + 1)
         self.lengths = [n + 1 for n in self.lengths]
         if kernel is not None:
