@@ -83,13 +83,28 @@ class KVCache:
         return [p for p in range(start // self.page_size, last) if self._table_host[b][p] < 0]
 
     def _ensure_pages(self, b: int, start: int, stop: int) -> None:
-        """Give sequence b physical pages for the logical pages tokens [start, stop) touch."""
-        for p in self._unmapped_pages(b, start, stop):
+        """Give sequence b physical pages for the logical pages tokens [start, stop) touch.
+        Pages are handed out on the host, which a CUDA graph being captured cannot do."""
+        pages = self._unmapped_pages(b, start, stop)
+        if pages and _capturing(self.k):
+            raise RuntimeError(f"sequence {b}'s next token opens a page, which cannot be taken "
+                               f"while a CUDA graph is captured: call cache.reserve(steps) "
+                               f"before capturing that many decode steps")
+        for p in pages:
             if not self.free_pages:
                 raise CacheFullError("no free page left: raise num_pages or evict")
             page = self.free_pages.pop()
             self._table_host[b][p] = page
             self.block_table[b, p] = page
+
+    def _check_free_pages(self, tokens: list[int], what: str, fix: str) -> None:
+        """CacheFullError (before anything is mapped) unless the free pages cover what
+        tokens[b] more tokens of every sequence b would open; capacity is checked too."""
+        need = sum(len(self._unmapped_pages(b, n, n + t))
+                   for b, (n, t) in enumerate(zip(self.lengths, tokens)))
+        if need and need > len(self.free_pages):  # paged only (need is 0 when contiguous)
+            raise CacheFullError(f"{what} needs {need} new pages and {len(self.free_pages)} "
+                                 f"are free: {fix}")
 
     def reserve(self, tokens: int) -> None:
         """Map now the pages each sequence's next `tokens` appends will write (paged; a
@@ -99,12 +114,8 @@ class KVCache:
         not cover it."""
         if not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"reserve takes a token count >= 0, not {tokens!r}")
-        need = sum(len(self._unmapped_pages(b, n, n + tokens))
-                   for b, n in enumerate(self.lengths))
-        if need and need > len(self.free_pages):  # paged only (need is 0 when contiguous)
-            raise CacheFullError(f"reserving {tokens} tokens a sequence needs {need} new pages "
-                                 f"and {len(self.free_pages)} are free: raise num_pages, "
-                                 f"reserve fewer steps or evict")
+        self._check_free_pages([tokens] * self.batch, f"reserving {tokens} tokens a sequence",
+                               "raise num_pages, reserve fewer steps or evict")
         for b, n in enumerate(self.lengths):
             self._ensure_pages(b, n, n + tokens)
 
@@ -149,11 +160,7 @@ class KVCache:
         if len(lengths) != self.batch or any(not 0 <= x <= n for x in lengths):
             raise ValueError(f"prefill lengths {lengths} must be {self.batch} values in "
                              f"[0, {n}]")
-        new_pages = sum(len(self._unmapped_pages(b, self.lengths[b], self.lengths[b] + x))
-                        for b, x in enumerate(lengths))
-        if new_pages and new_pages > len(self.free_pages):  # paged only
-            raise CacheFullError(f"the prefill needs {new_pages} new pages and "
-                                 f"{len(self.free_pages)} are free: raise num_pages or evict")
+        self._check_free_pages(lengths, "the prefill", "raise num_pages or evict")
         return lengths
 
     def extend(self, b: int, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
@@ -195,13 +202,7 @@ class KVCache:
         # pages are allocated on the host only where a sequence crosses into a new page;
         # the write itself is addressed by seq_lens on the device, so a decode step costs
         # no per-sequence launches and no sync
-        capturing = _capturing(self.k)
         for b, n in enumerate(self.lengths):
-            if capturing and self._unmapped_pages(b, n, n + 1):
-                raise RuntimeError(f"sequence {b}'s next token opens a page, which cannot be "
-                                   f"taken while a CUDA graph is captured: call "
-                                   f"cache.reserve(steps) before capturing that many decode "
-                                   f"steps")
             self._ensure_pages(b, n, n + 1)
         self.lengths = [n + 1 for n in self.lengths]
         if kernel is not None:
