@@ -57,7 +57,7 @@ G = HQ // HKV
 DT = torch.bfloat16
 ROTATE = 4
 # example specs whose tuned rule-kernel configs a bench row runs when its statics are theirs
-TUNED_EXAMPLES = ("seer-attention-r", "nsa-topk", "quest-topk")
+TUNED_EXAMPLES = ("seer-attention-r", "nsa-topk", "quest-topk", "quest-topk-b64")
 PAGE_SIZE = 256  # of the paged caches `build` makes
 # (name, rule, block size, the spec's topk section)
 QUEST = {"score": "upper_bound", "group": "per_head"}

@@ -26,6 +26,7 @@ def _statics(spec) -> dict:
     ("gate", "seer-attention-r", ("gate_step", "gate_score", "block_select")),
     ("nsa-mean-shared-b64", "nsa-topk", ("quest_meta", "quest_score", "block_select")),
     ("quest-ub-per-head-b16", "quest-topk", ("block_select",)),
+    ("quest-ub-per-head-b64", "quest-topk-b64", ("quest_meta", "quest_score", "block_select")),
 ])
 def test_step_bench_rows_share_the_examples_statics(row, example, kernels):
     from bench import methods_gate_topk as gt
