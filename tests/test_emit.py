@@ -139,6 +139,11 @@ def test_build_cli_and_refusals(tmp_path):
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert "no tuned configs" in r.stdout
+        # the database named does not exist (a typo?): the message says where it looked
+        assert f"no tuning database at {tmp_path / 'db'}" in r.stdout
+    (tmp_path / "db").mkdir()   # an empty database is simply untuned
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "no tuned configs" in r.stdout and "no tuning database" not in r.stdout
     assert (out / "raas_milestone" / "__init__.py").is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp leftovers
     (tmp_path / "mine" / "raas_milestone").mkdir(parents=True)

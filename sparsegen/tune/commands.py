@@ -167,12 +167,16 @@ def cmd_build(args, plan=None) -> int:
 
     if plan is None:
         _, plan = _load(args.spec)
-    path = build_package(plan, args.out, _db(args))
+    db = _db(args)
+    path = build_package(plan, args.out, db)
     configs = json.loads((path / "tuned_configs.json").read_text())
     tuned = {gpu: len(v["buckets"]) for k in configs["kernels"].values()
              for gpu, v in k["tuned"].items()}
     what = ", ".join(f"{n} tuned bucket(s) for {g}" for g, n in tuned.items()) or \
         "no tuned configs (default config everywhere)"
+    if not db.root.is_dir():  # a mistyped --db / $SPARSEGEN_TUNING_DB: say so, not just "untuned"
+        what += (f"; there is no tuning database at {db.root}: give --db (or "
+                 "$SPARSEGEN_TUNING_DB) the directory `sparsegen tune` wrote")
     print(f"built {path} ({what}); import it with `sys.path.insert(0, {str(path.parent)!r})`"
           f" then `from {path.name} import SparseDecodeAttention`")
     return 0
