@@ -6,6 +6,7 @@ elsewhere they fall back to the kernels' defaults and say so.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -19,10 +20,16 @@ def emitted(spec_stem: str):
     from sparsegen.emit import build_package, load_package
     from sparsegen.plan import make_plan
     from sparsegen.spec import load_spec
+    from sparsegen.tune.db import TuningDB
 
     if spec_stem not in _PACKAGES:
+        # the committed database wherever the bench is run from, unless the caller names one
+        db = TuningDB(os.environ.get("SPARSEGEN_TUNING_DB") or ROOT / "tuning_db")
+        if not db.root.is_dir():  # a mistyped path would time every kernel's default silently
+            raise SystemExit(f"bench: no tuning database at {db.root} "
+                             "($SPARSEGEN_TUNING_DB); give it the directory")
         spec = load_spec(ROOT / "examples" / "specs" / f"{spec_stem}.yaml")
-        pkg = build_package(make_plan(spec), Path(tempfile.mkdtemp(prefix="sg-bench-")))
+        pkg = build_package(make_plan(spec), Path(tempfile.mkdtemp(prefix="sg-bench-")), db)
         _PACKAGES[spec_stem] = spec, load_package(pkg)
     return _PACKAGES[spec_stem]
 
