@@ -14,6 +14,10 @@
 #        by a few per cent (dash-entmax-90 b8_s131072: 11 trials; dash-entmax b8_s32768: 24).
 #     tuning_db/ is packed into OUTDIR/tuning_db.tgz after each stage.
 #
+#   scripts/short-rows-session.sh topk OUTDIR
+#     where one call is all the device gives: stages 1 and 2 with fewer trials, then the
+#     topk step bench of their rows at the tuned configs (no before / after pair).
+#
 #   scripts/short-rows-session.sh bench OUTDIR OLDDB
 #     the step benches of those rows, side by side in one call: OLDDB (the database before
 #     the tune: an absolute path to a tuning_db directory) and this tree's tuning_db/.
@@ -21,7 +25,7 @@
 # Bring the tune back with `tar xzf OUTDIR/tuning_db.tgz -C scratch/t` and
 # `python -m sparsegen.cli db merge --prefer newer scratch/t/tuning_db`.
 set -uo pipefail
-usage="usage: scripts/short-rows-session.sh tune OUTDIR | bench OUTDIR OLDDB"
+usage="usage: scripts/short-rows-session.sh tune OUTDIR | topk OUTDIR | bench OUTDIR OLDDB"
 mode=${1:?$usage}; out=${2:?$usage}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
@@ -49,6 +53,18 @@ case "$mode" in
   tune dash-entmax-90 "$(( $(left) / 2 ))" --retune --trials 40 --kernels entmax_decode \
     --shapes b8_s131072
   tune dash-entmax "$(left)" --retune --trials 48 --kernels entmax_decode --shapes b8_s32768
+  ;;
+  topk)  # when only one call is to be had: the topk tunes (fewer trials), then their step bench
+  tune quest-topk-b64 "$(cap 210)" --trials 12 --kernels quest_meta quest_score block_select
+  tune nsa-topk "$(cap 90)" --retune --trials 24 --kernels quest_score block_select \
+    --shapes b8_s32768 b16_s32768
+  echo "== topk step, tuned ($(left) s)"
+  within "$(left)" python bench/methods_gate_topk.py --rules quest-ub-per-head-b64 \
+    nsa-mean-shared-b64 --batch 8 16 --seq-len 32768 131072 \
+    --out "$out/H100-step-topk-after-tune" > "$out/stages.log" 2>&1
+  echo "   rc $?"
+  grep -h "^| nsa\|^| quest" "$out"/H100-step-topk-after-tune.md 2>/dev/null | cut -c1-220
+  tail -n 5 "$out/stages.log"
   ;;
   bench)
   old=${3:?$usage}
