@@ -15,8 +15,9 @@
 #     tuning_db/ is packed into OUTDIR/tuning_db.tgz after each stage.
 #
 #   scripts/short-rows-session.sh topk OUTDIR
-#     where one call is all the device gives: stages 1 and 2 with fewer trials, then the
-#     topk step bench of their rows at the tuned configs (no before / after pair).
+#     where one call is all the device gives: stages 1 and 2 with fewer trials and buckets
+#     (batch 8 / 16), then the topk step bench of their 32K rows at the tuned configs (no
+#     before / after pair).
 #
 #   scripts/short-rows-session.sh bench OUTDIR OLDDB
 #     the step benches of those rows, side by side in one call: OLDDB (the database before
@@ -54,13 +55,14 @@ case "$mode" in
     --shapes b8_s131072
   tune dash-entmax "$(left)" --retune --trials 48 --kernels entmax_decode --shapes b8_s32768
   ;;
-  topk)  # when only one call is to be had: the topk tunes (fewer trials), then their step bench
-  tune quest-topk-b64 "$(cap 210)" --trials 12 --kernels quest_meta quest_score block_select
-  tune nsa-topk "$(cap 90)" --retune --trials 24 --kernels quest_score block_select \
-    --shapes b8_s32768 b16_s32768
-  echo "== topk step, tuned ($(left) s)"
+  topk)  # when only one call is to be had: the topk tunes (fewer trials), then their 32K step bench
+  tune quest-topk-b64 "$(( $(left) * 40 / 100 ))" --trials 8 --kernels quest_meta quest_score \
+    block_select --shapes b8_s32768 b16_s32768 b8_s131072 b16_s131072
+  tune nsa-topk "$(( $(left) * 25 / 100 ))" --retune --trials 16 --kernels quest_score \
+    block_select --shapes b8_s32768 b16_s32768
+  echo "== topk step at 32K, tuned ($(left) s)"
   within "$(left)" python bench/methods_gate_topk.py --rules quest-ub-per-head-b64 \
-    nsa-mean-shared-b64 --batch 8 16 --seq-len 32768 131072 \
+    nsa-mean-shared-b64 --batch 8 16 --seq-len 32768 \
     --out "$out/H100-step-topk-after-tune" > "$out/stages.log" 2>&1
   echo "   rc $?"
   grep -h "^| nsa\|^| quest" "$out"/H100-step-topk-after-tune.md 2>/dev/null | cut -c1-220
