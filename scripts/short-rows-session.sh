@@ -19,6 +19,11 @@
 #     (batch 8 / 16), then the topk step bench of their 32K rows at the tuned configs (no
 #     before / after pair).
 #
+#   scripts/short-rows-session.sh rest OUTDIR
+#     Session 25's second call: quest-topk-b64's block_select at the batch-16 buckets the first
+#     tune left, entmax_tau searched further at the two batch-8 buckets whose entmax rows are
+#     within a few per cent of 0.8 of ideal, then those rows' step benches (tuned only).
+#
 #   scripts/short-rows-session.sh bench OUTDIR OLDDB
 #     the step benches of those rows, side by side in one call: OLDDB (the database before
 #     the tune: an absolute path to a tuning_db directory) and this tree's tuning_db/.
@@ -26,7 +31,7 @@
 # Bring the tune back with `tar xzf OUTDIR/tuning_db.tgz -C scratch/t` and
 # `python -m sparsegen.cli db merge --prefer newer scratch/t/tuning_db`.
 set -uo pipefail
-usage="usage: scripts/short-rows-session.sh tune OUTDIR | topk OUTDIR | bench OUTDIR OLDDB"
+usage="usage: scripts/short-rows-session.sh tune OUTDIR | topk OUTDIR | rest OUTDIR | bench OUTDIR OLDDB"
 mode=${1:?$usage}; out=${2:?$usage}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
@@ -67,6 +72,23 @@ case "$mode" in
   echo "   rc $?"
   grep -h "^| nsa\|^| quest" "$out"/H100-step-topk-after-tune.md 2>/dev/null | cut -c1-220
   tail -n 5 "$out/stages.log"
+  ;;
+  rest)  # Session 25's second tune: what the first left, then the rows it touches, tuned configs only
+  tune quest-topk-b64 "$(cap 170)" --trials 16 --kernels block_select --shapes b16_s32768 b16_s131072
+  tune dash-entmax-90 "$(cap 110)" --retune --trials 24 --kernels entmax_tau --shapes b8_s131072
+  tune dash-entmax "$(cap 100)" --retune --trials 24 --kernels entmax_tau --shapes b8_s32768
+  log=$(mktemp)
+  s=$(( $(left) * 4 / 10 )); echo "== Quest b64 step, B16 ($s s)"
+  within "$s" python bench/methods_gate_topk.py --rules quest-ub-per-head-b64 --batch 16 \
+    --seq-len 32768 131072 --out "$out/H100-step-quest-b64-b16-tuned" >> "$log" 2>&1
+  echo "   rc $?"
+  grep -h "^| quest" "$out"/H100-step-quest-b64-b16-tuned.md 2>/dev/null | cut -c1-220
+  s=$(left); echo "== entmax decode, B8 ($s s)"
+  within "$s" python bench/methods_entmax_milestone.py --parts decode --shapes 8x32768 8x131072 \
+    --out "$out/H100-entmax-decode-b8-tau-retuned" >> "$log" 2>&1
+  echo "   rc $?"
+  grep -h "^| " "$out"/H100-entmax-decode-b8-tau-retuned.md 2>/dev/null | cut -c1-220 | head -14
+  tail -n 12 "$log"
   ;;
   bench)
   old=${3:?$usage}
