@@ -72,3 +72,15 @@ def test_only_listed_layers_are_dense(tmp_path):
         cache = make_cache(spec, 1, 256, dtype=torch.float32)
         assert isinstance(make_decoder(spec, cache, layer=0), DenseDecoder)
         assert not isinstance(make_decoder(spec, cache, layer=1), DenseDecoder)
+
+
+@pytest.mark.parametrize("layer", [-1, 32, 1.0, True, "2"])
+def test_a_layer_index_outside_the_model_is_refused(layer):
+    """A layer index the spec's model does not have (32 layers here) would silently decode
+    as some sparse layer; it is refused with the valid range named."""
+    spec = load_spec(SPECS / "quest-topk.yaml")
+    assert spec.model.num_layers == 32
+    cache = make_cache(spec, 1, 64, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"from 0 to 31 \(the spec's model.num_layers is 32\)"):
+        make_decoder(spec, cache, layer=layer)
+    make_decoder(spec, cache, layer=31)

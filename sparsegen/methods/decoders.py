@@ -38,6 +38,10 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
     kernel_configs: {rule kernel name: config} (tuned ones, see sparsegen.plan.rule_kernels);
     the others run their default config. A layer in the spec's dense_layers attends every
     block (the gate and topk decoders have their own dense path)."""
+    n = spec.model.num_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValueError(f"layer must be the layer's index in the model, an int from 0 to "
+                         f"{n - 1} (the spec's model.num_layers is {n}); got {layer!r}")
     impl = impl or ("triton" if cache.device.type == "cuda" else "torch")
     kc = kernel_configs or {}
     rule = spec.selection.rule
