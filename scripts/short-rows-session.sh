@@ -24,6 +24,10 @@
 #     tune left, entmax_tau searched further at the two batch-8 buckets whose entmax rows are
 #     within a few per cent of 0.8 of ideal, then those rows' step benches (tuned only).
 #
+#   scripts/short-rows-session.sh quest-score OUTDIR
+#     Session 25's third call: quest-topk-b64's quest_score re-searched to 32 trials at 32K
+#     (8 had found the default best), then the 32K topk step rows.
+#
 #   scripts/short-rows-session.sh bench OUTDIR OLDDB
 #     the step benches of those rows, side by side in one call: OLDDB (the database before
 #     the tune: an absolute path to a tuning_db directory) and this tree's tuning_db/.
@@ -31,7 +35,7 @@
 # Bring the tune back with `tar xzf OUTDIR/tuning_db.tgz -C scratch/t` and
 # `python -m sparsegen.cli db merge --prefer newer scratch/t/tuning_db`.
 set -uo pipefail
-usage="usage: scripts/short-rows-session.sh tune OUTDIR | topk OUTDIR | rest OUTDIR | bench OUTDIR OLDDB"
+usage="usage: scripts/short-rows-session.sh tune OUTDIR | topk OUTDIR | rest OUTDIR | quest-score OUTDIR | bench OUTDIR OLDDB"
 mode=${1:?$usage}; out=${2:?$usage}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
@@ -73,7 +77,8 @@ case "$mode" in
   grep -h "^| nsa\|^| quest" "$out"/H100-step-topk-after-tune.md 2>/dev/null | cut -c1-220
   tail -n 5 "$out/stages.log"
   ;;
-  rest)  # Session 25's second tune: what the first left, then the rows it touches, tuned configs only
+  rest)
+  # Session 25's second tune: what the first left, then the rows it touches, tuned configs only
   tune quest-topk-b64 "$(cap 170)" --trials 16 --kernels block_select --shapes b16_s32768 b16_s131072
   tune dash-entmax-90 "$(cap 110)" --retune --trials 24 --kernels entmax_tau --shapes b8_s131072
   tune dash-entmax "$(cap 100)" --retune --trials 24 --kernels entmax_tau --shapes b8_s32768
@@ -89,6 +94,17 @@ case "$mode" in
   echo "   rc $?"
   grep -h "^| " "$out"/H100-entmax-decode-b8-tau-retuned.md 2>/dev/null | cut -c1-220 | head -14
   tail -n 12 "$log"
+  ;;
+  quest-score)
+  # Session 25's third call: Quest b64's per-head scoring searched further at 32K, then its rows
+  tune quest-topk-b64 "$(( $(left) * 55 / 100 ))" --retune --trials 32 --kernels quest_score \
+    --shapes b16_s32768 b8_s32768
+  echo "== topk step at 32K ($(left) s)"
+  within "$(left)" python bench/methods_gate_topk.py --rules quest-ub-per-head-b64 \
+    nsa-mean-shared-b64 --batch 16 8 --seq-len 32768 \
+    --out "$out/H100-step-32k-quest-b64-score-retuned" > "$out/stages.log" 2>&1
+  echo "   rc $?"
+  grep -h "^| nsa\|^| quest" "$out"/H100-step-32k-quest-b64-score-retuned.md 2>/dev/null | cut -c1-220
   ;;
   bench)
   old=${3:?$usage}
