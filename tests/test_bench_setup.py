@@ -197,3 +197,36 @@ def test_tuned_rule_configs_need_the_examples_adapter_too(monkeypatch):
     cfgs, _ = tuned_rule_configs(statics, ["nsa-topk"], 8, 131072,
                                  adapters={**adapters, "quest_score": OtherScore})
     assert set(cfgs) == set(statics) - {"quest_score"}
+
+
+def test_entmax_whole_step_appends_summarizes_and_checks(monkeypatch):
+    """The entmax bench's whole step (EntmaxDecoder.step over a KVCache, a block of steps a
+    graph) runs on the CPU with the torch rule and attention, times one block per input set
+    and reports per step; an attention that is wrong is caught by its check."""
+    import torch
+
+    from bench import methods_entmax_milestone as em
+    from sparsegen.methods.entmax import EntmaxRule, block_summaries, select_blocks
+
+    ran = []
+    monkeypatch.setattr(em, "time_graph", lambda fns: ran.append([f() for f in fns]) or 2.0)
+    g = torch.Generator().manual_seed(0)
+    B, S = 2, em.BLOCK * 5
+    k = torch.randn(B, S, em.HKV, em.D, generator=g)
+    v = torch.randn_like(k)
+    summ = torch.cat([block_summaries(k[b:b + 1], torch.zeros(em.HKV, em.D), em.BLOCK,
+                                      torch.float32) for b in range(B)])
+    rule = EntmaxRule(block_size=em.BLOCK, scale=2.0)
+
+    def tau(q, s, seq, lengths):
+        return select_blocks(q, s, torch.tensor(lengths), rule, width=s.shape[2])
+
+    qs = [torch.randn(B, em.HQ, em.D, generator=g) for _ in range(2)]
+    ms, err = em.whole_step_block_mean(tau, None, rule, k, v, summ, qs, g)
+    assert ms == 2.0 / em.BLOCK and err == 0.0 and len(ran) == 1 and len(ran[0]) == len(qs)
+
+    def wrong(q, **kw):  # attends nothing: the check must refuse it
+        return torch.zeros_like(q)
+
+    with pytest.raises(RuntimeError, match="whole step's output is wrong"):
+        em.whole_step_block_mean(tau, wrong, rule, k, v, summ, qs, g)
