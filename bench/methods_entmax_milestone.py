@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.baselines import dense_prefill_fwd_bwd, fastest_cudnn_decode  # noqa: E402
 from bench.emitted import emitted_attention, tuned_rule_configs  # noqa: E402
+from bench.methods_gate_topk import step_fn  # noqa: E402
 from bench.timing import (fmt, gpu_facts, note, rel_err, require_cuda, results_header,  # noqa: E402
                           save_results, time_graph, time_graph_per_call, time_plain,
                           GRAPH_CALLS)
@@ -138,14 +139,8 @@ def whole_step_block_mean(tau, att, rule, k, v, summ, qs, gen):
             torch.randn(batch, HKV, D, device=k.device, dtype=k.dtype, generator=gen)) for _ in qs]
     n = seq_len - BLOCK
 
-    def block(q, kn, vn):
-        def run():  # capturable: the reset is a device fill, the steps never sync
-            cache.lengths = [n] * batch
-            cache.seq_lens.fill_(n)
-            for _ in range(BLOCK):
-                out = dec.step(q, kn, vn, cache, att)
-            return out
-        return run
+    def block(q, kn, vn):  # the gate / topk bench's reset-and-step, which the decoders share
+        return step_fn(dec, cache, att, q, kn, vn, None, None, n, steps=BLOCK)
 
     out = block(qs[0], *new[0])()
     sel = dec.last_selection
