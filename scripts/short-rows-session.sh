@@ -78,7 +78,7 @@ case "$mode" in
   tail -n 5 "$out/stages.log"
   ;;
   rest)
-  # Session 25's second tune: what the first left, then the rows it touches, tuned configs only
+  # Session 25's second tune: what the first left, then the rows it touches (tuned only)
   tune quest-topk-b64 "$(cap 170)" --trials 16 --kernels block_select --shapes b16_s32768 b16_s131072
   tune dash-entmax-90 "$(cap 110)" --retune --trials 24 --kernels entmax_tau --shapes b8_s131072
   tune dash-entmax "$(cap 100)" --retune --trials 24 --kernels entmax_tau --shapes b8_s32768
@@ -96,7 +96,7 @@ case "$mode" in
   tail -n 12 "$log"
   ;;
   quest-score)
-  # Session 25's third call: Quest b64's per-head scoring searched further at 32K, then its rows
+  # Session 25's third call: Quest b64's scoring searched further at 32K, then its rows
   tune quest-topk-b64 "$(( $(left) * 55 / 100 ))" --retune --trials 32 --kernels quest_score \
     --shapes b16_s32768 b8_s32768
   echo "== topk step at 32K ($(left) s)"
