@@ -190,13 +190,13 @@ def test_reserve_maps_the_pages_of_the_next_appends_all_or_nothing(monkeypatch):
     assert len(caches[0].free_pages) == free and caches[0].lengths == [13, 0, 8]
     caches[0].reserve(11)  # tokens 13-23, 0-10, 8-18: 1 + 2 + 2 new pages
     assert len(caches[0].free_pages) == free - 5
-    monkeypatch.setattr(kv_cache, "_capturing", lambda t: True)
+    monkeypatch.setattr(kv_cache, "capturing", lambda t: True)
     for _ in range(11):  # "captured": no page is taken, so none may be needed
         k, v = torch.randn(3, 2, 8, generator=gen), torch.randn(3, 2, 8, generator=gen)
         caches[0].append(k, v, impl="torch")
-        monkeypatch.setattr(kv_cache, "_capturing", lambda t: False)
+        monkeypatch.setattr(kv_cache, "capturing", lambda t: False)
         caches[1].append(k, v, impl="torch")
-        monkeypatch.setattr(kv_cache, "_capturing", lambda t: True)
+        monkeypatch.setattr(kv_cache, "capturing", lambda t: True)
     assert len(caches[0].free_pages) == free - 5
     for b in range(3):
         assert torch.equal(caches[0].tokens(b)[0], caches[1].tokens(b)[0])

@@ -257,12 +257,20 @@ def _fast_vs_general(rule, pre, steps, *, Hkv=2, G=3, D=16, seed=0):
         decs.append(dec), caches.append(cache)
     fast, gen = decs
     assert fast.fast and not gen.fast and isinstance(fast.selector, MilestoneSelectTriton)
+    uploads = []  # the steps at which the fast path copied host values to the device
+    upload = fast._upload
+    fast._upload = lambda values: uploads.append(t) or upload(values)
     evictions = 0
     for t in range(steps):
         q = torch.randn(B, Hkv * G, D, generator=g) * (0.5 + (t % 4))
         pos = [caches[0].lengths[b] for b in range(B)]
+        opens = any(n % P == 0 for n in pos)
+        assert fast.capturable(caches[0]) == (not opens) and not gen.capturable(caches[1]), t
         kv = [torch.stack([X[b, pos[b]] for b in range(B)]) for X in (K, V)]
         outs = [dec.step(q, kv[0], kv[1], cache) for dec, cache in zip(decs, caches)]
+        # a step that opens no page is device work only (a CUDA graph can hold it): the
+        # timestamps below, which read the step number, check its on-device advance
+        assert (t in uploads) == opens, t
         assert fast.last_evictions == gen.last_evictions, t
         evictions += len(fast.last_evictions)
         assert torch.equal(fast.slot_logical, gen.slot_logical), t
@@ -343,6 +351,39 @@ def test_refresh_kernel_ranks_like_torch(rank_sort):
     assert torch.equal(got_ts, torch.where(hit, 99, ts))
     assert scores[1, 7] == scores[1, 2] == scores[1, 9] and hit[1].tolist() == [
         s in (0, 7, 9) for s in range(L)]  # the tie goes to the lower logical pages
+
+
+def test_capture_only_steps_that_open_no_page(monkeypatch):
+    """capturable(cache, steps): the fast path, and none of the next steps' tokens opens a
+    page; a step captured otherwise is refused before it changes anything, naming why; and
+    replayed(cache, steps) advances the host's record over such steps only."""
+    from sparsegen.methods import milestone
+
+    rule = MilestoneRule(page_size=8, block_size=4, budget_tokens=16)
+    scorer = MilestoneScoreTriton(MilestoneStatic(16, 2, "fp32"))
+    fast = MilestoneDecoder(rule, 4, 2, 16, scorer=scorer)
+    general = MilestoneDecoder(rule, 4, 2, 16)
+    cache = KVCache(2, 2, 16, 64, dtype=torch.float32, layout="paged", page_size=8)
+    cache.lengths = [5, 9]
+    assert fast.capturable(cache, 3) and not fast.capturable(cache, 4)  # token 8 opens
+    assert not general.capturable(cache)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        fast.capturable(cache, 0)
+    monkeypatch.setattr(milestone, "capturing", lambda t: True)
+    q, kv = torch.zeros(2, 4, 16), torch.zeros(2, 2, 16)
+    with pytest.raises(RuntimeError, match="general path uploads host values"):
+        general.step(q, kv, kv, cache)
+    cache.lengths = [8, 9]
+    with pytest.raises(RuntimeError, match="a sequence's token opens a page"):
+        fast.step(q, kv, kv, cache)
+    assert cache.lengths == [8, 9] and fast.t == 0 and general.t == 0
+    # after a later replay of a graph of 3 such steps, the host's record catches up
+    cache.lengths = [5, 9]
+    fast.replayed(cache, 3)
+    assert cache.lengths == [8, 12] and fast.t == 3
+    with pytest.raises(ValueError, match="not all capturable"):
+        fast.replayed(cache, 1)   # token 8 opens a page: no graph held that step
+    assert cache.lengths == [8, 12] and fast.t == 3
 
 
 def test_configs_and_spec():

@@ -21,7 +21,7 @@ class CacheFullError(RuntimeError):
     """The cache has no room for the tokens being appended."""
 
 
-def _capturing(t: torch.Tensor) -> bool:
+def capturing(t: torch.Tensor) -> bool:
     """Whether t's work is being captured into a CUDA graph now."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -86,7 +86,7 @@ class KVCache:
         """Give sequence b physical pages for the logical pages tokens [start, stop) touch.
         Pages are handed out on the host, which a CUDA graph being captured cannot do."""
         pages = self._unmapped_pages(b, start, stop)
-        if pages and _capturing(self.k):
+        if pages and capturing(self.k):
             raise RuntimeError(f"sequence {b}'s next token opens a page, which cannot be taken "
                                f"while a CUDA graph is captured: call cache.reserve(steps) "
                                f"before capturing that many decode steps")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_cache import capturing
 from .sparse_decode_ref import sparse_decode_reference
 
 _BIG = 1 << 40
@@ -139,7 +140,9 @@ class MilestoneDecoder:
     refreshes the timestamps and (non-hybrid) writes the selection from an ascending
     block row per sequence, which the decoder rebuilds on the host only when a page
     opens. Both keep `_refresh` + `select` free of host syncs and CUDA-graph capturable
-    (the fast path reads the step number from a device tensor).
+    (the fast path reads the step number from a device tensor). On the fast path a whole
+    step that opens no page is device work only: `capturable(cache, steps)` says when, and
+    `replayed(cache, steps)` advances the host's record after a graph of such steps replays.
     """
 
     def __init__(self, rule: MilestoneRule, num_q_heads: int, num_kv_heads: int,
@@ -275,10 +278,16 @@ class MilestoneDecoder:
             out.copy_(host)
         return out
 
-    def _after_append(self, cache, k_new) -> torch.Tensor:
+    def _after_append(self, cache, k_new) -> torch.Tensor | None:
         """Record opened pages in their slots; update the min/max of each token's page (the
         general path: the fast path's append did).
-        Returns the physical page of every sequence's current token [B]."""
+        Returns the physical page of every sequence's current token [B] (None on the fast
+        path where no page opened: that step uploads nothing, since its append found each
+        token's page on the device, and its step number advances there, so the step is
+        device work only and a CUDA graph can hold it)."""
+        if self.fast and not self._opening:
+            self._t_dev += 1
+            return None
         r, P, B = self.rule, self.rule.page_size, cache.batch
         cur = [cache.physical_page(b, (n - 1) // P) for b, n in enumerate(cache.lengths)]
         first = [int((n - 1) % P == 0) for n in cache.lengths]
@@ -436,9 +445,37 @@ class MilestoneDecoder:
         idx = torch.where(blocks < _BIG, blocks, -1).to(torch.int32)
         return idx, counts
 
+    def capturable(self, cache, steps: int = 1) -> bool:
+        """Whether the next `steps` decode steps are device work only, so that one CUDA graph
+        can hold them: the fast path, and no sequence's token opens a page in them (a page
+        opening picks its eviction and uploads the new page's slot from the host). Capture
+        and replay such runs of steps; run the page-opening steps eagerly."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, not {steps!r}")
+        P = self.rule.page_size
+        return self.fast and all((n + i) % P for n in cache.lengths for i in range(steps))
+
+    def replayed(self, cache, steps: int) -> None:
+        """After a CUDA graph of `steps` captured decode steps was replayed: bring the host's
+        record (token counts, step number) to where the replay took the device. (Capturing
+        advanced the host by `steps` and the device by none, so the replay right after the
+        capture needs no call; every later replay of the same graph does.)"""
+        if not self.capturable(cache, steps):
+            raise ValueError(f"the next {steps} steps are not all capturable (a token opens a "
+                             "page in them, or the general path runs): no graph held them")
+        cache.lengths = [n + steps for n in cache.lengths]
+        self.t += steps
+
     def step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache,
              attend=None) -> torch.Tensor:
         """Evict if needed, append the token's k/v [B, Hkv, D], refresh, attend."""
+        if capturing(q) and not self.capturable(cache):
+            raise RuntimeError(
+                "this milestone step cannot be captured into a CUDA graph: "
+                + ("a sequence's token opens a page, whose eviction and slot the host decides"
+                   if self.fast else "the general path uploads host values every step")
+                + "; capture only runs of steps for which decoder.capturable(cache, steps) "
+                  "holds (the fast path, between page openings) and run the others eagerly")
         self.t += 1
         self._open_pages(cache)
         self._append(cache, k_new, v_new)
