@@ -211,6 +211,32 @@ def test_reserve_maps_the_pages_of_the_next_appends_all_or_nothing(monkeypatch):
         contiguous.reserve(-1)
 
 
+def test_replayed_advances_the_host_counts_over_mapped_pages_only():
+    """replayed(steps), after a later replay of a graph of `steps` appends: the host's
+    token counts advance by steps where every page those appends wrote is mapped (reserved
+    before the replay); otherwise, or past the capacity, it raises and changes nothing."""
+    cache = KVCache(2, 1, 4, capacity=32, dtype=torch.float32, layout="paged", page_size=8,
+                    num_pages=8)
+    cache.extend(0, torch.zeros(5, 1, 4), torch.zeros(5, 1, 4))   # pages 0 | none yet
+    with pytest.raises(RuntimeError, match=r"sequence 1's tokens 0-2 .*reserve\(3\)"):
+        cache.replayed(3)    # sequence 1 holds no page yet
+    assert cache.lengths == [5, 0]
+    cache.reserve(3)
+    cache.replayed(3)
+    assert cache.lengths == [8, 3]
+    with pytest.raises(RuntimeError, match=r"sequence 0's tokens 8-8 .*reserve\(1\)"):
+        cache.replayed(1)    # token 8 opens page 1, not reserved
+    assert cache.lengths == [8, 3]
+    with pytest.raises(ValueError, match="step count >= 1"):
+        cache.replayed(0)
+    full = KVCache(1, 1, 4, capacity=8, dtype=torch.float32)
+    full.lengths = [6]
+    with pytest.raises(CacheFullError, match="would hold 9 tokens"):
+        full.replayed(3)
+    full.replayed(2)
+    assert full.lengths == [8]
+
+
 def test_a_cache_of_integers_is_refused():
     with pytest.raises(ValueError, match="floating-point torch dtype"):
         KVCache(1, 1, 8, 16, dtype=torch.int32)

@@ -378,7 +378,10 @@ def test_capture_only_steps_that_open_no_page(monkeypatch):
         fast.step(q, kv, kv, cache)
     assert cache.lengths == [8, 9] and fast.t == 0 and general.t == 0
     # after a later replay of a graph of 3 such steps, the host's record catches up
-    cache.lengths = [5, 9]
+    # (the pages they write mapped, as before any replay)
+    cache = KVCache(2, 2, 16, 64, dtype=torch.float32, layout="paged", page_size=8)
+    for b, n in enumerate([5, 9]):
+        cache.extend(b, torch.zeros(n, 2, 16), torch.zeros(n, 2, 16))
     fast.replayed(cache, 3)
     assert cache.lengths == [8, 12] and fast.t == 3
     with pytest.raises(ValueError, match="not all capturable"):

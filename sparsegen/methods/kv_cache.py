@@ -119,6 +119,20 @@ class KVCache:
         for b, n in enumerate(self.lengths):
             self._ensure_pages(b, n, n + tokens)
 
+    def replayed(self, steps: int) -> None:
+        """After a CUDA graph holding `steps` decode appends was replayed again: advance the
+        host's token counts to where the replay took the device. (Capturing advanced them
+        and not the device, so the replay right after the capture needs no call.) The pages
+        those appends wrote must have been mapped before the replay (`reserve`); otherwise
+        the replay wrote through unmapped entries, and this raises, changing nothing."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"replayed takes the graph's step count >= 1, not {steps!r}")
+        for b, n in enumerate(self.lengths):
+            if self._unmapped_pages(b, n, n + steps):
+                raise RuntimeError(f"sequence {b}'s tokens {n}-{n + steps - 1} have unmapped "
+                                   f"pages: call cache.reserve({steps}) before each replay")
+        self.lengths = [n + steps for n in self.lengths]
+
     def release_page(self, b: int, logical_page: int) -> int:
         """Free sequence b's logical page (its tokens are gone for good); returns the
         physical page, which the next allocation reuses."""

@@ -463,7 +463,7 @@ class MilestoneDecoder:
         if not self.capturable(cache, steps):
             raise ValueError(f"the next {steps} steps are not all capturable (a token opens a "
                              "page in them, or the general path runs): no graph held them")
-        cache.lengths = [n + steps for n in cache.lengths]
+        cache.replayed(steps)
         self.t += steps
 
     def step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache,
