@@ -22,9 +22,18 @@ only_if_not_interpreted = pytest.mark.skipif(
     INTERPRETED, reason="the interpreter tests ran in this process")
 
 
-def rerun_in_interpreter(test_file: str) -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+def _rerun(test_file: str, env: dict) -> None:
+    """The module's tests but its subprocess test, in a fresh process under env."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            test_file, "-k", "not subprocess"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def rerun_in_interpreter(test_file: str) -> None:
+    _rerun(test_file, {**os.environ, "TRITON_INTERPRET": "1"})
+
+
+def rerun_compiled(test_file: str) -> None:
+    """For GPU test modules imported where triton runs interpreted: rerun them compiled."""
+    _rerun(test_file, {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})

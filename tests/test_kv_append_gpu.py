@@ -9,10 +9,6 @@ in interpreter mode (another test module set TRITON_INTERPRET first) they run in
 process instead."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -154,8 +150,6 @@ def test_decoders_kernel_path_equals_torch_path(score, group, page):
 
 @pytest.mark.skipif(not (GPU and interpreted()), reason="runs where the tests above cannot")
 def test_gpu_tests_in_subprocess():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           __file__, "-k", "not subprocess"], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    from tests.interp import rerun_compiled  # here: importing it imports triton
+
+    rerun_compiled(__file__)

@@ -9,10 +9,6 @@ tests/test_milestone.py). Skipped without a GPU
 process whose Triton was imported in interpreter mode they run in a fresh process."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -114,8 +110,6 @@ def test_steps_between_page_openings_replay_from_a_cuda_graph(refresh):
 
 @pytest.mark.skipif(not (GPU and interpreted()), reason="runs where the tests above cannot")
 def test_gpu_tests_in_subprocess():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           __file__, "-k", "not subprocess"], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    from tests.interp import rerun_compiled  # here: importing it imports triton
+
+    rerun_compiled(__file__)
