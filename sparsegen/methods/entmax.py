@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kv_cache import capturing
 from .selection import always_on, ascending_lists, mask_to_indices, num_blocks
 from .sparse_decode_ref import sparse_decode_reference
 
@@ -254,12 +255,24 @@ class EntmaxDecoder:
     signature.
     `attend` follows decode_api plus `block_bias=` (the Triton EntmaxDecodeTriton; None is
     sparse_decode_reference) and is called with keywords, as in decode_step.
+    `append_impl`: "triton" appends and writes a filling block's summary in one launch that
+    finds the block on the device (sparsegen.codegen.summary_append), "torch" appends and
+    summarizes on the host's lengths; "auto" = triton on CUDA.
+
+    With the generated kernels (a selector, an `attend`, the triton append) a step reads
+    lengths only on the device, so decode steps can be captured in a CUDA graph: reserve
+    the pages of a paged cache first, and after each later replay call `replayed`.
     """
 
     def __init__(self, rule: EntmaxRule, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  pool: EntmaxPool | None = None, selector=None,
-                 compute_dtype=torch.float32, prefill_attention=None):
+                 compute_dtype=torch.float32, prefill_attention=None,
+                 append_impl: str = "auto"):
+        if append_impl not in ("auto", "torch", "triton"):
+            raise ValueError(f"append_impl must be auto, torch or triton, not {append_impl!r}")
         self.rule = rule
+        self.append_impl = append_impl
+        self._appenders: dict = {}  # cache and new k/v facts -> TritonSummaryAppend
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.pool = pool if pool is not None else EntmaxPool(num_kv_heads, head_dim)
         self.compute_dtype = compute_dtype
@@ -324,9 +337,29 @@ class EntmaxDecoder:
             kk, _ = cache.tokens(b, n - bs, n)
             self.summaries[b, :, n // bs - 1] = self._summarize(kk[None])[:, 0]
 
+    def _summary_append(self, cache, new_dtype):
+        """The one-launch append + summary for this cache (None: the torch path)."""
+        if self.append_impl == "torch" or (self.append_impl == "auto" and not cache.k.is_cuda):
+            return None
+        key = (cache.k.dtype, new_dtype, cache.layout, cache.page_size, cache.kv_heads,
+               cache.head_dim)
+        kern = self._appenders.get(key)
+        if kern is None:
+            from ..codegen.kv_append import AppendStatic
+            from ..codegen.summary_append import SummaryAppendStatic, TritonSummaryAppend
+            from ..codegen.triton_kernel import dtype_name
+
+            append = AppendStatic(cache.head_dim, cache.kv_heads, dtype_name(cache.k.dtype),
+                                  dtype_name(new_dtype), cache.layout, cache.page_size)
+            kern = self._appenders[key] = TritonSummaryAppend.shared(
+                SummaryAppendStatic(append, self.rule.block_size))
+        return kern
+
     def select(self, q: torch.Tensor, cache) -> Selection:
         if self.selector is not None:
-            return self.selector(q, self.summaries, cache.seq_lens, cache.lengths)
+            # under capture the host's lengths are those of the capture, not of a replay
+            lengths = None if capturing(q) else cache.lengths
+            return self.selector(q, self.summaries, cache.seq_lens, lengths)
         lengths = torch.tensor(cache.lengths, device=q.device)
         width = self.summaries.shape[2]
         return select_blocks(q, self.summaries, lengths, self.rule, width=width,
@@ -336,8 +369,17 @@ class EntmaxDecoder:
              attend=None) -> torch.Tensor:
         """Append the token's k/v [B, Hkv, D], update summaries, select, attend."""
         self._ensure_state(cache)
-        cache.append(k_new, v_new)
-        self._after_append(cache)
+        fold = self._summary_append(cache, k_new.dtype)
+        if capturing(q) and (fold is None or self.selector is None or attend is None):
+            raise RuntimeError("an entmax decode step is captured in a CUDA graph only with "
+                               "the generated kernels (selector, attend and the triton append: "
+                               "the emitted layer's), whose step reads lengths on the device")
+        if fold is None:
+            cache.append(k_new, v_new)
+            self._after_append(cache)
+        else:
+            w = self.w.to(device=cache.device, dtype=torch.float32).contiguous()
+            cache.append(k_new, v_new, meta=(self.summaries, w), kernel=fold)
         sel = self.select(q, cache)
         self.last_selection = sel
         if attend is None:
@@ -352,6 +394,12 @@ class EntmaxDecoder:
         return attend(q, block_indices=sel.indices, block_counts=sel.counts,
                       block_bias=sel.bias if self.rule.prior else None,
                       **cache.attention_args())
+
+    def replayed(self, cache, steps: int) -> None:
+        """After a later replay of a CUDA graph holding `steps` decode steps: advance the
+        host's token counts (KVCache.replayed). The summaries live on the device and need
+        nothing."""
+        cache.replayed(steps)
 
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           sm_scale: float | None = None) -> torch.Tensor:

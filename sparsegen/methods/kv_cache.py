@@ -200,8 +200,9 @@ class KVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor, impl: str = "auto", meta=None,
                kernel=None) -> None:
         """Append one token to every sequence: k, v [B, Hkv, D]; the cache's one append
-        entry point. `kernel` (a rule's TritonKVAppend with a meta static, e.g. the topk
-        rule's) appends and folds k into `meta` in one launch. Otherwise impl "triton" is
+        entry point. `kernel` (a rule's append kernel with a meta static: the topk rule's
+        TritonKVAppend, the entmax rule's TritonSummaryAppend) appends and folds k into
+        `meta` in one launch. Otherwise impl "triton" is
         the fused append kernel (sparsegen.codegen.kv_append), "torch" two scatters; "auto"
         = triton on CUDA; then `meta.append(self, k)` (the torch fold) when meta is given."""
         if k.shape != (self.batch, self.kv_heads, self.head_dim) or v.shape != k.shape:
