@@ -63,6 +63,73 @@ def test_layer_on_gpu_matches_torch_selection(spec_path, tmp_path):
     assert fast.cache.lengths == ref.cache.lengths == [n + 64 for n in lengths]
 
 
+@pytest.mark.parametrize("spec_path", [p for p in SPECS if "milestone" not in p.stem],
+                         ids=lambda p: p.stem)
+def test_layer_steps_replay_from_a_cuda_graph(spec_path, tmp_path):
+    """The emitted layer as a model serves it: 70 decode steps (every sequence of a
+    mixed-length batch crosses a block boundary) captured in one CUDA graph and replayed on
+    fresh inputs, three times, equal an eager twin layer bit for bit. (The milestone rule
+    opens pages on the host: tests/test_milestone_gpu.py captures its steps between them.)"""
+    spec = load_spec(spec_path)
+    mod = load_package(build_package(make_plan(spec), tmp_path))
+    m, rule = spec.model, spec.selection.rule
+    batch, capacity, prompt, steps = 3, 8192, 3000, 70
+    dt = torch_dtype(m.dtype)
+    graph_layer = mod.SparseAttentionLayer(batch, capacity, device="cuda", dtype=dt)
+    eager_layer = mod.SparseAttentionLayer(batch, capacity, device="cuda", dtype=dt,
+                                           gate=getattr(graph_layer, "gate", None))
+    layers = (graph_layer, eager_layer)
+    g = torch.Generator(device="cuda").manual_seed(4)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=g).to(dt)
+
+    def inputs():
+        x = {"q": randn(batch, m.num_q_heads, m.head_dim),
+             "k_new": randn(batch, m.num_kv_heads, m.head_dim),
+             "v_new": randn(batch, m.num_kv_heads, m.head_dim)}
+        if rule == "gate":
+            x.update(q_nope=randn(batch, m.num_q_heads, m.head_dim),
+                     k_nope=randn(batch, m.num_kv_heads, m.head_dim))
+        return x
+
+    kv = [randn(batch, prompt, m.num_kv_heads, m.head_dim) for _ in range(3)]
+    extra = {"k_nope": kv[2]} if rule == "gate" else {}
+    if rule == "entmax":
+        with torch.no_grad():
+            graph_layer.pool.w.normal_(generator=g)
+            eager_layer.pool.w.copy_(graph_layer.pool.w)
+    for layer in layers:
+        layer.prefill(kv[0], kv[1], lengths=[prompt, prompt - 1013, 77], **extra)
+    for _ in range(3):  # eager steps first: kernels built, lazy buffers made
+        x = inputs()
+        for layer in layers:
+            layer(**x)
+    static = [inputs() for _ in range(steps)]
+    for layer in layers:   # the same page mapping in both (paged specs)
+        layer.cache.reserve(steps)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [graph_layer(**x) for x in static]
+    for cycle in range(3):
+        if cycle:   # fresh inputs into the graph's, and the host told of the replay
+            for dst in static:
+                for key, t in inputs().items():
+                    dst[key].copy_(t)
+            for layer in layers:
+                layer.cache.reserve(steps)
+        graph.replay()
+        if cycle:
+            graph_layer.cache.replayed(steps)
+        want = [eager_layer(**x) for x in static]
+        torch.cuda.synchronize()
+        assert graph_layer.cache.lengths == eager_layer.cache.lengths
+        assert torch.equal(graph_layer.cache.seq_lens, eager_layer.cache.seq_lens)
+        for i, (a, b) in enumerate(zip(outs, want)):
+            assert torch.equal(a, b), (cycle, i, (a.float() - b.float()).abs().max().item())
+
+
 def test_entmax_layer_prefill_attention_on_gpu(tmp_path):
     """The entmax layer's training forward on the GPU (Triton block level and the tuned
     token-level kernels, bf16) against the same layer's torch path in fp32: output and the

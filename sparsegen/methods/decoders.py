@@ -75,7 +75,9 @@ def make_decoder(spec, cache: KVCache, layer: int = 0, impl: str | None = None, 
             selector = EntmaxTau(static, kc.get("entmax_tau"), scale=spec.selection.entmax.scale)
             if "prefill" in spec.phases:
                 prefill = EntmaxPrefillTriton(static, kc.get("entmax_prefill")).attention
-        dec = EntmaxDecoder.from_spec(spec, selector=selector, prefill_attention=prefill)
+        # impl torch: the method reference throughout, block summaries included
+        dec = EntmaxDecoder.from_spec(spec, selector=selector, prefill_attention=prefill,
+                                      append_impl="auto" if impl == "triton" else "torch")
         dec.pool.to(cache.device)  # trainable before the first decode step
         return dec
     if rule == "milestone":
