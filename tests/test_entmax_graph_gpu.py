@@ -18,6 +18,7 @@ from sparsegen.codegen.entmax_tau import EntmaxTau
 from sparsegen.codegen.triton_kernel import interpreted
 from sparsegen.methods.entmax import EntmaxDecoder, EntmaxPool, EntmaxRule
 from sparsegen.methods.kv_cache import KVCache
+from tests.graphs import assert_equal_lists, assert_replays_from_snapshot
 
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU or interpreted(), reason="needs a CUDA GPU and Triton "
@@ -74,15 +75,8 @@ def test_decode_steps_replay_from_a_cuda_graph(layout, tau):
     assert gcache.lengths == [n + STEPS for n in lengths]
     assert all((n + STEPS) // BS > n // BS for n in lengths), "every sequence fills a block"
     want = [edec.step(*x, ecache, attend=eattend) for x in steps]
-    for replay in range(2):    # from the snapshot each time: the same steps again
-        for t, s in zip(_state(gcache, gdec), snap):
-            t.copy_(s)
-        graph.replay()
-        torch.cuda.synchronize()
-        for i, (a, b) in enumerate(zip(_state(gcache, gdec), _state(ecache, edec))):
-            assert torch.equal(a, b), (replay, "state", i)
-        for i, (a, b) in enumerate(zip(outs, want)):
-            assert torch.equal(a, b), (replay, i)
+    assert_replays_from_snapshot(graph, _state(gcache, gdec), snap,
+                                 _state(ecache, edec), outs, want)
     # as a model decodes: the graph replayed on fresh inputs, 40 steps further each time
     # (the blocks it fills are others on each replay), the host's counts advanced after it
     for cycle in range(3):
@@ -97,10 +91,8 @@ def test_decode_steps_replay_from_a_cuda_graph(layout, tau):
         want = [edec.step(*x, ecache, attend=eattend) for x in fresh]
         torch.cuda.synchronize()
         assert gcache.lengths == ecache.lengths
-        for i, (a, b) in enumerate(zip(_state(gcache, gdec), _state(ecache, edec))):
-            assert torch.equal(a, b), (cycle, "state", i)
-        for i, (a, b) in enumerate(zip(outs, want)):
-            assert torch.equal(a, b), (cycle, i)
+        assert_equal_lists(_state(gcache, gdec), _state(ecache, edec), (cycle, "state"))
+        assert_equal_lists(outs, want, (cycle, "output"))
         sel_g, sel_e = gdec.last_selection, edec.last_selection
         assert torch.equal(sel_g.counts, sel_e.counts) and torch.equal(sel_g.indices,
                                                                         sel_e.indices)

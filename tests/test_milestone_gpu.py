@@ -18,6 +18,7 @@ from sparsegen.codegen.milestone_kernels import MilestoneScoreTriton, MilestoneS
 from sparsegen.codegen.triton_kernel import interpreted
 from sparsegen.methods.kv_cache import KVCache
 from sparsegen.methods.milestone import MilestoneDecoder, MilestoneRule
+from tests.graphs import assert_equal_lists, assert_replays_from_snapshot
 
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU or interpreted(), reason="needs a CUDA GPU and Triton "
@@ -78,16 +79,8 @@ def test_steps_between_page_openings_replay_from_a_cuda_graph(refresh):
         outs = [gdec.step(*x, gcache, attend=attend) for x in steps]
     assert gcache.lengths == [n + 6 for n in lengths] and gdec.t == t0 + 6
     want = [edec.step(*x, ecache, attend=attend) for x in steps]
-    for replay in range(2):    # from the snapshot each time: the same steps again
-        for t, s in zip(_device_state(gcache, gdec), snap):
-            t.copy_(s)
-        graph.replay()
-        torch.cuda.synchronize()
-        for i, (a, b) in enumerate(zip(_device_state(gcache, gdec),
-                                       _device_state(ecache, edec))):
-            assert torch.equal(a, b), (replay, "state", i)
-        for i, (a, b) in enumerate(zip(outs, want)):
-            assert torch.equal(a, b), (replay, i)
+    assert_replays_from_snapshot(graph, _device_state(gcache, gdec), snap,
+                                 _device_state(ecache, edec), outs, want)
     # as a model decodes: the page-opening steps eagerly, the graph replayed wherever its 6
     # steps come round again, the host's record advanced after each later replay
     for cycle in range(3):
@@ -101,9 +94,8 @@ def test_steps_between_page_openings_replay_from_a_cuda_graph(refresh):
         want = [edec.step(*x, ecache, attend=attend) for x in steps]
         torch.cuda.synchronize()
         assert gcache.lengths == ecache.lengths and gdec.t == edec.t
-        for i, (a, b) in enumerate(zip(_device_state(gcache, gdec),
-                                       _device_state(ecache, edec))):
-            assert torch.equal(a, b), (cycle, "state", i)
+        assert_equal_lists(_device_state(gcache, gdec), _device_state(ecache, edec),
+                           (cycle, "state"))
         assert torch.equal(outs[-1], want[-1]), cycle
     assert gdec.num_evictions == edec.num_evictions > 4
 
