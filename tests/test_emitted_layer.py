@@ -141,6 +141,31 @@ def test_a_bad_step_is_named_and_appends_nothing(spec_path, tmp_path):
     assert out.shape == (B, Hq, D) and layer.cache.lengths == [101, 101]
 
 
+@pytest.mark.parametrize("spec_path", [p for p in SPECS if p.stem in ("nsa-topk",
+                                                                         "raas-milestone")],
+                         ids=lambda p: p.stem)
+def test_layer_replayed_brings_the_host_record_up(spec_path, tmp_path, monkeypatch):
+    """layer.replayed(steps) advances the host's token counts after a later graph replay
+    (the decoder's own replayed where it keeps more, as milestone's step number); a bad
+    count is refused with nothing changed. (The replays themselves: the GPU tests.)"""
+    spec = load_spec(spec_path)
+    mod = load_package(build_package(make_plan(spec), tmp_path))
+    m = spec.model
+    layer = mod.SparseAttentionLayer(2, 256, dtype=torch.float32, impl="torch")
+    k = torch.randn(2, 40, m.num_kv_heads, m.head_dim)
+    layer.prefill(k, k, lengths=[40, 33])
+    with pytest.raises(ValueError, match="step count|capturable"):
+        layer.replayed(0)
+    assert layer.cache.lengths == [40, 33]
+    calls = []
+    if spec.selection.rule == "milestone":
+        monkeypatch.setattr(layer.decoder, "replayed",
+                            lambda cache, steps: calls.append(steps) or cache.replayed(steps))
+    layer.replayed(5)
+    assert layer.cache.lengths == [45, 38]
+    assert calls == ([5] if spec.selection.rule == "milestone" else [])
+
+
 def test_a_gate_of_another_shape_or_type_is_refused(tmp_path):
     """The layer takes a trained gate only if it fits the spec (heads, head dim, block,
     d_gate, pooling, RoPE, RMSNorm, query reduction); load_package refuses a folder that is

@@ -122,7 +122,7 @@ def test_layer_steps_replay_from_a_cuda_graph(spec_path, tmp_path):
                 layer.cache.reserve(steps)
         graph.replay()
         if cycle:
-            graph_layer.cache.replayed(steps)
+            graph_layer.replayed(steps)
         want = [eager_layer(**x) for x in static]
         torch.cuda.synchronize()
         assert graph_layer.cache.lengths == eager_layer.cache.lengths

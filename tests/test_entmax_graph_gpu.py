@@ -87,7 +87,7 @@ def test_decode_steps_replay_from_a_cuda_graph(layout, tau):
         for cache, _, _ in twins:
             cache.reserve(STEPS)
         graph.replay()
-        gdec.replayed(gcache, STEPS)
+        gcache.replayed(STEPS)
         want = [edec.step(*x, ecache, attend=eattend) for x in fresh]
         torch.cuda.synchronize()
         assert gcache.lengths == ecache.lengths

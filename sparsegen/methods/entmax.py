@@ -261,7 +261,8 @@ class EntmaxDecoder:
 
     With the generated kernels (a selector, an `attend`, the triton append) a step reads
     lengths only on the device, so decode steps can be captured in a CUDA graph: reserve
-    the pages of a paged cache first, and after each later replay call `replayed`.
+    the pages of a paged cache first, and after each later replay call `cache.replayed`
+    (the summaries live on the device and need nothing).
     """
 
     def __init__(self, rule: EntmaxRule, num_q_heads: int, num_kv_heads: int, head_dim: int,
@@ -394,12 +395,6 @@ class EntmaxDecoder:
         return attend(q, block_indices=sel.indices, block_counts=sel.counts,
                       block_bias=sel.bias if self.rule.prior else None,
                       **cache.attention_args())
-
-    def replayed(self, cache, steps: int) -> None:
-        """After a later replay of a CUDA graph holding `steps` decode steps: advance the
-        host's token counts (KVCache.replayed). The summaries live on the device and need
-        nothing."""
-        cache.replayed(steps)
 
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           sm_scale: float | None = None) -> torch.Tensor:
