@@ -154,7 +154,7 @@ def test_layer_replayed_brings_the_host_record_up(spec_path, tmp_path, monkeypat
     layer = mod.SparseAttentionLayer(2, 256, dtype=torch.float32, impl="torch")
     k = torch.randn(2, 40, m.num_kv_heads, m.head_dim)
     layer.prefill(k, k, lengths=[40, 33])
-    with pytest.raises(ValueError, match="step count|capturable"):
+    with pytest.raises(ValueError, match="step"):
         layer.replayed(0)
     assert layer.cache.lengths == [40, 33]
     calls = []
