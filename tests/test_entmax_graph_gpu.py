@@ -29,7 +29,8 @@ DT = torch.bfloat16
 
 
 def _state(cache, dec):
-    return [cache.k, cache.v, cache.seq_lens, cache.block_table, dec.summaries]
+    return [t for t in (cache.k, cache.v, cache.seq_lens, cache.block_table, dec.summaries)
+            if t is not None]  # no block table when contiguous
 
 
 @needs_gpu
