@@ -1,4 +1,6 @@
-"""The entmax rule's decode step in a CUDA graph, on a GPU: 40 steps captured once, in which
+"""The entmax rule's decode on a GPU: the one-launch append's block summaries against the torch
+path (tests/summary_cases.py, as the interpreter test runs it); and its decode step in a CUDA
+graph: 40 steps captured once, in which
 every sequence of a mixed-length batch fills blocks at its own steps, replayed from a
 snapshot and then again and again as a model decodes on, equal the same steps run eagerly,
 bit for bit (K / V, lengths, block summaries, selections, outputs).
@@ -19,6 +21,7 @@ from sparsegen.codegen.triton_kernel import interpreted
 from sparsegen.methods.entmax import EntmaxDecoder, EntmaxPool, EntmaxRule
 from sparsegen.methods.kv_cache import KVCache
 from tests.graphs import assert_equal_lists, assert_replays_from_snapshot
+from tests.summary_cases import CASES, case_id, check_summary_append
 
 GPU = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not GPU or interpreted(), reason="needs a CUDA GPU and Triton "
@@ -99,6 +102,14 @@ def test_decode_steps_replay_from_a_cuda_graph(layout, tau):
                                                                         sel_e.indices)
     for b, n in enumerate(gcache.lengths):   # every full block has its summary
         assert gdec.summaries[b, :, : n // BS].abs().sum(-1).gt(0).all(), b
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_summary_append_matches_torch_on_gpu(case):
+    """The one-launch append's summaries on the GPU (its read-back of the block after this
+    program's own store, behind a CTA barrier) against the torch path and fp64."""
+    check_summary_append(case, "cuda")
 
 
 @pytest.mark.skipif(not (GPU and interpreted()), reason="runs where the tests above cannot")
