@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .kv_append import AppendStatic
+from .kv_append import AppendStatic, TritonKVAppend
 from .triton_kernel import TRITON_PTR, TritonKernel, check_int_config, next_pow2
 
 CHUNK_ELEMENTS = 4096  # keys x head dims a chunk of the summary's softmax holds in registers
@@ -62,12 +62,11 @@ class TritonSummaryAppend(TritonKernel):
         return check_int_config(config, ("num_warps",))
 
     def template_params(self) -> dict:
-        a = self.static.append
-        return {"head_dim": a.head_dim, "head_pad": next_pow2(a.head_dim),
-                "kv_heads": a.kv_heads, "heads_pad": next_pow2(a.kv_heads), "paged": a.paged,
-                "page_size": a.page_size, "meta": "none", "block_size": 0,
-                "summary_block": self.static.block_size, "chunk": self.static.chunk,
-                "num_warps": self.config["num_warps"]}
+        # the included kv_append.py.j2 takes the plain append's parameters, as its adapter
+        # makes them
+        plain = TritonKVAppend(self.static.append, {"num_warps": self.config["num_warps"]})
+        return {**plain.template_params(), "summary_block": self.static.block_size,
+                "chunk": self.static.chunk}
 
     def signatures(self):
         a = self.static.append
