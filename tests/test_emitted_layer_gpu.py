@@ -64,13 +64,12 @@ def test_layer_on_gpu_matches_torch_selection(spec_path, tmp_path):
     assert fast.cache.lengths == ref.cache.lengths == [n + 64 for n in lengths]
 
 
-@pytest.mark.parametrize("spec_path", [p for p in SPECS if "milestone" not in p.stem],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("spec_path", SPECS, ids=lambda p: p.stem)
 def test_layer_steps_replay_from_a_cuda_graph(spec_path, tmp_path):
     """The emitted layer as a model serves it: 70 decode steps (every sequence of a
-    mixed-length batch crosses a block boundary) captured in one CUDA graph and replayed on
-    fresh inputs, three times, equal an eager twin layer bit for bit. (The milestone rule
-    opens pages on the host: tests/test_milestone_gpu.py captures its steps between them.)"""
+    mixed-length batch crosses a block boundary and, paged, opens pages) captured in one
+    CUDA graph and replayed on fresh inputs, three times, equal an eager twin layer bit for
+    bit. (Milestone evictions inside a graph: tests/test_milestone_gpu.py.)"""
     spec = load_spec(spec_path)
     mod = load_package(build_package(make_plan(spec), tmp_path))
     m, rule = spec.model, spec.selection.rule

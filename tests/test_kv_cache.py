@@ -50,6 +50,38 @@ def test_released_page_is_reused_and_stays_evicted():
     assert int(cache.block_table[0, 1]) == -1 and cache.pages_in_use() == 3
 
 
+def test_pages_a_rule_takes_and_maps_itself():
+    """take_pages (all or nothing), map_page / unmap_page (the page stays the caller's), and
+    map_pages_on_device: appends map nothing on the host, prompts are refused, reserve only
+    checks the capacity, and a row the device changed is read back when asked for."""
+    cache = KVCache(2, 1, 4, capacity=64, dtype=torch.float32, layout="paged", page_size=8,
+                    num_pages=6)
+    cache.extend(0, torch.randn(10, 1, 4), torch.randn(10, 1, 4))  # pages 0, 1
+    with pytest.raises(CacheFullError, match="5 pages wanted and 4 are free"):
+        cache.take_pages(5)
+    mine = cache.take_pages(3)
+    assert mine == [2, 3, 4] and cache.pages_in_use() == 5
+    cache.map_page(1, 0, mine[0])
+    assert cache.unmap_page(0, 1) == 1 and cache.pages_in_use() == 5  # not freed
+    assert int(cache.block_table[0, 1]) == -1 and int(cache.block_table[1, 0]) == 2
+    with pytest.raises(ValueError, match="holds no page"):
+        cache.unmap_page(0, 1)
+    cache.map_pages_on_device()
+    with pytest.raises(ValueError, match="prefill a fresh cache"):
+        cache.extend(1, torch.randn(1, 1, 4), torch.randn(1, 1, 4))
+    cache.reserve(40)  # maps nothing
+    assert cache.pages_in_use() == 5
+    with pytest.raises(CacheFullError, match="made for 64"):
+        cache.reserve(60)
+    cache.block_table[1, 1] = 3  # what a rule's kernel does before the append opening page 1
+    cache.lengths[1] = 8
+    cache.append(torch.randn(2, 1, 4), torch.randn(2, 1, 4), impl="torch")
+    assert cache.physical_page(1, 1) == 3 and cache.physical_page(0, 1) == -1
+    assert cache.pages_in_use() == 5 and cache.free_pages == [5]
+    with pytest.raises(ValueError, match="contiguous cache has no pages"):
+        KVCache(1, 1, 4, capacity=8).take_pages(1)
+
+
 def test_contiguous_overflow_is_a_clear_error():
     cache = KVCache(1, 1, 4, capacity=8, dtype=torch.float32)
     with pytest.raises(CacheFullError, match="made for 8"):

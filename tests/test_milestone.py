@@ -16,6 +16,8 @@ import torch  # noqa: E402
 from sparsegen.codegen.milestone_kernels import (MilestoneScoreTriton,  # noqa: E402
                                                  MilestoneSelectStatic, MilestoneSelectTriton,
                                                  MilestoneStatic)
+from sparsegen.codegen.milestone_open import (MilestoneOpenStatic,  # noqa: E402
+                                              MilestoneOpenTriton)
 from sparsegen.methods.kv_cache import CacheFullError, KVCache  # noqa: E402
 from sparsegen.methods.milestone import (MilestoneDecoder, MilestoneRule,  # noqa: E402
                                          rank_order, torch_page_scores)
@@ -264,17 +266,18 @@ def _fast_vs_general(rule, pre, steps, *, Hkv=2, G=3, D=16, seed=0):
     for t in range(steps):
         q = torch.randn(B, Hkv * G, D, generator=g) * (0.5 + (t % 4))
         pos = [caches[0].lengths[b] for b in range(B)]
-        opens = any(n % P == 0 for n in pos)
-        assert fast.capturable(caches[0]) == (not opens) and not gen.capturable(caches[1]), t
+        assert fast.capturable(caches[0]) and not gen.capturable(caches[1]), t
         kv = [torch.stack([X[b, pos[b]] for b in range(B)]) for X in (K, V)]
         outs = [dec.step(q, kv[0], kv[1], cache) for dec, cache in zip(decs, caches)]
-        # a step that opens no page is device work only (a CUDA graph can hold it): the
-        # timestamps below, which read the step number, check its on-device advance
-        assert (t in uploads) == opens, t
+        # every fast step, page openings and evictions included, is device work only (a
+        # CUDA graph can hold it): the timestamps below, which read the step number, check
+        # its on-device advance, the block tables and slots the opening kernel's choices
+        assert not uploads, t
         assert fast.last_evictions == gen.last_evictions, t
         evictions += len(fast.last_evictions)
-        assert torch.equal(fast.slot_logical, gen.slot_logical), t
-        assert torch.equal(fast.slot_ts, gen.slot_ts), t
+        for name in ("slot_logical", "slot_ts", "slot_phys", "_refresh_k"):
+            assert torch.equal(getattr(fast, name), getattr(gen, name)), (name, t)
+        assert torch.equal(caches[0].block_table, caches[1].block_table), t
         # the fast path's append (K / V and the page min/max in one launch, block = page)
         # vs the cache's append and the torch fold
         assert torch.equal(fast.kmin, gen.kmin) and torch.equal(fast.kmax, gen.kmax), t
@@ -289,7 +292,10 @@ def _fast_vs_general(rule, pre, steps, *, Hkv=2, G=3, D=16, seed=0):
                 if not rule.hybrid:  # the fast path pads with -1 too
                     assert (fi[b, h, n:] == -1).all(), (t, b, h)
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-    assert evictions == fast.num_evictions > 0
+    assert evictions == fast.num_evictions == gen.num_evictions > 0
+    # the host's copy of the block table, read back where the device changed it
+    assert all(caches[0].physical_page(b, p) == caches[1].physical_page(b, p)
+               for b in range(B) for p in range(cap // P))
     if not rule.hybrid:  # select() with no pending refresh: the selection-only launch
         assert fast._pending is None
         idx, counts = fast.select(None, caches[0])
@@ -353,40 +359,89 @@ def test_refresh_kernel_ranks_like_torch(rank_sort):
         s in (0, 7, 9) for s in range(L)]  # the tie goes to the lower logical pages
 
 
-def test_capture_only_steps_that_open_no_page(monkeypatch):
-    """capturable(cache, steps): the fast path, and none of the next steps' tokens opens a
-    page; a step captured otherwise is refused before it changes anything, naming why; and
-    replayed(cache, steps) advances the host's record over such steps only."""
+def test_capture_any_fast_step_and_refuse_the_general_path(monkeypatch):
+    """capturable(cache, steps): the fast path, any steps (its page openings and evictions
+    are decided on the device); the general path's step is refused inside a capture before
+    it changes anything, and so is its replayed()."""
     from sparsegen.methods import milestone
 
     rule = MilestoneRule(page_size=8, block_size=4, budget_tokens=16)
-    scorer = MilestoneScoreTriton(MilestoneStatic(16, 2, "fp32"))
-    fast = MilestoneDecoder(rule, 4, 2, 16, scorer=scorer)
+    fast = MilestoneDecoder(rule, 4, 2, 16, scorer=MilestoneScoreTriton(
+        MilestoneStatic(16, 2, "fp32")))
     general = MilestoneDecoder(rule, 4, 2, 16)
     cache = KVCache(2, 2, 16, 64, dtype=torch.float32, layout="paged", page_size=8)
-    cache.lengths = [5, 9]
-    assert fast.capturable(cache, 3) and not fast.capturable(cache, 4)  # token 8 opens
-    assert not general.capturable(cache)
+    cache.lengths = [8, 9]
+    assert fast.capturable(cache, 40) and not general.capturable(cache)
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         fast.capturable(cache, 0)
+    with pytest.raises(ValueError, match="general path's steps cannot be captured"):
+        general.replayed(cache, 3)
     monkeypatch.setattr(milestone, "capturing", lambda t: True)
     q, kv = torch.zeros(2, 4, 16), torch.zeros(2, 2, 16)
     with pytest.raises(RuntimeError, match="general path uploads host values"):
         general.step(q, kv, kv, cache)
-    cache.lengths = [8, 9]
-    with pytest.raises(RuntimeError, match="a sequence's token opens a page"):
-        fast.step(q, kv, kv, cache)
-    assert cache.lengths == [8, 9] and fast.t == 0 and general.t == 0
-    # after a later replay of a graph of 3 such steps, the host's record catches up
-    # (the pages they write mapped, as before any replay)
-    cache = KVCache(2, 2, 16, 64, dtype=torch.float32, layout="paged", page_size=8)
-    for b, n in enumerate([5, 9]):
-        cache.extend(b, torch.zeros(n, 2, 16), torch.zeros(n, 2, 16))
-    fast.replayed(cache, 3)
-    assert cache.lengths == [8, 12] and fast.t == 3
-    with pytest.raises(ValueError, match="not all capturable"):
-        fast.replayed(cache, 1)   # token 8 opens a page: no graph held that step
-    assert cache.lengths == [8, 12] and fast.t == 3
+    assert cache.lengths == [8, 9] and general.t == 0
+
+
+@needs_interp
+def test_replayed_brings_the_host_record_to_the_device():
+    """After steps the host did not see (a replayed graph's, emulated here by eager steps
+    whose host record is then put back), replayed(cache, steps) gives the host the record
+    the eager steps left: token counts, step number, live pages, evictions counted, and the
+    block-table rows the opening kernel changed (read back when asked for); where the steps
+    overrun the cache it raises and changes nothing."""
+    rule = MilestoneRule(page_size=8, block_size=4, budget_tokens=16)  # 2 decode slots
+    scorer = MilestoneScoreTriton(MilestoneStatic(16, 2, "fp32"), {"slot_chunk": 8,
+                                                                  "num_warps": 1})
+    g = torch.Generator().manual_seed(12)
+    cache = KVCache(3, 2, 16, 96, dtype=torch.float32, layout="paged", page_size=8)
+    dec = MilestoneDecoder(rule, 4, 2, 16, scorer=scorer)
+    k = torch.randn(3, 9, 2, 16, generator=g)
+    dec.prefill(cache, k, torch.randn_like(k), lengths=[5, 9, 0])
+
+    def record():
+        return (list(cache.lengths), dec.t, list(dec._live), dec.num_evictions,
+                set(cache._stale_rows))
+
+    def steps(n):
+        for _ in range(n):
+            dec.step(torch.randn(3, 4, 16, generator=g), torch.randn(3, 2, 16, generator=g),
+                     torch.randn(3, 2, 16, generator=g), cache)
+
+    steps(3)
+    before = record()
+    steps(37)  # every sequence opens pages, fills its 2 slots and evicts
+    after = record()
+    assert after[3] > 0 and after[2] == [2, 2, 2]
+    cache.lengths, dec.t, dec._live, dec.num_evictions, cache._stale_rows = (
+        list(before[0]), before[1], list(before[2]), before[3], set(before[4]))
+    dec.replayed(cache, 37)
+    assert record()[:4] == after[:4]
+    table = cache.block_table.tolist()
+    assert all(cache.physical_page(b, p) == table[b][p] for b in range(3) for p in range(12))
+    with pytest.raises(CacheFullError, match="made for 96"):
+        dec.replayed(cache, 60)
+    assert record()[:4] == after[:4]
+    # a step past the capacity raises before the opening kernel writes the block table
+    steps(96 - max(cache.lengths))
+    full, table = record(), cache.block_table.clone()
+    with pytest.raises(CacheFullError, match="made for 96"):
+        steps(1)
+    assert record() == full and torch.equal(cache.block_table, table)
+
+
+def test_open_kernel_compiles_for_sm90():
+    """The page-opening kernel for the shapes a spec can give: the example's 128 slots of
+    one block a page, pages of 2 / 3 blocks (a padded block tile), threshold refresh, the
+    hybrid (no selection row)."""
+    for static in (MilestoneOpenStatic(128, 1, True, True),
+                   MilestoneOpenStatic(5, 2, True, True),
+                   MilestoneOpenStatic(64, 3, False, True),
+                   MilestoneOpenStatic(16, 4, True, False)):
+        facts = MilestoneOpenTriton(static).compile_sm90()["milestone_open"]
+        assert facts["cubin_bytes"] > 0 and facts.get("local", 0) == 0, (static, facts)
+    with pytest.raises(ValueError, match="slots must be a positive int"):
+        MilestoneOpenStatic(0, 1, True, True)
 
 
 def test_configs_and_spec():

@@ -1,12 +1,12 @@
-"""The milestone rule's fast path on a CUDA GPU: the decode steps between page openings
-captured in one CUDA graph and replayed from a snapshot equal the same steps run eagerly,
-bit for bit (K / V, lengths, page min / max, timestamps, slots, the attention's output).
-Those steps upload nothing from the host (their append finds each token's page on the
-device, and the step number advances there), which is what makes them capturable; a page
-opening's step picks its eviction on the host and is run eagerly (refused inside a capture:
-tests/test_milestone.py). Skipped without a GPU
-(CI has none); run on an H100 with `python -m pytest -q tests/test_milestone_gpu.py`. In a
-process whose Triton was imported in interpreter mode they run in a fresh process."""
+"""The milestone rule's fast path on a CUDA GPU: a run of decode steps that open pages and
+evict (a mixed-length batch, each sequence at its own steps) captured in one CUDA graph and
+replayed equals the same steps run eagerly, bit for bit (K / V, lengths, block table, page
+min / max, timestamps, slots, the attention's output); then, as a model decodes, the same
+graph replayed on fresh inputs page after page with `replayed` after each replay, against an
+eager twin. The fast path opens pages on the device (MilestoneOpenTriton), so no step needs
+the host. Skipped without a GPU (CI has none); run on an H100 with
+`python -m pytest -q tests/test_milestone_gpu.py`. In a process whose Triton was imported in
+interpreter mode they run in a fresh process."""
 from __future__ import annotations
 
 import pytest
@@ -43,61 +43,71 @@ def _decoder(rule, prefill, k, v):
 
 def _device_state(cache, dec):
     return [cache.k, cache.v, cache.seq_lens, cache.block_table, dec.kmin, dec.kmax,
-            dec.slot_ts, dec.slot_logical, dec.slot_phys, dec._step_buf, dec._refresh_k,
-            dec._blocks, dec.last_scores]
+            dec.slot_ts, dec.slot_logical, dec.slot_phys, dec._t_dev, dec._refresh_k,
+            dec._blocks, dec._evicted, dec.last_scores]
+
+
+def _host_record(cache, dec):
+    return list(cache.lengths), dec.t, list(dec._live), dec.num_evictions
 
 
 @needs_gpu
 @pytest.mark.parametrize("refresh", [dict(refresh_fraction=0.5),
                                      dict(refresh_fraction=None, refresh_threshold=0.2)])
-def test_steps_between_page_openings_replay_from_a_cuda_graph(refresh):
+def test_steps_that_open_pages_and_evict_replay_from_a_cuda_graph(refresh):
     gen = torch.Generator(device="cuda").manual_seed(11)
     rule = MilestoneRule(page_size=P, block_size=P, budget_tokens=4 * P, **refresh)
-    prefill, cap = [37, 50], 512
-    k = torch.randn(2, cap, HKV, D, device="cuda", dtype=DT, generator=gen)
+    prefill, cap, steps = [37, 50, 0], 1024, P + 7
+    k = torch.randn(3, cap, HKV, D, device="cuda", dtype=DT, generator=gen)
     v = torch.randn_like(k)
     pairs = [_decoder(rule, prefill, k, v) for _ in range(2)]   # (graph, eager) twins
     attend = decode_backend("triton")(DecodeStatic(P, D, G, "bf16", "paged", P))
 
     def inputs():
-        return (torch.randn(2, HKV * G, D, device="cuda", dtype=DT, generator=gen),
-                torch.randn(2, HKV, D, device="cuda", dtype=DT, generator=gen),
-                torch.randn(2, HKV, D, device="cuda", dtype=DT, generator=gen))
+        return (torch.randn(3, HKV * G, D, device="cuda", dtype=DT, generator=gen),
+                torch.randn(3, HKV, D, device="cuda", dtype=DT, generator=gen),
+                torch.randn(3, HKV, D, device="cuda", dtype=DT, generator=gen))
 
-    # eager steps past several evictions, until the next 6 steps open no page
+    # eager steps until every sequence's budget is nearly full: the captured steps open
+    # pages below the budget (sequence 2) and at it (evicting)
     (gcache, gdec), (ecache, edec) = pairs
-    while edec.num_evictions < 4 or not gdec.capturable(gcache, 6):
+    for _ in range(3 * P + 5):
         x = inputs()
         for cache, dec in pairs:
             dec.step(*x, cache, attend=attend)
-    steps = [inputs() for _ in range(6)]
+    xs = [inputs() for _ in range(steps)]
+    gcache.reserve(steps)
     torch.cuda.synchronize()
     snap = [t.clone() for t in _device_state(gcache, gdec)]
-    lengths, t0 = list(gcache.lengths), gdec.t
+    record = _host_record(gcache, gdec)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = [gdec.step(*x, gcache, attend=attend) for x in steps]
-    assert gcache.lengths == [n + 6 for n in lengths] and gdec.t == t0 + 6
-    want = [edec.step(*x, ecache, attend=attend) for x in steps]
+        outs = [gdec.step(*x, gcache, attend=attend) for x in xs]
+    want = [edec.step(*x, ecache, attend=attend) for x in xs]
+    assert _host_record(gcache, gdec) == _host_record(ecache, edec) != record
     assert_replays_from_snapshot(graph, _device_state(gcache, gdec), snap,
                                  _device_state(ecache, edec), outs, want)
-    # as a model decodes: the page-opening steps eagerly, the graph replayed wherever its 6
-    # steps come round again, the host's record advanced after each later replay
-    for cycle in range(3):
-        for _ in range(P - 6):
-            x = inputs()
-            for cache, dec in pairs:
-                dec.step(*x, cache, attend=attend)
-        assert gdec.capturable(gcache, 6)
+    assert gdec.last_evictions == edec.last_evictions
+    # as a model decodes: the graph replayed on fresh inputs, `steps` tokens further each
+    # time (every page opening and eviction on the device), the host's record advanced
+    for cycle in range(4):
+        fresh = [inputs() for _ in range(steps)]
+        for x, y in zip(xs, fresh):
+            for t, u in zip(x, y):
+                t.copy_(u)
+        gcache.reserve(steps)
         graph.replay()
-        gdec.replayed(gcache, 6)
-        want = [edec.step(*x, ecache, attend=attend) for x in steps]
+        gdec.replayed(gcache, steps)
+        want = [edec.step(*x, ecache, attend=attend) for x in fresh]
         torch.cuda.synchronize()
-        assert gcache.lengths == ecache.lengths and gdec.t == edec.t
+        assert _host_record(gcache, gdec) == _host_record(ecache, edec), cycle
         assert_equal_lists(_device_state(gcache, gdec), _device_state(ecache, edec),
                            (cycle, "state"))
-        assert torch.equal(outs[-1], want[-1]), cycle
-    assert gdec.num_evictions == edec.num_evictions > 4
+        assert_equal_lists(outs, want, (cycle, "output"))
+        assert gdec.last_evictions == edec.last_evictions, cycle
+    assert gdec.num_evictions == edec.num_evictions > 3 * 4
+    assert [gdec.decode_pages(b) for b in range(3)] == [edec.decode_pages(b) for b in range(3)]
+    assert gcache.pages_in_use() == ecache.pages_in_use() == 3 + 4 + 0 + 3 * 4
 
 
 @pytest.mark.skipif(not (GPU and interpreted()), reason="runs where the tests above cannot")

@@ -3,8 +3,10 @@
 Contiguous: k, v [B, capacity, Hkv, D]. Paged: k, v [num_pages, page_size, Hkv, D] and a
 block table [B, max_logical_pages] int32 mapping each sequence's logical page to a physical
 one. Pages come from a free list kept on the host (lengths are known on the host, so
-allocation never syncs with the GPU), and can be released and reused: a rule that evicts
-(RaaS milestone) frees a page and the next append takes it.
+allocation never syncs with the GPU), and can be released and reused. A rule that evicts
+(RaaS milestone) may instead take its pages once (`take_pages`) and map them itself: on the
+host (`map_page`, `unmap_page`), or on the device, in its own kernel, after
+`map_pages_on_device()`; the host's copy of the block table then catches up when read.
 
 Selection rules keep their own metadata beside this cache; a decode step hands it to
 `append` (`meta`, and the rule's append kernel that folds the new key into it in the same
@@ -42,6 +44,7 @@ class KVCache:
         self.lengths = [0] * batch  # host mirror of seq_lens
         self.seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
         self._appenders: dict = {}  # new k/v dtype -> TritonKVAppend (see _append_kernel)
+        self.pages_on_device = False  # see map_pages_on_device
         if layout == "contiguous":
             self.k = torch.zeros(batch, capacity, kv_heads, head_dim, dtype=dtype, device=device)
             self.v = torch.zeros_like(self.k)
@@ -57,6 +60,7 @@ class KVCache:
             # -1 marks a logical page with no physical page (never written, or evicted)
             self.block_table = torch.full((batch, logical), -1, dtype=torch.int32, device=device)
             self._table_host = [[-1] * logical for _ in range(batch)]
+            self._stale_rows: set[int] = set()  # rows a rule's kernel may have changed since
             self.free_pages = list(range(num_pages - 1, -1, -1))  # pop() gives page 0 first
         else:
             raise ValueError(f"layout must be contiguous or paged, not {layout!r}")
@@ -66,21 +70,39 @@ class KVCache:
         return self.k.device
 
     # --- paging ------------------------------------------------------------------------
+    def _row(self, b: int) -> list[int]:
+        """The host's copy of sequence b's block-table row, read back from the device (a
+        sync) where a rule's kernel may have changed it since (map_pages_on_device)."""
+        if b in self._stale_rows:
+            self._table_host[b] = self.block_table[b].tolist()
+            self._stale_rows.discard(b)
+        return self._table_host[b]
+
     def _unmapped_pages(self, b: int, start: int, stop: int) -> list[int]:
         """The logical pages tokens [start, stop) of sequence b touch that hold no physical
-        page yet (none for a contiguous cache); CacheFullError unless the sequence can hold
-        `stop` tokens. Pages below `start` are not asked about: an evicted page stays
-        evicted."""
+        page yet (none for a contiguous cache, or where a rule maps them on the device);
+        CacheFullError unless the sequence can hold `stop` tokens. Pages below `start` are
+        not asked about: an evicted page stays evicted."""
         if self.block_table is None:
             if stop > self.capacity:
                 raise CacheFullError(f"sequence {b} would hold {stop} tokens; the contiguous "
                                      f"cache was made for {self.capacity}")
             return []
         last = math.ceil(stop / self.page_size)
-        if last > len(self._table_host[b]):
+        if last > self.block_table.shape[1]:
             raise CacheFullError(f"sequence {b} would hold {stop} tokens; the block table "
                                  f"was made for {self.capacity}")
-        return [p for p in range(start // self.page_size, last) if self._table_host[b][p] < 0]
+        if self.pages_on_device:
+            return []
+        return [p for p in range(start // self.page_size, last) if self._row(b)[p] < 0]
+
+    def _opened_on_device(self, tokens: int) -> None:
+        """Before `tokens` appends to every sequence whose pages are mapped on the device: the
+        rows of the sequences that open a page are read back when next asked for."""
+        if self.pages_on_device:
+            P = self.page_size
+            self._stale_rows.update(b for b, n in enumerate(self.lengths)
+                                    if (n + P - 1) // P != (n + tokens + P - 1) // P)
 
     def _ensure_pages(self, b: int, start: int, stop: int) -> None:
         """Give sequence b physical pages for the logical pages tokens [start, stop) touch.
@@ -93,9 +115,7 @@ class KVCache:
         for p in pages:
             if not self.free_pages:
                 raise CacheFullError("no free page left: raise num_pages or evict")
-            page = self.free_pages.pop()
-            self._table_host[b][p] = page
-            self.block_table[b, p] = page
+            self.map_page(b, p, self.free_pages.pop())
 
     def _check_free_pages(self, tokens: list[int], what: str, fix: str) -> None:
         """CacheFullError (before anything is mapped) unless the free pages cover what
@@ -119,6 +139,12 @@ class KVCache:
         for b, n in enumerate(self.lengths):
             self._ensure_pages(b, n, n + tokens)
 
+    def check_capacity(self, tokens: int) -> None:
+        """CacheFullError unless every sequence can hold `tokens` more tokens (the capacity
+        only; nothing is mapped)."""
+        for b, n in enumerate(self.lengths):
+            self._unmapped_pages(b, n, n + tokens)
+
     def replayed(self, steps: int) -> None:
         """After a CUDA graph holding `steps` decode appends was replayed again: advance the
         host's token counts to where the replay took the device. (Capturing advanced them
@@ -131,21 +157,55 @@ class KVCache:
             if self._unmapped_pages(b, n, n + steps):
                 raise RuntimeError(f"sequence {b}'s tokens {n}-{n + steps - 1} have unmapped "
                                    f"pages: call cache.reserve({steps}) before each replay")
+        self._opened_on_device(steps)
         self.lengths = [n + steps for n in self.lengths]
 
     def release_page(self, b: int, logical_page: int) -> int:
         """Free sequence b's logical page (its tokens are gone for good); returns the
         physical page, which the next allocation reuses."""
-        page = self._table_host[b][logical_page]
+        page = self.unmap_page(b, logical_page)
+        self.free_pages.append(page)
+        return page
+
+    def unmap_page(self, b: int, logical_page: int) -> int:
+        """Drop sequence b's logical page from the block table (its tokens are gone for
+        good) and return its physical page, which the caller keeps (a page it took with
+        take_pages); release_page frees it instead."""
+        page = self._row(b)[logical_page]
         if page < 0:
             raise ValueError(f"logical page {logical_page} of sequence {b} holds no page")
         self._table_host[b][logical_page] = -1
         self.block_table[b, logical_page] = -1
-        self.free_pages.append(page)
         return page
 
+    def map_page(self, b: int, logical_page: int, page: int) -> None:
+        """Map sequence b's logical page to physical `page` (from the free list or a caller's
+        take_pages); the appends that follow overwrite what the page held."""
+        self._row(b)[logical_page] = page
+        self.block_table[b, logical_page] = page
+
+    def take_pages(self, n: int) -> list[int]:
+        """Take n free pages for a caller that maps them itself (map_page, or its kernel
+        after map_pages_on_device); all or nothing."""
+        if self.block_table is None:
+            raise ValueError("a contiguous cache has no pages to take")
+        if n > len(self.free_pages):
+            raise CacheFullError(f"{n} pages wanted and {len(self.free_pages)} are free: "
+                                 f"raise num_pages")
+        return [self.free_pages.pop() for _ in range(n)]
+
+    def map_pages_on_device(self) -> None:
+        """From now on the pages new tokens open are mapped on the device, by a rule's kernel
+        run before each append, to pages the rule took (take_pages): the host maps none, so
+        any run of decode steps can be captured in a CUDA graph (reserve only checks the
+        capacity), and its copy of a row that changed is read back when asked for. Writing
+        a prompt (`extend`) is refused from then on."""
+        if self.block_table is None:
+            raise ValueError("only a paged cache maps pages")
+        self.pages_on_device = True
+
     def physical_page(self, b: int, logical_page: int) -> int:
-        return self._table_host[b][logical_page]
+        return self._row(b)[logical_page]
 
     def pages_in_use(self) -> int:
         return self.k.shape[0] - len(self.free_pages) if self.block_table is not None else 0
@@ -187,6 +247,9 @@ class KVCache:
             raise ValueError(f"k and v must both be [n, {want[0]}, {want[1]}] per sequence "
                              f"([B, n, {want[0]}, {want[1]}] for a prefill); got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
+        if self.pages_on_device:
+            raise ValueError("this cache's pages are mapped on the device by its rule (a "
+                             "decoder's prefill handed them over): prefill a fresh cache")
         start = self.lengths[b]
         stop = start + k.shape[0]
         self._ensure_pages(b, start, stop)
@@ -219,6 +282,7 @@ class KVCache:
         # no per-sequence launches and no sync
         for b, n in enumerate(self.lengths):
             self._ensure_pages(b, n, n + 1)
+        self._opened_on_device(1)
         self.lengths = [n + 1 for n in self.lengths]
         if kernel is not None:
             from ..codegen.triton_kernel import torch_dtype

@@ -6,7 +6,7 @@ Definitions (shared with the tests' independent reference):
   are never evicted. Every later page is a decode page and carries a timestamp.
 - Decode step t (t = 1, 2, ...): if the new token opens a page and the sequence already
   holds `budget_pages` decode pages, the decode page with the smallest (timestamp, logical
-  page) is evicted (KVCache.release_page) and the new page reuses its memory. The new page
+  page) is evicted (KVCache.unmap_page) and the new page reuses its memory. The new page
   gets timestamp t. After the append the live decode pages are scored with the current
   query: per query head, Quest's bound sum_i max(q_i min_i, q_i max_i) / sqrt(D), softmax
   over the live decode pages; the page score is the mean of those probabilities over all
@@ -17,7 +17,7 @@ Definitions (shared with the tests' independent reference):
   prefill_budget_tokens): instead of all prefill pages, the top prefill_budget_tokens //
   page_size prefill pages per KV head by the group-summed bound (ties: lower page), plus
   the sink blocks and the last local_blocks blocks; decode pages as above.
-Memory: a sequence holds at most prefill pages + budget_pages pages.
+Memory: a sequence holds its prefill pages and budget_pages decode pages, taken at prefill.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kv_cache import capturing
+from .kv_cache import CacheFullError, capturing
 from .sparse_decode_ref import sparse_decode_reference
 
 _BIG = 1 << 40
@@ -133,16 +133,22 @@ class MilestoneDecoder:
     `last_evictions` lists the (b, logical page) evicted and `last_selection` holds
     (indices, counts).
 
-    Two device paths, same results: the general one (torch ops: scores, two stable sorts
-    to rank, a sort-and-dedupe selection; any scorer, CPU included), and the fast one
-    (`fast`, the default when the scorer offers `bounds`, i.e. MilestoneScoreTriton): the
-    bounds kernel, then one launch of MilestoneSelectTriton per step that scores, ranks,
-    refreshes the timestamps and (non-hybrid) writes the selection from an ascending
-    block row per sequence, which the decoder rebuilds on the host only when a page
-    opens. Both keep `_refresh` + `select` free of host syncs and CUDA-graph capturable
-    (the fast path reads the step number from a device tensor). On the fast path a whole
-    step that opens no page is device work only: `capturable(cache, steps)` says when, and
-    `replayed(cache, steps)` advances the host's record after a graph of such steps replays.
+    Prefill takes each sequence's budget_pages decode pages from the cache once; decode slot
+    s of sequence b always holds page `slot_pages[b][s]`, so an eviction hands the victim's
+    page to the page that opens, and the cache never holds more than prefill + budget pages.
+
+    Two device paths, same results: the general one (torch ops: victims picked with a sync,
+    pages mapped on the host, scores, two stable sorts to rank, a sort-and-dedupe selection;
+    any scorer, CPU included), and the fast one (`fast`, the default when the scorer offers
+    `bounds`, i.e. MilestoneScoreTriton). The fast path opens pages on the device
+    (MilestoneOpenTriton: victim, block table, slot, refresh count, selection row), appends
+    and folds the key into its page's min/max in one launch, then runs the bounds kernel and
+    one launch of MilestoneSelectTriton (scores, ranking, timestamps and, non-hybrid, the
+    selection). It reads nothing from the host during a step: any run of its steps can be
+    captured in one CUDA graph, and `replayed(cache, steps)` advances the host's record
+    after a later replay (what the host keeps is what it can know without a sync: token
+    counts, live pages per sequence, the number of evictions; which pages were evicted is
+    read from the device when asked for).
     """
 
     def __init__(self, rule: MilestoneRule, num_q_heads: int, num_kv_heads: int,
@@ -157,17 +163,23 @@ class MilestoneDecoder:
         if self.fast and not has_bounds:
             raise ValueError("the fast path needs a scorer with `bounds` "
                              "(MilestoneScoreTriton)")
-        if self.fast and selector is None:
+        self._opener = None
+        if self.fast:
             from ..codegen.milestone_kernels import MilestoneSelectStatic, MilestoneSelectTriton
+            from ..codegen.milestone_open import MilestoneOpenStatic, MilestoneOpenTriton
 
-            selector = MilestoneSelectTriton(MilestoneSelectStatic.from_rule(rule),
-                                             selector_config,
-                                             build_dir=getattr(self.scorer, "build_dir", None))
+            build_dir = getattr(self.scorer, "build_dir", None)
+            if selector is None:
+                selector = MilestoneSelectTriton(MilestoneSelectStatic.from_rule(rule),
+                                                 selector_config, build_dir=build_dir)
+            self._opener = MilestoneOpenTriton(MilestoneOpenStatic.from_rule(rule),
+                                               build_dir=build_dir)
         self.selector = selector
         self._minmax = None  # the fast path's append + page min/max kernel (built on first use)
         self._pending = None  # (indices, counts) the fast _refresh already wrote
         self.t = 0
-        self.last_evictions: list[tuple[int, int]] = []
+        self._evictions_host: list[tuple[int, int]] = []  # the general path's last step
+        self._evicted = None  # the fast path's: [B] logical page evicted (-1 none)
         self.num_evictions = 0
         self.last_selection = None
 
@@ -178,8 +190,8 @@ class MilestoneDecoder:
 
     # --- state -------------------------------------------------------------------------
     def prefill(self, cache, k: torch.Tensor, v: torch.Tensor, lengths=None) -> None:
-        """Append prompts k, v [B, T, Hkv, D] (sequence b keeps its first lengths[b] tokens)
-        and build each prefill page's min/max."""
+        """Append prompts k, v [B, T, Hkv, D] (sequence b keeps its first lengths[b] tokens),
+        build each prefill page's min/max and take the decode pages."""
         r = self.rule
         if cache.block_table is None or cache.page_size != r.page_size:
             raise ValueError(f"the milestone rule needs a paged cache with page_size "
@@ -187,31 +199,44 @@ class MilestoneDecoder:
         B, dev = cache.batch, cache.device
         lengths = cache.prefill_lengths(k, v, lengths)
         L = r.budget_pages
+        self.prefill_pages = [math.ceil(n / r.page_size) for n in lengths]
+        # decode pages per sequence: the budget, or fewer where the cache's capacity ends
+        # the decode before the budget fills
+        width = cache.block_table.shape[1]
+        decode_pages = [min(L, width - n) for n in self.prefill_pages]
+        need = sum(self.prefill_pages) + sum(decode_pages)
+        if need > len(cache.free_pages):
+            raise CacheFullError(f"the prefill and the decode budget need {need} pages "
+                                 f"({sum(self.prefill_pages)} + {sum(decode_pages)}) and "
+                                 f"{len(cache.free_pages)} are free: raise num_pages")
         self.kmin = torch.zeros(cache.k.shape[0], cache.kv_heads, cache.head_dim,
                                 dtype=cache.k.dtype, device=dev)
         self.kmax = torch.zeros_like(self.kmin)
         self.prefill_len = lengths
-        self.prefill_pages = [math.ceil(n / r.page_size) for n in lengths]
         self.slot_logical = torch.full((B, L), -1, dtype=torch.long, device=dev)
         self.slot_phys = torch.full((B, L), -1, dtype=torch.int32, device=dev)
         self.slot_ts = torch.full((B, L), -1, dtype=torch.long, device=dev)
-        self._slots_host = [[-1] * L for _ in range(B)]
-        self._live = [0] * B  # live decode pages per sequence (host)
+        self._live = [0] * B  # live decode pages per sequence (slots 0 .. live-1)
+        # ceil(refresh_fraction * live) for live = 0 .. L, on the host and for the device
+        self._refresh_counts = [math.ceil(r.refresh_fraction * c) if r.refresh_fraction
+                                is not None else 0 for c in range(L + 1)]
         self._refresh_k = torch.zeros(B, dtype=torch.long, device=dev)  # pages refreshed
+        self._refresh_k_table = torch.tensor(self._refresh_counts, device=dev)
         self._prefill_pages_t = torch.tensor(self.prefill_pages, device=dev)
+        self._evicted = torch.full((B,), -1, dtype=torch.long, device=dev)
+        self._evictions_host = []
         bpp = r.blocks_per_page
         # the fast path's selection row per sequence: prefill blocks, then the live decode
-        # pages' blocks, ascending, -1 padded (rebuilt on the host when a page opens)
+        # pages' blocks, ascending, -1 padded (the opening kernel keeps the decode part)
         self._block_width = max(1, (max(self.prefill_pages, default=0) + L) * bpp)
-        self._block_rows = [list(range(n * bpp)) for n in self.prefill_pages]
         self._blocks = torch.tensor(
-            [row + [-1] * (self._block_width - len(row)) for row in self._block_rows],
-            dtype=torch.int32, device=dev).reshape(B, self._block_width)
-        # one upload per step: [t, current page of each sequence (B), fresh page (B),
-        # opened pages (b, slot, logical, physical: 4 B), refresh_k (B), block rows (B W)]
-        self._step_buf = torch.zeros(1 + 7 * B + B * self._block_width, dtype=torch.long,
-                                     device=dev)
-        self._t_dev = self._step_buf[:1]  # the step number, for the captured fast refresh
+            [list(range(n * bpp)) + [-1] * (self._block_width - n * bpp)
+             for n in self.prefill_pages], dtype=torch.int32, device=dev).reshape(
+                 B, self._block_width)
+        # the general path's upload per step: [t, current page of each sequence (B), fresh
+        # page (B), opened pages (b, slot, logical, physical: 4 B), refresh_k (B)]
+        self._step_buf = torch.zeros(1 + 7 * B, dtype=torch.long, device=dev)
+        self._t_dev = self._step_buf[:1]  # the step number the refresh stamps, on device
         # the fast path's page scores of the last refresh (what it ranked by)
         self.last_scores = torch.zeros(B, L, dtype=torch.float32, device=dev)
         self._pending = None
@@ -223,6 +248,11 @@ class MilestoneDecoder:
                 phys = cache.block_table[b, : self.prefill_pages[b]].long()
                 self.kmin[phys] = lo.to(self.kmin.dtype)
                 self.kmax[phys] = hi.to(self.kmax.dtype)
+        self.slot_pages = [cache.take_pages(n) + [-1] * (L - n) for n in decode_pages]
+        self._slot_pages_t = torch.tensor(self.slot_pages, dtype=torch.int32,
+                                          device=dev).reshape(B, L)
+        if self.fast:
+            cache.map_pages_on_device()
         self._prefill_blocks = self._all_prefill_blocks(dev)
 
     def _all_prefill_blocks(self, dev) -> torch.Tensor:
@@ -235,37 +265,69 @@ class MilestoneDecoder:
         return out[:, None, :].expand(-1, self.num_kv_heads, -1)
 
     def decode_pages(self, b: int) -> list[int]:
-        """Logical pages of sequence b's live decode pages, ascending."""
-        return sorted(p for p in self._slots_host[b] if p >= 0)
+        """Logical pages of sequence b's live decode pages, ascending (read from the device)."""
+        return sorted(p for p in self.slot_logical[b].tolist() if p >= 0)
 
     def timestamps(self, b: int) -> dict[int, int]:
-        ts = self.slot_ts[b].tolist()
-        return {p: ts[s] for s, p in enumerate(self._slots_host[b]) if p >= 0}
+        pages, ts = self.slot_logical[b].tolist(), self.slot_ts[b].tolist()
+        return {p: t for p, t in zip(pages, ts) if p >= 0}
+
+    @property
+    def last_evictions(self) -> list[tuple[int, int]]:
+        """(b, logical page) of each page the last step evicted (the fast path's are read
+        from the device: after a replayed graph, its last step's)."""
+        if self.fast and self._evicted is not None:
+            return [(b, p) for b, p in enumerate(self._evicted.tolist()) if p >= 0]
+        return list(self._evictions_host)
 
     # --- one step ----------------------------------------------------------------------
+    def _note_openings(self, lengths) -> list[tuple[int, bool]]:
+        """The sequences whose next token (at lengths[b]) opens a page, each with whether its
+        budget is full (it evicts); counted into the live pages and num_evictions. They
+        follow from the lengths alone, so the host keeps them without asking the device."""
+        L, P = self.rule.budget_pages, self.rule.page_size
+        out = []
+        for b, n in enumerate(lengths):
+            if n % P == 0:
+                full = self._live[b] == L
+                self.num_evictions += full
+                self._live[b] += not full
+                out.append((b, full))
+        return out
+
     def _open_pages(self, cache) -> None:
-        """Before the append: give every sequence whose next token opens a page a slot,
-        evicting its oldest decode page when the budget is full."""
+        """The general path, before the append: give every sequence whose next token opens
+        a page its slot and that slot's page, evicting its oldest decode page (smallest
+        timestamp, then logical page) when the budget is full (one sync)."""
         P = self.rule.page_size
-        opening = [b for b in range(cache.batch) if cache.lengths[b] % P == 0]
-        self.last_evictions = []
-        if not opening:
-            self._opening = []
-            return
-        full = [b for b in opening if -1 not in self._slots_host[b]]
+        opening = self._note_openings(cache.lengths)
+        self._evictions_host, self._opening = [], []
+        full = [b for b, f in opening if f]
         victims = {}
         if full:
             key = torch.where(self.slot_logical >= 0, self.slot_ts * _BIG + self.slot_logical,
                               torch.full_like(self.slot_ts, torch.iinfo(torch.long).max))
             rows = torch.tensor(full, device=key.device)
-            for b, s in zip(full, key[rows].argmin(-1).tolist()):  # one sync per page
-                logical = self._slots_host[b][s]
-                cache.release_page(b, logical)
-                self.last_evictions.append((b, logical))
+            slot = key[rows].argmin(-1)
+            for b, s, logical in zip(full, *torch.stack(
+                    [slot, self.slot_logical[rows, slot]]).tolist()):
+                cache.unmap_page(b, logical)
+                self._evictions_host.append((b, logical))
                 victims[b] = s
-        self.num_evictions += len(victims)
-        self._opening = [(b, victims[b] if b in victims else self._slots_host[b].index(-1))
-                         for b in opening]
+        for b, f in opening:
+            s = victims[b] if f else self._live[b] - 1  # slots fill in order, never empty
+            cache.map_page(b, cache.lengths[b] // P, self.slot_pages[b][s])
+            self._opening.append((b, s))
+
+    def _open_on_device(self, cache) -> None:
+        """The fast path, before the append: the same opening in one launch, decided on the
+        device (the host only counts, _note_openings)."""
+        self._note_openings(cache.lengths)
+        self._opener(cache.seq_lens, cache.block_table, self.slot_logical, self.slot_ts,
+                     self.slot_phys, self._slot_pages_t, self._refresh_k,
+                     self._refresh_k_table, self._prefill_pages_t,
+                     None if self.rule.hybrid else self._blocks, self._evicted, self._t_dev,
+                     self.rule.page_size)
 
     def _upload(self, values: list[int]) -> torch.Tensor:
         """values -> the head of the persistent step buffer, one host-to-device copy (from
@@ -278,61 +340,33 @@ class MilestoneDecoder:
             out.copy_(host)
         return out
 
-    def _after_append(self, cache, k_new) -> torch.Tensor | None:
-        """Record opened pages in their slots; update the min/max of each token's page (the
-        general path: the fast path's append did).
-        Returns the physical page of every sequence's current token [B] (None on the fast
-        path where no page opened: that step uploads nothing, since its append found each
-        token's page on the device, and its step number advances there, so the step is
-        device work only and a CUDA graph can hold it)."""
-        if self.fast and not self._opening:
-            self._t_dev += 1
-            return None
-        r, P, B = self.rule, self.rule.page_size, cache.batch
+    def _after_append(self, cache, k_new) -> None:
+        """The general path, after the append: record the opened pages in their slots and
+        update the min/max of each token's page (one upload)."""
+        P, B = self.rule.page_size, cache.batch
         cur = [cache.physical_page(b, (n - 1) // P) for b, n in enumerate(cache.lengths)]
         first = [int((n - 1) % P == 0) for n in cache.lengths]
         vals = [self.t] + cur + first
-        opened = []
-        if self._opening:
-            bs_, slots, logical, phys = [], [], [], []
-            for b, s in self._opening:
-                page = (cache.lengths[b] - 1) // P
-                self._live[b] += self._slots_host[b][s] < 0
-                self._slots_host[b][s] = page
-                bs_.append(b), slots.append(s), logical.append(page)
-                phys.append(cache.physical_page(b, page))
-            opened = bs_
-            vals += bs_ + slots + logical + phys
-            if r.refresh_fraction is not None:
-                vals += [math.ceil(r.refresh_fraction * c) for c in self._live]
-            if self.fast and not r.hybrid:
-                bpp, W = r.blocks_per_page, self._block_width
-                for b in bs_:
-                    row = self._block_rows[b] + [p * bpp + i for p in self.decode_pages(b)
-                                                 for i in range(bpp)]
-                    vals += row + [-1] * (W - len(row))
+        n = len(self._opening)
+        if n:
+            bs_ = [b for b, _ in self._opening]
+            slots = [s for _, s in self._opening]
+            vals += bs_ + slots + [(cache.lengths[b] - 1) // P for b in bs_]
+            vals += [self.slot_pages[b][s] for b, s in self._opening]
+            vals += [self._refresh_counts[c] for c in self._live]
         buf = self._upload(vals)
         pages, fresh = buf[1: 1 + B], buf[1 + B: 1 + 2 * B]
-        if opened:
-            n, o = len(opened), 1 + 2 * B
+        if n:
+            o = 1 + 2 * B
             bi, si = buf[o: o + n], buf[o + n: o + 2 * n]
             self.slot_logical[bi, si] = buf[o + 2 * n: o + 3 * n]
             self.slot_phys[bi, si] = buf[o + 3 * n: o + 4 * n].to(torch.int32)
             self.slot_ts[bi, si] = self.t
-            o += 4 * n
-            if r.refresh_fraction is not None:
-                self._refresh_k.copy_(buf[o: o + B])
-                o += B
-            if self.fast and not r.hybrid:
-                W = self._block_width
-                self._blocks[bi] = buf[o: o + n * W].view(n, W).to(torch.int32)
-        if self.fast:  # the append's launch folded the key into its page's min/max
-            return pages
+            self._refresh_k.copy_(buf[o + 4 * n: o + 4 * n + B])
         kn = k_new.to(self.kmin.dtype)
         fresh = (fresh != 0)[:, None, None]
         self.kmin[pages] = torch.where(fresh, kn, torch.minimum(self.kmin[pages], kn))
         self.kmax[pages] = torch.where(fresh, kn, torch.maximum(self.kmax[pages], kn))
-        return pages
 
     def _append(self, cache, k_new, v_new) -> None:
         """Append the token's k/v; the fast path folds the key into its page's min/max in
@@ -447,39 +481,45 @@ class MilestoneDecoder:
 
     def capturable(self, cache, steps: int = 1) -> bool:
         """Whether the next `steps` decode steps are device work only, so that one CUDA graph
-        can hold them: the fast path, and no sequence's token opens a page in them (a page
-        opening picks its eviction and uploads the new page's slot from the host). Capture
-        and replay such runs of steps; run the page-opening steps eagerly."""
+        can hold them: on the fast path any steps are (the general path uploads host values
+        every step). Reserve them first (`cache.reserve(steps)`: a capacity check here)."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, not {steps!r}")
-        P = self.rule.page_size
-        return self.fast and all((n + i) % P for n in cache.lengths for i in range(steps))
+        return self.fast
 
     def replayed(self, cache, steps: int) -> None:
         """After a CUDA graph of `steps` captured decode steps was replayed: bring the host's
-        record (token counts, step number) to where the replay took the device. (Capturing
-        advanced the host by `steps` and the device by none, so the replay right after the
-        capture needs no call; every later replay of the same graph does.)"""
+        record (token counts, step number, live pages, evictions counted) to where the
+        replay took the device. (Capturing advanced the host by `steps` and the device by
+        none, so the replay right after the capture needs no call; every later replay of the
+        same graph does.)"""
         if not self.capturable(cache, steps):
-            raise ValueError(f"the next {steps} steps are not all capturable (a token opens a "
-                             "page in them, or the general path runs): no graph held them")
-        cache.replayed(steps)
+            raise ValueError("the general path's steps cannot be captured, so no graph held "
+                             "them: decode on the fast path (a MilestoneScoreTriton scorer)")
+        before = list(cache.lengths)
+        cache.replayed(steps)  # raises, changing nothing, where the steps do not fit
+        for i in range(steps):
+            self._note_openings([n + i for n in before])
         self.t += steps
 
     def step(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cache,
              attend=None) -> torch.Tensor:
-        """Evict if needed, append the token's k/v [B, Hkv, D], refresh, attend."""
-        if capturing(q) and not self.capturable(cache):
+        """Open a page (evicting) where the token opens one, append the token's k/v
+        [B, Hkv, D], refresh, attend."""
+        if capturing(q) and not self.fast:
             raise RuntimeError(
-                "this milestone step cannot be captured into a CUDA graph: "
-                + ("a sequence's token opens a page, whose eviction and slot the host decides"
-                   if self.fast else "the general path uploads host values every step")
-                + "; capture only runs of steps for which decoder.capturable(cache, steps) "
-                  "holds (the fast path, between page openings) and run the others eagerly")
+                "this milestone step cannot be captured into a CUDA graph: the general path "
+                "uploads host values every step; decode on the fast path (a "
+                "MilestoneScoreTriton scorer), whose steps are device work only")
+        cache.check_capacity(1)  # before the opening writes the block table
         self.t += 1
-        self._open_pages(cache)
-        self._append(cache, k_new, v_new)
-        self._after_append(cache, k_new)
+        if self.fast:
+            self._open_on_device(cache)
+            self._append(cache, k_new, v_new)
+        else:
+            self._open_pages(cache)
+            self._append(cache, k_new, v_new)
+            self._after_append(cache, k_new)
         self._refresh(q, cache)
         idx, counts = self.select(q, cache)
         self.last_selection = (idx, counts)
