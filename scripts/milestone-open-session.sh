@@ -8,15 +8,15 @@
 #      on hardware (tests/test_entmax_graph_gpu.py, first GPU run);
 #   2. the milestone bench (`--parts milestone`): memory over a 32K decode, the step at 64K,
 #      and the step as a model runs it (one graph of 16 whole steps, replayed).
-# Writes OUTDIR/<GPU>-milestone-open-gpu-tests.txt and OUTDIR/<GPU>-milestone-open-step.{md,json}.
+# Writes OUTDIR/milestone-open-gpu-tests.txt and OUTDIR/milestone-open-step.{md,json} (each
+# names its GPU; committed under bench/results/ with the GPU's name in front).
 #   bash scripts/milestone-open-session.sh OUTDIR
 set -uo pipefail
 out=${1:?usage: scripts/milestone-open-session.sh OUTDIR}
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 source scripts/lib/deadline.sh 570
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o "H[0-9]*" || echo GPU)
-log="$out/$gpu-milestone-open-gpu-tests.txt"
+log="$out/milestone-open-gpu-tests.txt"
 { echo "# $(date -u '+%F %T') UTC, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } > "$log"
@@ -30,5 +30,5 @@ run_tests tests/test_emitted_layer_gpu.py -k "graph or selection"
 run_tests tests/test_entmax_graph_gpu.py
 grep -E "passed|failed|rc " "$log"
 timeout "$(cap 400)" python bench/methods_entmax_milestone.py --parts milestone \
-  --out "$out/$gpu-milestone-open-step" 2>&1 | tail -n 4
+  --out "$out/milestone-open-step" 2>&1 | tail -n 4
 echo "bench rc $?"

@@ -398,6 +398,8 @@ def test_replayed_brings_the_host_record_to_the_device():
     dec = MilestoneDecoder(rule, 4, 2, 16, scorer=scorer)
     k = torch.randn(3, 9, 2, 16, generator=g)
     dec.prefill(cache, k, torch.randn_like(k), lengths=[5, 9, 0])
+    with pytest.raises(ValueError, match="prefill a fresh cache"):
+        dec.prefill(cache, k, torch.randn_like(k))
 
     def record():
         return (list(cache.lengths), dec.t, list(dec._live), dec.num_evictions,

@@ -196,6 +196,9 @@ class MilestoneDecoder:
         if cache.block_table is None or cache.page_size != r.page_size:
             raise ValueError(f"the milestone rule needs a paged cache with page_size "
                              f"{r.page_size}")
+        if cache.pages_on_device:
+            raise ValueError("this cache was prefilled already (a decoder took its pages): "
+                             "prefill a fresh cache")
         B, dev = cache.batch, cache.device
         lengths = cache.prefill_lengths(k, v, lengths)
         L = r.budget_pages
